@@ -1,0 +1,134 @@
+"""Command line: python -m minireuse {train,bench,summary} ...
+
+Errors the user can fix (missing data, bad settings, a bad checkpoint) print one
+line starting with 'error:' and exit with status 2; Ctrl-C during training saves
+a checkpoint and exits with status 130.
+"""
+import argparse
+import sys
+
+
+def positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def positive_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def add_train_arguments(p):
+    from .train import Trainer
+    d = Trainer.DEFAULTS
+    p.add_argument("--model", default=d["model"], choices=["cifarnet"])
+    p.add_argument("--data", default=d["data"], help="directory holding cifar-10-batches-py/ or "
+                   "cifar-10-python.tar.gz (downloaded there when missing and the network allows)")
+    p.add_argument("--epochs", type=positive_int, default=d["epochs"])
+    p.add_argument("--batch-size", type=positive_int, default=d["batch_size"])
+    p.add_argument("--lr", type=positive_float, default=d["lr"], help="peak learning rate")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default=d["optimizer"])
+    p.add_argument("--momentum", type=float, default=d["momentum"])
+    p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--decay-layers", default=",".join(d["decay_layers"]),
+                   help="comma-separated layer names that get weight decay ('all' for every weight)")
+    p.add_argument("--schedule", choices=["cosine", "step", "constant"], default=d["schedule"])
+    p.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"])
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d["device"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--out", default=d["out"], help="output directory (history.json, checkpoint.npz, model.npz)")
+    p.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training images")
+    p.add_argument("--limit-test", type=positive_int, default=None, help="use only the first N test images")
+    p.add_argument("--resume", metavar="CKPT", default=None, help="continue from a checkpoint.npz")
+    p.add_argument("--no-download", dest="download", action="store_false")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def train_config(a):
+    keys = ["model", "data", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
+            "weight_decay", "schedule", "warmup_epochs", "augment", "seed", "out", "limit_train",
+            "limit_test", "device", "download"]
+    cfg = {k: getattr(a, k) for k in keys}
+    cfg["decay_layers"] = None if a.decay_layers == "all" else [s for s in a.decay_layers.split(",") if s]
+    return cfg
+
+
+def cmd_train(a):
+    from .train import Trainer
+    trainer = Trainer(train_config(a), quiet=a.quiet)
+    if a.resume:
+        meta = trainer.resume(a.resume)
+        print(f"resuming from {a.resume}: epoch {meta['epoch'] + 1}, step {meta['step']}", file=sys.stderr)
+    if not a.quiet:
+        print(trainer.model.summary((32, 32, 3)), file=sys.stderr)
+        print(f"device: {trainer.device}; training images: {len(trainer.data[0])}, "
+              f"test images: {len(trainer.data[2])}", file=sys.stderr)
+    history = trainer.fit()
+    if history:
+        last = history[-1]
+        print(f"done: {len(history)} epochs, test accuracy {last['test_acc']:.4f}; "
+              f"outputs in {trainer.out}")
+    return 0
+
+
+def cmd_summary(a):
+    from .models import MODELS
+    print(MODELS[a.model]().summary((32, 32, 3)))
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m minireuse",
+                                     description="minireuse: deep learning with adaptive deep reuse")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model on CIFAR-10")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts")
+    p.add_argument("--model", default="cifarnet", choices=["cifarnet"])
+    p.set_defaults(func=cmd_summary)
+    try:
+        from . import bench
+    except ImportError:
+        bench = None
+    if bench is not None:
+        p = sub.add_parser("bench", help="time exact and deep-reuse layers on the current device")
+        bench.add_arguments(p)
+        p.set_defaults(func=bench.run)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from .backend import BackendMismatchError, DeviceError
+    from .train import TrainingError
+    try:
+        from .data import CorruptDataError, DataNotFoundError
+        user_errors = (DataNotFoundError, CorruptDataError)
+    except ImportError:
+        user_errors = ()
+    try:
+        return a.func(a)
+    except KeyboardInterrupt as e:
+        print(f"\n{e or 'interrupted'}", file=sys.stderr)
+        return 130
+    except user_errors + (DeviceError, TrainingError, BackendMismatchError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

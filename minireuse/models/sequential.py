@@ -1,0 +1,107 @@
+"""Sequential model: layers applied in order; backward in reverse order."""
+import os
+import tempfile
+
+import numpy as np
+
+from .. import backend
+from ..layers import ReusableLayer
+
+
+class Sequential:
+    def __init__(self, layers, name="sequential"):
+        self.layers = list(layers)
+        self.name = name
+        names = [l.name for l in self.layers]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"layer names must be unique, repeated: {sorted(dup)}")
+
+    def forward(self, x, train=True):
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    __call__ = forward
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def named_parameters(self):
+        """Yield (key, layer, name) for every parameter; key = 'layer.name'."""
+        for layer in self.layers:
+            for name in layer.params:
+                yield f"{layer.name}.{name}", layer, name
+
+    def reuse_layers(self):
+        return [l for l in self.layers if isinstance(l, ReusableLayer)]
+
+    def layer(self, name):
+        for l in self.layers:
+            if l.name == name:
+                return l
+        raise KeyError(f"no layer named {name!r}; layers: {[l.name for l in self.layers]}")
+
+    def num_parameters(self):
+        return sum(int(np.prod(l.params[n].shape)) for _, l, n in self.named_parameters())
+
+    def summary(self, input_shape):
+        """A table of each layer's output shape and parameter count, as a string."""
+        shape = (None,) + tuple(input_shape)
+        rows = [("input", "", str(shape), "")]
+        for l in self.layers:
+            shape = l.output_shape(shape)
+            n = sum(int(np.prod(p.shape)) for p in l.params.values())
+            reuse = getattr(l, "reuse", None)
+            rows.append((l.name, type(l).__name__ + (" [reuse]" if reuse is not None else ""),
+                         str(shape), f"{n:,}"))
+        widths = [max(len(r[i]) for r in rows + [("layer", "type", "output shape", "params")]) for i in range(4)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format("layer", "type", "output shape", "params"), "-" * (sum(widths) + 6)]
+        lines += [fmt.format(*r) for r in rows]
+        lines.append(f"total parameters: {self.num_parameters():,}")
+        return "\n".join(lines)
+
+    def astype(self, dtype):
+        for l in self.layers:
+            l.astype(dtype)
+        return self
+
+    def state_dict(self):
+        return {key: backend.asnumpy(layer.params[name]) for key, layer, name in self.named_parameters()}
+
+    def load_state_dict(self, state):
+        own = {key: (layer, name) for key, layer, name in self.named_parameters()}
+        missing, extra = set(own) - set(state), set(state) - set(own)
+        if missing or extra:
+            raise ValueError(f"parameter names do not match: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for key, (layer, name) in own.items():
+            cur = layer.params[name]
+            if tuple(state[key].shape) != tuple(cur.shape):
+                raise ValueError(f"{key}: checkpoint shape {tuple(state[key].shape)} != model shape {tuple(cur.shape)}")
+            layer.params[name] = backend.to_device(np.asarray(state[key]), cur.dtype)
+
+    def save(self, path):
+        """Write the parameters to an .npz file atomically."""
+        atomic_savez(path, self.state_dict())
+
+    def load(self, path):
+        with np.load(path, allow_pickle=False) as f:
+            self.load_state_dict({k: f[k] for k in f.files})
+
+
+def atomic_savez(path, arrays):
+    """np.savez to a temporary file in the same directory, then rename over ``path``."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,286 @@
+"""Training loop: epochs of SGD over CIFAR-10 with evaluation, history and checkpoints.
+
+    python -m minireuse train --data DIR --epochs N --out runs/x
+
+Every epoch appends a record to OUT/history.json and rewrites OUT/checkpoint.npz
+(both atomically). All randomness of step s of epoch e (shuffle order, crops,
+flips, dropout masks) is drawn from generators seeded with (seed, e[, s]), so a
+run resumed from a checkpoint continues exactly as the uninterrupted run would
+(bit for bit on the CPU).
+"""
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from . import backend
+from .layers import Dropout
+from .losses import SoftmaxCrossEntropy
+from .models import MODELS, atomic_savez
+from .optim import SGD, Adam, make_schedule
+
+CHECKPOINT = "checkpoint.npz"
+HISTORY = "history.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, bad checkpoint, ...)."""
+
+
+def atomic_write_json(path, obj):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp.json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def build_optimizer(model, cfg):
+    decay_layers = cfg.get("decay_layers")
+    if cfg["optimizer"] == "sgd":
+        return SGD(model, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
+                   weight_decay=cfg["weight_decay"], decay_layers=decay_layers)
+    if cfg["optimizer"] == "adam":
+        return Adam(model, lr=cfg["lr"], weight_decay=cfg["weight_decay"], decay_layers=decay_layers)
+    raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; expected sgd or adam")
+
+
+def save_checkpoint(path, model, opt, epoch, step, history, cfg):
+    """Parameters, optimizer state, position (epoch, step) and history in one .npz, atomically."""
+    arrays = {f"param/{k}": v for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    for key, slots in opt_state["state"].items():
+        for slot, v in slots.items():
+            arrays[f"opt/{key}/{slot}"] = v
+    meta = {"epoch": epoch, "step": step, "opt_steps": opt_state["steps"], "lr": opt_state["lr"],
+            "history": history, "config": cfg, "format": 1}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    atomic_savez(path, arrays)
+
+
+def load_checkpoint(path, model, opt):
+    """Restore model and optimizer from ``path``; returns its meta dict."""
+    if not os.path.exists(path):
+        raise TrainingError(f"checkpoint {os.path.abspath(path)} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise TrainingError(f"cannot read checkpoint {path}: {e}") from e
+    if "meta" not in data:
+        raise TrainingError(f"{path} is not a minireuse training checkpoint (no meta record)")
+    meta = json.loads(bytes(data["meta"]).decode())
+    model.load_state_dict({k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")})
+    state = {}
+    for k, v in data.items():
+        if k.startswith("opt/"):
+            key, slot = k[len("opt/"):].rsplit("/", 1)
+            state.setdefault(key, {})[slot] = v
+    opt.load_state_dict({"steps": meta["opt_steps"], "lr": meta["lr"], "state": state})
+    return meta
+
+
+def reseed_dropout(model, seed):
+    for layer in model.layers:
+        if isinstance(layer, Dropout):
+            layer.reseed(seed)
+
+
+def evaluate(model, loss_fn, iterator):
+    """Mean loss and accuracy over an iterator; accumulates on the device, reads back once."""
+    xp = backend.xp()
+    loss_sum, correct, n = xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64), 0
+    for xb, yb in iterator:
+        logits = model.forward(xb, train=False)
+        loss_sum += loss_fn.forward(logits, yb) * len(yb)
+        correct += (logits.argmax(axis=1) == yb).sum()
+        n += len(yb)
+    return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
+
+
+class Trainer:
+    """Runs the epochs of one training job described by a config dict (see DEFAULTS)."""
+
+    DEFAULTS = dict(model="cifarnet", data="data", epochs=30, batch_size=128, lr=0.05,
+                    optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=0.004,
+                    decay_layers=["fc3", "fc4"], schedule="cosine", warmup_epochs=1.0,
+                    augment=True, seed=0, out="runs/cifarnet", limit_train=None, limit_test=None,
+                    device="auto", log_every=25, download=True)
+
+    def __init__(self, cfg, data=None, model=None, quiet=False):
+        unknown = set(cfg) - set(self.DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown training settings {sorted(unknown)}")
+        self.cfg = {**self.DEFAULTS, **cfg}
+        c = self.cfg
+        for key in ("epochs", "batch_size"):
+            if not isinstance(c[key], int) or c[key] < 1:
+                raise ValueError(f"{key} must be a positive integer, got {c[key]!r}")
+        self.quiet = quiet
+        self.device = backend.set_device(c["device"])
+        backend.seed(c["seed"])
+        self.model = model if model is not None else self._build_model()
+        self.opt = build_optimizer(self.model, c)
+        self.schedule = make_schedule(c["schedule"], c["lr"], c["epochs"], c["warmup_epochs"])
+        self.loss_fn = SoftmaxCrossEntropy()
+        self.data = data if data is not None else self._load_data()
+        self.history = []
+        self.start_epoch, self.start_step = 0, 0
+
+    def _build_model(self):
+        name = self.cfg["model"]
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+        return MODELS[name](seed=self.cfg["seed"])
+
+    def _load_data(self):
+        from .data import load_cifar10
+        xtr, ytr, xte, yte = load_cifar10(self.cfg["data"], download=self.cfg["download"],
+                                          progress=not self.quiet)
+        if self.cfg["limit_train"]:
+            xtr, ytr = xtr[:self.cfg["limit_train"]], ytr[:self.cfg["limit_train"]]
+        if self.cfg["limit_test"]:
+            xte, yte = xte[:self.cfg["limit_test"]], yte[:self.cfg["limit_test"]]
+        return xtr, ytr, xte, yte
+
+    @property
+    def out(self):
+        return self.cfg["out"]
+
+    def resume(self, path):
+        meta = load_checkpoint(path, self.model, self.opt)
+        self.history = meta["history"]
+        self.start_epoch, self.start_step = meta["epoch"], meta["step"]
+        return meta
+
+    def _batches(self, x, y, train, rng=None, start=0):
+        from .data import CIFAR10_MEAN, CIFAR10_STD, BatchIterator
+        return BatchIterator(x, y, self.cfg["batch_size"], shuffle=train, rng=rng,
+                             augment=train and self.cfg["augment"], drop_last=False,
+                             mean=CIFAR10_MEAN, std=CIFAR10_STD, start=start)
+
+    def train_step(self, xb, yb, lr):
+        logits = self.model.forward(xb, train=True)
+        loss = self.loss_fn.forward(logits, yb)
+        self.model.backward(self.loss_fn.backward())
+        self.opt.lr = lr
+        self.opt.step()
+        return loss, (logits.argmax(axis=1) == yb).sum()
+
+    def fit(self):
+        """Train from (start_epoch, start_step) to the last epoch. Returns the history list."""
+        c = self.cfg
+        xtr, ytr, xte, yte = self.data
+        xp = backend.xp()
+        os.makedirs(self.out, exist_ok=True)
+        ckpt = os.path.join(self.out, CHECKPOINT)
+        test_iter = self._batches(xte, yte, train=False)
+        for epoch in range(self.start_epoch, c["epochs"]):
+            start = self.start_step if epoch == self.start_epoch else 0
+            it = self._batches(xtr, ytr, train=True, rng=np.random.default_rng([c["seed"], epoch]), start=start)
+            steps = len(it) + start
+            loss_sum, correct = xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64)
+            seen = 0
+            t0 = time.perf_counter()
+            bar = tqdm(it, total=len(it), desc=f"epoch {epoch + 1}/{c['epochs']}", unit="batch",
+                       disable=self.quiet, leave=True, dynamic_ncols=True)
+            step = start - 1
+            with InterruptFlag() as interrupted:
+                for step, (xb, yb) in enumerate(bar, start=start):
+                    reseed_dropout(self.model, (c["seed"], epoch, step))
+                    lr = self.schedule(epoch + step / steps)
+                    loss, corr = self.train_step(xb, yb, lr)
+                    loss_sum += loss * len(yb)
+                    correct += corr
+                    seen += len(yb)
+                    if (step + 1) % c["log_every"] == 0 or step + 1 == steps:
+                        # one host read every log_every steps, not every step
+                        self._check_finite(float(loss_sum) / seen, epoch, step, ckpt)
+                        bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{float(correct) / seen:.3f}",
+                                        lr=f"{lr:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                    if interrupted:
+                        bar.close()
+                        self._check_finite(float(loss_sum) / seen, epoch, step, ckpt)
+                        save_checkpoint(ckpt, self.model, self.opt, epoch, step + 1, self.history, c)
+                        raise KeyboardInterrupt(
+                            f"interrupted in epoch {epoch + 1} after step {step + 1}; state saved to "
+                            f"{os.path.abspath(ckpt)} (continue with --resume {ckpt})")
+            bar.close()
+            backend.synchronize()
+            seconds = time.perf_counter() - t0
+            test_loss, test_acc = evaluate(self.model, self.loss_fn, test_iter)
+            record = dict(epoch=epoch + 1, train_loss=float(loss_sum) / max(seen, 1),
+                          train_acc=float(correct) / max(seen, 1), test_loss=test_loss, test_acc=test_acc,
+                          lr=lr, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
+            self._check_finite(record["train_loss"], epoch, step, ckpt)
+            self.history.append(record)
+            save_checkpoint(ckpt, self.model, self.opt, epoch + 1, 0, self.history, c)
+            self.write_history()
+            if not self.quiet:
+                tqdm.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
+                           f"test loss {test_loss:.4f} acc {test_acc:.4f} | {seconds:.1f} s, "
+                           f"{record['images_per_s']:.0f} img/s")
+        self.model.save(os.path.join(self.out, "model.npz"))
+        return self.history
+
+    @staticmethod
+    def _check_finite(mean_loss, epoch, step, ckpt):
+        if not math.isfinite(mean_loss):
+            raise TrainingError(
+                f"non-finite training loss ({mean_loss}) in epoch {epoch + 1} by step {step + 1}; stopped. "
+                f"The last good checkpoint is {os.path.abspath(ckpt)} (lower --lr and --resume from it).")
+
+    def write_history(self):
+        settings = {k: v for k, v in self.cfg.items()}
+        atomic_write_json(os.path.join(self.out, HISTORY),
+                          {"settings": settings, "device": device_description(), "epochs": self.history})
+
+
+class InterruptFlag:
+    """Within the block, a first Ctrl-C only sets the flag (the loop saves and stops
+    at the end of the current step); a second one interrupts at once."""
+
+    def __init__(self):
+        self.set = False
+
+    def __bool__(self):
+        return self.set
+
+    def _handler(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def device_description():
+    if backend.device() == "gpu":
+        cp = backend.require_gpu()
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        return f"gpu: {name} (cupy {cp.__version__})"
+    import platform
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (numpy {np.__version__})"

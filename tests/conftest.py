@@ -1,0 +1,25 @@
+"""Shared fixtures: one test body runs on NumPy and, when a GPU is present, on CuPy."""
+import numpy as np
+import pytest
+
+from minireuse import backend
+
+
+def _devices():
+    gpu = pytest.param("gpu", marks=pytest.mark.skipif(
+        not backend.gpu_available(), reason="no usable GPU/cupy on this machine"))
+    return ["cpu", gpu]
+
+
+@pytest.fixture(params=_devices())
+def device(request):
+    """Select the device for the test; yields the array module."""
+    old = backend._state["device"]
+    backend.set_device(request.param)
+    yield backend.xp()
+    backend._state["device"] = old
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from minireuse import backend
+from minireuse.layers import Dense
+
+
+def test_numpy_arrays_pick_numpy():
+    assert backend.get_array_module(np.zeros(2), np.ones(3)) is np
+
+
+def test_unknown_device_is_refused():
+    with pytest.raises(ValueError, match="device must be one of"):
+        backend.set_device("tpu")
+
+
+@pytest.mark.skipif(backend.gpu_available(), reason="checks the error raised where no GPU is usable")
+def test_gpu_request_without_gpu_carries_cupy_reason():
+    with pytest.raises(backend.DeviceError) as e:
+        backend.set_device("gpu")
+    assert "cannot be used" in str(e.value)
+    assert backend._gpu_unavailable_reason() in str(e.value)
+    assert backend.set_device("auto") == "cpu"
+
+
+@pytest.mark.skipif(not backend.gpu_available(), reason="needs a GPU to mix numpy and cupy arrays")
+def test_mixing_numpy_and_cupy_names_both():
+    import cupy
+    with pytest.raises(backend.BackendMismatchError, match="numpy.ndarray.*cupy.ndarray"):
+        backend.get_array_module(np.zeros(2), cupy.zeros(2))
+    backend.set_device("gpu")
+    layer = Dense(3, 2)
+    with pytest.raises(backend.BackendMismatchError, match="mixed numpy and cupy"):
+        layer.forward(np.zeros((1, 3), dtype=np.float32))
+    backend.set_device("auto")
+
+
+def test_mixing_is_detected_by_type(monkeypatch):
+    class FakeCupy:  # stands in for a cupy array on a CPU-only machine
+        shape = (2,)
+    monkeypatch.setattr(backend, "is_cupy_array", lambda a: isinstance(a, FakeCupy))
+    with pytest.raises(backend.BackendMismatchError, match="FakeCupy"):
+        backend.get_array_module(np.zeros(2), FakeCupy())
+
+
+def test_seeding_makes_cpu_runs_reproducible():
+    backend.set_device("cpu")
+    draws = []
+    for _ in range(2):
+        backend.seed(3)
+        draws.append(np.random.rand(3))
+        draws.append(backend.random_generator((3, 1)).random(3))
+    np.testing.assert_array_equal(draws[0], draws[2])
+    np.testing.assert_array_equal(draws[1], draws[3])
+    assert not np.array_equal(draws[1], backend.random_generator((3, 2)).random(3))
+    backend.set_device("auto")
+
+
+def test_scatter_add_accumulates_repeats(device):
+    out = device.zeros(4)
+    backend.scatter_add(out, device.asarray([1, 1, 3]), device.asarray([2.0, 3.0, 4.0]))
+    np.testing.assert_array_equal(backend.asnumpy(out), [0, 5, 0, 4])

@@ -1,0 +1,64 @@
+import os
+
+import numpy as np
+import pytest
+
+from minireuse import backend
+from minireuse.losses import SoftmaxCrossEntropy
+from minireuse.models import Sequential, cifarnet, mlp
+
+
+def test_cifarnet_summary_and_shapes(device, rng):
+    model = cifarnet(seed=0)
+    text = model.summary((32, 32, 3))
+    assert "(None, 8, 8, 64)" in text and "(None, 10)" in text
+    # conv1 4864 + conv2 102464 + fc3 1573248 + fc4 73920 + logits 1930
+    assert model.num_parameters() == 1756426
+    assert f"{1756426:,}" in text
+    y = model.forward(device.asarray(rng.standard_normal((2, 32, 32, 3)).astype(np.float32)), train=False)
+    assert y.shape == (2, 10)
+
+
+def test_cifarnet_gradient_in_float64(device, rng):
+    model = cifarnet(seed=1, dropout=0.0, dtype=np.float64)
+    x = device.asarray(rng.standard_normal((2, 32, 32, 3)))
+    labels = device.asarray(np.array([3, 7]))
+    loss = SoftmaxCrossEntropy()
+    loss(model.forward(x), labels)
+    model.backward(loss.backward())
+    conv2 = model.layer("conv2")
+    g = conv2.grads["W"].copy()
+    v = device.asarray(rng.standard_normal(g.shape))
+    w = conv2.params["W"]
+    eps = 1e-6
+    w += eps * v
+    lp = float(loss(model.forward(x), labels))
+    w -= 2 * eps * v
+    lm = float(loss(model.forward(x), labels))
+    w += eps * v
+    num = (lp - lm) / (2 * eps)
+    assert abs(num - float((g * v).sum())) < 1e-6 + 1e-5 * abs(num)
+
+
+def test_save_load_round_trip(tmp_path, device):
+    a, b = mlp([4, 5, 3], seed=0), mlp([4, 5, 3], seed=1)
+    path = str(tmp_path / "m.npz")
+    a.save(path)
+    assert os.listdir(tmp_path) == ["m.npz"]  # no temporary left behind
+    b.load(path)
+    for (k, la, na), (_, lb, nb) in zip(a.named_parameters(), b.named_parameters()):
+        np.testing.assert_array_equal(backend.asnumpy(la.params[na]), backend.asnumpy(lb.params[nb]))
+
+
+def test_load_refuses_mismatched_parameters(tmp_path):
+    mlp([4, 5, 3]).save(str(tmp_path / "m.npz"))
+    with pytest.raises(ValueError, match="shape"):
+        mlp([4, 6, 3]).load(str(tmp_path / "m.npz"))
+    with pytest.raises(ValueError, match="missing"):
+        mlp([4, 5, 5, 3]).load(str(tmp_path / "m.npz"))
+
+
+def test_duplicate_layer_names_refused():
+    from minireuse.layers import ReLU
+    with pytest.raises(ValueError, match="unique"):
+        Sequential([ReLU(name="r"), ReLU(name="r")])
