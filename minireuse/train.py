@@ -165,11 +165,13 @@ class Trainer:
         self.start_epoch, self.start_step = meta["epoch"], meta["step"]
         return meta
 
-    def _batches(self, x, y, train, rng=None, start=0):
+    def _batches(self, x, y, train):
+        """A batch iterator; it moves the uint8 images to the device once."""
         from .data import CIFAR10_MEAN, CIFAR10_STD, BatchIterator
-        return BatchIterator(x, y, self.cfg["batch_size"], shuffle=train, rng=rng,
+        return BatchIterator(x, y, self.cfg["batch_size"], shuffle=train,
+                             rng=np.random.default_rng(self.cfg["seed"]) if train else None,
                              augment=train and self.cfg["augment"], drop_last=False,
-                             mean=CIFAR10_MEAN, std=CIFAR10_STD, start=start)
+                             mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
     def train_step(self, xb, yb, lr):
         logits = self.model.forward(xb, train=True)
@@ -186,15 +188,18 @@ class Trainer:
         xp = backend.xp()
         os.makedirs(self.out, exist_ok=True)
         ckpt = os.path.join(self.out, CHECKPOINT)
+        train_iter = self._batches(xtr, ytr, train=True)
         test_iter = self._batches(xte, yte, train=False)
+        steps = len(train_iter)
         for epoch in range(self.start_epoch, c["epochs"]):
             start = self.start_step if epoch == self.start_epoch else 0
-            it = self._batches(xtr, ytr, train=True, rng=np.random.default_rng([c["seed"], epoch]), start=start)
-            steps = len(it) + start
+            # every epoch's shuffle and augmentation come from (seed, epoch) alone
+            train_iter.rng = np.random.default_rng([c["seed"], epoch])
+            it = train_iter.epoch(start)
             loss_sum, correct = xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64)
             seen = 0
             t0 = time.perf_counter()
-            bar = tqdm(it, total=len(it), desc=f"epoch {epoch + 1}/{c['epochs']}", unit="batch",
+            bar = tqdm(it, total=steps, initial=start, desc=f"epoch {epoch + 1}/{c['epochs']}", unit="batch",
                        disable=self.quiet, leave=True, dynamic_ncols=True)
             step = start - 1
             with InterruptFlag() as interrupted:
