@@ -17,6 +17,8 @@ class Layer:
         self.grads = {}
         # per-parameter weight-decay switch, read by the optimizers
         self.decay = {}
+        # False for a model's first layer: its backward may skip dx (returns None)
+        self.needs_input_grad = True
 
     def forward(self, x, train=True):
         raise NotImplementedError

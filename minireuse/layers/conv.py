@@ -144,7 +144,8 @@ class Conv2D(ReusableLayer):
             W2 = self.params["W"].reshape(-1, self.c_out)
             dW = (cols.T @ dy2).reshape(self.params["W"].shape)
             db = dy2.sum(axis=0)
-            dx = col2im(dy2 @ W2.T, x_shape, self.kh, self.kw, self.stride, pads)
+            dx = (col2im(dy2 @ W2.T, x_shape, self.kh, self.kw, self.stride, pads)
+                  if self.needs_input_grad else None)
         self.grads["W"] = dW
         if "b" in self.params:
             self.grads["b"] = db

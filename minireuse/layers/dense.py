@@ -55,7 +55,7 @@ class Dense(ReusableLayer):
             x = cache
             dW = x.T @ dy
             db = dy.sum(axis=0)
-            dx = dy @ self.params["W"].T
+            dx = dy @ self.params["W"].T if self.needs_input_grad else None
         self.grads["W"] = dW
         if "b" in self.params:
             self.grads["b"] = db

@@ -10,15 +10,17 @@ from .base import Layer
 
 
 def window_sum(a, r):
-    """Sum over channels d-r..d+r (clipped at the edges) along the last axis."""
+    """Sum over channels d-r..d+r (clipped at the edges) along the last axis.
+
+    With the channels zero-padded by r on both sides and cs the running sum
+    (cs[k] = sum of the first k padded channels), the window of channel d is
+    cs[d + 2r + 1] - cs[d]: two slices, no gather.
+    """
     xp = backend.get_array_module(a)
     c = a.shape[-1]
-    cs = xp.cumsum(a, axis=-1)
-    zero = xp.zeros(a.shape[:-1] + (1,), dtype=a.dtype)
-    cs = xp.concatenate([zero, cs], axis=-1)           # cs[..., k] = sum of the first k channels
-    hi = xp.minimum(xp.arange(c) + r + 1, c)
-    lo = xp.maximum(xp.arange(c) - r, 0)
-    return cs[..., hi] - cs[..., lo]
+    widths = [(0, 0)] * (a.ndim - 1) + [(r + 1, r)]   # one extra zero in front: cs[0] = 0
+    cs = xp.cumsum(xp.pad(a, widths), axis=-1)
+    return cs[..., 2 * r + 1:c + 2 * r + 1] - cs[..., :c]
 
 
 class LocalResponseNorm(Layer):

@@ -8,15 +8,14 @@ from .base import Layer
 class ReLU(Layer):
     def forward(self, x, train=True):
         xp = backend.get_array_module(x)
-        mask = x > 0
+        y = xp.maximum(x, 0)
         if train:
-            self._mask = mask
-        return xp.where(mask, x, xp.zeros((), dtype=x.dtype))
+            self._y = y
+        return y
 
     def backward(self, dy):
-        xp = backend.get_array_module(dy)
-        dx = xp.where(self._mask, dy, xp.zeros((), dtype=dy.dtype))
-        self._mask = None
+        dx = dy * (self._y > 0)
+        self._y = None
         return dx
 
 

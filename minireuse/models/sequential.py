@@ -9,9 +9,13 @@ from ..layers import ReusableLayer
 
 
 class Sequential:
-    def __init__(self, layers, name="sequential"):
+    def __init__(self, layers, name="sequential", input_grad=False):
+        """input_grad=False lets the first layer skip the gradient of the model's input,
+        which training never needs (backward then returns None)."""
         self.layers = list(layers)
         self.name = name
+        if self.layers:
+            self.layers[0].needs_input_grad = input_grad
         names = [l.name for l in self.layers]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
