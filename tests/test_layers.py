@@ -171,3 +171,16 @@ def test_layer_input_errors(device, rng):
         Conv2D(3, 4, 3, padding="full")
     with pytest.raises(ValueError, match=r"input \(batch, 6\)"):
         Dense(6, 2).forward(device.zeros((2, 5), dtype=np.float32))
+
+
+def test_maxpool_ties_send_the_gradient_to_the_first_maximum(device):
+    x = np.zeros((1, 4, 4, 2))
+    x[0, 1, 1, 0] = x[0, 0, 1, 0] = 1.0       # two maxima in the first window of channel 0
+    pool = MaxPool2D(2, 2)
+    pool.forward(device.asarray(x))
+    dx = backend.asnumpy(pool.backward(device.ones((1, 2, 2, 2))))
+    expected = np.zeros_like(x)
+    expected[0, 0, 1, 0] = 1.0                 # (0, 1) comes before (1, 1)
+    expected[0, 0, 0, 1] = 1.0                 # all-zero window: the first position
+    expected[0, 0, 2, :] = expected[0, 2, 0, :] = expected[0, 2, 2, :] = 1.0
+    np.testing.assert_array_equal(dx, expected)

@@ -31,33 +31,37 @@ class MaxPool2D(Layer):
         _, oh, ow = self._geometry(h, w)
         return (n, oh, ow, c)
 
-    def _windows(self, x, pads, oh, ow):
-        """(B, OH, OW, k*k, C): every window's values; padding counts as -inf."""
-        xp = backend.get_array_module(x)
-        t, b, l, r = pads
-        if any(pads):
-            x = xp.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), constant_values=-xp.inf)
+    def _window(self, xpad, i, j, oh, ow):
+        """The (B, OH, OW, C) view of xpad under window offset (i, j)."""
         s = self.stride
-        return xp.stack([x[:, i:i + s * oh:s, j:j + s * ow:s, :]
-                         for i in range(self.k) for j in range(self.k)], axis=3)
+        return xpad[:, i:i + s * oh:s, j:j + s * ow:s, :]
 
     def forward(self, x, train=True):
         self._check_input(x, 4, "(batch, height, width, channels)")
+        xp = backend.get_array_module(x)
         pads, oh, ow = self._geometry(x.shape[1], x.shape[2])
-        win = self._windows(x, pads, oh, ow)
-        arg = win.argmax(axis=3)
+        t, b, l, r = pads
+        xpad = xp.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), constant_values=-xp.inf) if any(pads) else x
+        y = self._window(xpad, 0, 0, oh, ow)
+        for idx in range(1, self.k * self.k):
+            y = xp.maximum(y, self._window(xpad, *divmod(idx, self.k), oh, ow))
         if train:
-            self._cache = (arg, x.shape, pads)
-        return win.max(axis=3)
+            self._cache = (xpad, y, x.shape, pads)
+        return y
 
     def backward(self, dy):
+        # The gradient goes to the first maximum of each window in (dy, dx) order:
+        # walk the offsets in that order and hand it to positions equal to the max
+        # that no earlier offset has taken.
         xp = backend.get_array_module(dy)
-        arg, (n, h, w, c), (t, b, l, r) = self._cache
+        xpad, y, (n, h, w, c), (t, b, l, r) = self._cache
         oh, ow = dy.shape[1:3]
-        s = self.stride
-        dxpad = xp.zeros((n, h + t + b, w + l + r, c), dtype=dy.dtype)
+        dxpad = xp.zeros(xpad.shape, dtype=dy.dtype)
+        taken = xp.zeros(y.shape, dtype=bool)
         for idx in range(self.k * self.k):
             i, j = divmod(idx, self.k)
-            dxpad[:, i:i + s * oh:s, j:j + s * ow:s, :] += dy * (arg == idx)
+            hit = (self._window(xpad, i, j, oh, ow) == y) & ~taken
+            taken |= hit
+            self._window(dxpad, i, j, oh, ow)[...] += dy * hit
         self._cache = None
         return dxpad[:, t:t + h, l:l + w, :]
