@@ -21,16 +21,24 @@ class Sequential:
         if dup:
             raise ValueError(f"layer names must be unique, repeated: {sorted(dup)}")
 
-    def forward(self, x, train=True):
+    def forward(self, x, train=True, timer=None):
         for layer in self.layers:
+            if timer is not None:
+                timer.start(layer.name, "forward")
             x = layer.forward(x, train)
+            if timer is not None:
+                timer.stop(layer.name)
         return x
 
     __call__ = forward
 
-    def backward(self, dy):
+    def backward(self, dy, timer=None):
         for layer in reversed(self.layers):
+            if timer is not None:
+                timer.start(layer.name, "backward")
             dy = layer.backward(dy)
+            if timer is not None:
+                timer.stop(layer.name)
         return dy
 
     def named_parameters(self):
