@@ -5,6 +5,7 @@ OUT ?= runs/cifarnet
 EPOCHS ?= 30
 DEVICE ?= auto
 SHARED_CIFAR ?= ../shared/data/make_cifar10.py
+REUSE ?= adaptive
 TRAIN_FLAGS ?=
 
 .PHONY: install test cifar cifar-exact bench data gpu-check clean
@@ -23,7 +24,12 @@ data:
 
 cifar: install data
 	$(PYTHON) -m minireuse train --model cifarnet --data $(DATA) --epochs $(EPOCHS) --device $(DEVICE) \
-		--out $(OUT) $(TRAIN_FLAGS)
+		--out $(OUT) --reuse $(REUSE) $(TRAIN_FLAGS)
+
+# the same recipe with every layer exact
+cifar-exact: install data
+	$(PYTHON) -m minireuse train --model cifarnet --data $(DATA) --epochs $(EPOCHS) --device $(DEVICE) \
+		--out $(OUT)-exact --reuse off $(TRAIN_FLAGS)
 
 bench: install
 	$(PYTHON) -m minireuse bench --data $(DATA) --json bench.json

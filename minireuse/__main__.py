@@ -52,6 +52,11 @@ def add_train_arguments(p):
     p.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=positive_int, default=None, help="use only the first N test images")
     p.add_argument("--resume", metavar="CKPT", default=None, help="continue from a checkpoint.npz")
+    p.add_argument("--reuse", choices=["off", "fixed", "schedule", "adaptive"], default="off",
+                   help="deep-reuse strategy for the conv/dense layers (default off: exact)")
+    p.add_argument("--reuse-config", metavar="FILE", default=None,
+                   help="JSON file: {\"layers\": {\"conv2\": {\"L\": 16, \"H\": 16} or [stages...]}, "
+                        "\"options\": {...}}; without it, CifarNet defaults (docs/adaptive.md)")
     p.add_argument("--no-download", dest="download", action="store_false")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -62,6 +67,10 @@ def train_config(a):
             "limit_test", "device", "download"]
     cfg = {k: getattr(a, k) for k in keys}
     cfg["decay_layers"] = None if a.decay_layers == "all" else [s for s in a.decay_layers.split(",") if s]
+    cfg["reuse"] = a.reuse
+    if a.reuse_config:
+        from .reuse.adaptive import load_settings
+        cfg["reuse_layers"], cfg["reuse_options"] = load_settings(a.reuse_config)
     return cfg
 
 
@@ -83,6 +92,18 @@ def cmd_train(a):
     return 0
 
 
+def cmd_compare(a):
+    from . import compare
+    if a.reuse == "off":
+        raise ValueError("compare needs a reuse strategy: --reuse fixed, schedule or adaptive")
+    if a.resume:
+        raise ValueError("compare starts both runs afresh; --resume is for train")
+    cfg = train_config(a)
+    _, _, table = compare.run(cfg, a.reuse, quiet=a.quiet)
+    print(table)
+    return 0
+
+
 def cmd_summary(a):
     from .models import MODELS
     print(MODELS[a.model]().summary((32, 32, 3)))
@@ -96,6 +117,9 @@ def build_parser():
     p = sub.add_parser("train", help="train a model on CIFAR-10")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("compare", help="train exact and with reuse from the same seed; print a table")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_compare, reuse="adaptive", out="runs/compare")
     p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts")
     p.add_argument("--model", default="cifarnet", choices=["cifarnet"])
     p.set_defaults(func=cmd_summary)

@@ -24,6 +24,7 @@ from .layers import Dropout
 from .losses import SoftmaxCrossEntropy
 from .models import MODELS, atomic_savez
 from .optim import SGD, Adam, make_schedule
+from .timing import LayerTimer
 
 CHECKPOINT = "checkpoint.npz"
 HISTORY = "history.json"
@@ -57,7 +58,7 @@ def build_optimizer(model, cfg):
     raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; expected sgd or adam")
 
 
-def save_checkpoint(path, model, opt, epoch, step, history, cfg):
+def save_checkpoint(path, model, opt, epoch, step, history, cfg, strategy=None):
     """Parameters, optimizer state, position (epoch, step) and history in one .npz, atomically."""
     arrays = {f"param/{k}": v for k, v in model.state_dict().items()}
     opt_state = opt.state_dict()
@@ -65,7 +66,8 @@ def save_checkpoint(path, model, opt, epoch, step, history, cfg):
         for slot, v in slots.items():
             arrays[f"opt/{key}/{slot}"] = v
     meta = {"epoch": epoch, "step": step, "opt_steps": opt_state["steps"], "lr": opt_state["lr"],
-            "history": history, "config": cfg, "format": 1}
+            "history": history, "config": cfg, "format": 1,
+            "strategy": strategy.state_dict() if strategy is not None else None}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     atomic_savez(path, arrays)
 
@@ -117,7 +119,8 @@ class Trainer:
                     optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=0.004,
                     decay_layers=["fc3", "fc4"], schedule="cosine", warmup_epochs=1.0,
                     augment=True, seed=0, out="runs/cifarnet", limit_train=None, limit_test=None,
-                    device="auto", log_every=25, download=True)
+                    device="auto", log_every=25, download=True,
+                    reuse="off", reuse_layers=None, reuse_options=None)
 
     def __init__(self, cfg, data=None, model=None, quiet=False):
         unknown = set(cfg) - set(self.DEFAULTS)
@@ -138,6 +141,12 @@ class Trainer:
         self.data = data if data is not None else self._load_data()
         self.history = []
         self.start_epoch, self.start_step = 0, 0
+        from .reuse.adaptive import make_strategy
+        self.strategy = make_strategy(c["reuse"], c["reuse_layers"], c["reuse_options"])
+        if self.strategy is not None:
+            self.strategy.attach(self.model)
+        self.timer = LayerTimer([l.name for l in self.model.reuse_layers()])
+        self._measuring = False
 
     def _build_model(self):
         name = self.cfg["model"]
@@ -161,6 +170,9 @@ class Trainer:
 
     def resume(self, path):
         meta = load_checkpoint(path, self.model, self.opt)
+        if self.strategy is not None and meta.get("strategy"):
+            self.strategy.load_state_dict(meta["strategy"])
+            self.strategy.apply()
         self.history = meta["history"]
         self.start_epoch, self.start_step = meta["epoch"], meta["step"]
         return meta
@@ -174,9 +186,11 @@ class Trainer:
                              mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
     def train_step(self, xb, yb, lr):
-        logits = self.model.forward(xb, train=True)
+        # steps that sample the reuse error also run the exact product: not timed
+        timer = None if self._measuring else self.timer
+        logits = self.model.forward(xb, train=True, timer=timer)
         loss = self.loss_fn.forward(logits, yb)
-        self.model.backward(self.loss_fn.backward())
+        self.model.backward(self.loss_fn.backward(), timer=timer)
         self.opt.lr = lr
         self.opt.step()
         return loss, (logits.argmax(axis=1) == yb).sum()
@@ -206,7 +220,11 @@ class Trainer:
                 for step, (xb, yb) in enumerate(bar, start=start):
                     reseed_dropout(self.model, (c["seed"], epoch, step))
                     lr = self.schedule(epoch + step / steps)
+                    if self.strategy is not None:
+                        self._before_step(xb, yb, epoch, step, steps)
                     loss, corr = self.train_step(xb, yb, lr)
+                    if self.strategy is not None:
+                        self._after_step()
                     loss_sum += loss * len(yb)
                     correct += corr
                     seen += len(yb)
@@ -214,11 +232,12 @@ class Trainer:
                         # one host read every log_every steps, not every step
                         self._check_finite(float(loss_sum) / seen, epoch, step, ckpt)
                         bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{float(correct) / seen:.3f}",
-                                        lr=f"{lr:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                                        lr=f"{lr:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+                                        **({"reuse": self.strategy.describe()} if self.strategy else {}))
                     if interrupted:
                         bar.close()
                         self._check_finite(float(loss_sum) / seen, epoch, step, ckpt)
-                        save_checkpoint(ckpt, self.model, self.opt, epoch, step + 1, self.history, c)
+                        save_checkpoint(ckpt, self.model, self.opt, epoch, step + 1, self.history, c, self.strategy)
                         raise KeyboardInterrupt(
                             f"interrupted in epoch {epoch + 1} after step {step + 1}; state saved to "
                             f"{os.path.abspath(ckpt)} (continue with --resume {ckpt})")
@@ -230,8 +249,16 @@ class Trainer:
                           train_acc=float(correct) / max(seen, 1), test_loss=test_loss, test_acc=test_acc,
                           lr=lr, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
             self._check_finite(record["train_loss"], epoch, step, ckpt)
+            record["layers"] = self._layer_records(seen)
+            if self.strategy is not None:
+                self.strategy.on_epoch_end((epoch + 1) / c["epochs"], record["train_loss"], record["layers"])
+                new_events = [e for e in self.strategy.events if "epoch" not in e]
+                for e in new_events:
+                    e["epoch"] = epoch + 1
+                record["reuse_strategy"] = self.strategy.name
+                record["reuse_events"] = new_events   # stage changes during or at the end of this epoch
             self.history.append(record)
-            save_checkpoint(ckpt, self.model, self.opt, epoch + 1, 0, self.history, c)
+            save_checkpoint(ckpt, self.model, self.opt, epoch + 1, 0, self.history, c, self.strategy)
             self.write_history()
             if not self.quiet:
                 tqdm.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
@@ -239,6 +266,60 @@ class Trainer:
                            f"{record['images_per_s']:.0f} img/s")
         self.model.save(os.path.join(self.out, "model.npz"))
         return self.history
+
+    def _before_step(self, xb, yb, epoch, step, steps):
+        """Let the strategy set this step's reuse settings (and sample the error)."""
+        st = self.strategy
+        if getattr(st, "speed_guard", False) and not st.exact_ms and step == self.start_step:
+            st.exact_ms = self.time_exact_layers(xb, yb, st.probe_steps)
+        st.on_step((epoch + step / steps) / self.cfg["epochs"])
+        self._measuring = st.measure_error_now(step)
+        if self._measuring:
+            for name in st.ladders:
+                layer = self.model.layer(name)
+                if layer.reuse is not None:
+                    layer.set_reuse(layer.reuse.replace(measure_error=True))
+
+    def _after_step(self):
+        if self._measuring:
+            for name in self.strategy.ladders:
+                layer = self.model.layer(name)
+                if layer.reuse is not None:
+                    layer.set_reuse(layer.reuse.replace(measure_error=False))
+
+    def time_exact_layers(self, xb, yb, repeats=2):
+        """ms per step of each reuse-capable layer computed exactly (forward + backward), on
+        this batch, without changing parameters (the gradients are overwritten by the next step)."""
+        layers = self.model.reuse_layers()
+        saved = [l.reuse for l in layers]
+        for l in layers:
+            l.set_reuse(None)
+        probe = LayerTimer([l.name for l in layers])
+        for _ in range(repeats):
+            probe.collect()
+            logits = self.model.forward(xb, train=True, timer=probe)
+            self.loss_fn.forward(logits, yb)
+            self.model.backward(self.loss_fn.backward(), timer=probe)
+        times = probe.collect()
+        for l, r in zip(layers, saved):
+            l.set_reuse(r)
+        return {l.name: 1e3 * (times[(l.name, "forward")][0] + times[(l.name, "backward")][0])
+                for l in layers}
+
+    def _layer_records(self, images):
+        """Per conv/dense layer: time per step, and reuse settings and statistics."""
+        times = self.timer.collect()
+        out = {}
+        for layer in self.model.reuse_layers():
+            f, nf = times.get((layer.name, "forward"), (0.0, 0))
+            b, nb = times.get((layer.name, "backward"), (0.0, 0))
+            rec = dict(forward_s=f, backward_s=b, forward_ms=1e3 * f / max(nf, 1),
+                       backward_ms=1e3 * b / max(nb, 1), step_ms=1e3 * (f + b) / max(nf, 1),
+                       reuse=None if layer.reuse is None else layer.reuse.replace(measure_error=False).as_dict())
+            if layer.reuse_state is not None:
+                rec.update({k: v for k, v in layer.reuse_state.pop_stats().items()})
+            out[layer.name] = rec
+        return out
 
     @staticmethod
     def _check_finite(mean_loss, epoch, step, ckpt):

@@ -1,0 +1,78 @@
+"""Train one recipe twice from the same seed, exact and with deep reuse, and compare.
+
+    python -m minireuse compare --data DIR --epochs N --reuse adaptive --out runs/cmp
+
+writes OUT/exact/ and OUT/reuse/ (each a normal training run) and OUT/compare.json,
+and prints a side-by-side table.
+"""
+import json
+import os
+
+from .train import Trainer, atomic_write_json
+
+
+def summarise(history):
+    """Totals of one run's history: accuracies, wall time, time in conv/dense layers, mean r_c."""
+    epochs = history
+    layer_names = sorted({n for e in epochs for n in e.get("layers", {})})
+    per_layer = {}
+    for name in layer_names:
+        recs = [e["layers"][name] for e in epochs if name in e.get("layers", {})]
+        r_cs = [r["r_c"] for r in recs if r.get("r_c") is not None]
+        errs = [r["rel_error"] for r in recs if r.get("rel_error") is not None]
+        per_layer[name] = dict(seconds=sum(r["forward_s"] + r["backward_s"] for r in recs),
+                               mean_r_c=sum(r_cs) / len(r_cs) if r_cs else None,
+                               reuse_epochs=sum(1 for r in recs if r.get("reuse") is not None),
+                               mean_rel_error=sum(errs) / len(errs) if errs else None)
+    return dict(final_test_acc=epochs[-1]["test_acc"], best_test_acc=max(e["test_acc"] for e in epochs),
+                train_seconds=sum(e["seconds"] for e in epochs),
+                conv_seconds=sum(v["seconds"] for k, v in per_layer.items() if k.startswith("conv")),
+                layers=per_layer)
+
+
+def format_table(exact, reuse, strategy):
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    def sec(v):
+        return f"{v:.1f} s"
+    rows = [("", "exact", f"reuse ({strategy})", "ratio exact/reuse"),
+            ("final test accuracy", pct(exact["final_test_acc"]), pct(reuse["final_test_acc"]),
+             f"{100 * (reuse['final_test_acc'] - exact['final_test_acc']):+.2f} pts"),
+            ("best test accuracy", pct(exact["best_test_acc"]), pct(reuse["best_test_acc"]),
+             f"{100 * (reuse['best_test_acc'] - exact['best_test_acc']):+.2f} pts"),
+            ("training time", sec(exact["train_seconds"]), sec(reuse["train_seconds"]),
+             f"{exact['train_seconds'] / reuse['train_seconds']:.2f}x"),
+            ("conv layers time", sec(exact["conv_seconds"]), sec(reuse["conv_seconds"]),
+             f"{exact['conv_seconds'] / max(reuse['conv_seconds'], 1e-12):.2f}x")]
+    for name, rec in reuse["layers"].items():
+        ex = exact["layers"].get(name, {})
+        if rec["mean_r_c"] is None and rec["reuse_epochs"] == 0:
+            continue
+        rows.append((f"{name} time", sec(ex.get("seconds", 0.0)), sec(rec["seconds"]),
+                     f"{ex.get('seconds', 0.0) / max(rec['seconds'], 1e-12):.2f}x"))
+        rows.append((f"{name} mean r_c", "1", "-" if rec["mean_r_c"] is None else f"{rec['mean_r_c']:.4f}",
+                     f"reuse in {rec['reuse_epochs']} epochs"))
+        if rec["mean_rel_error"] is not None:
+            rows.append((f"{name} sampled error", "0", f"{rec['mean_rel_error']:.3f}", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def run(cfg, strategy, quiet=False, data=None):
+    """Train exact then with reuse; returns (exact summary, reuse summary, table text)."""
+    out = cfg["out"]
+    summaries = {}
+    for name, reuse in (("exact", "off"), ("reuse", strategy)):
+        c = dict(cfg, out=os.path.join(out, name), reuse=reuse)
+        if reuse == "off":
+            c["reuse_layers"], c["reuse_options"] = None, None
+        trainer = Trainer(c, data=data, quiet=quiet)
+        data = trainer.data      # load the data once for both runs
+        summaries[name] = summarise(trainer.fit())
+    table = format_table(summaries["exact"], summaries["reuse"], strategy)
+    atomic_write_json(os.path.join(out, "compare.json"), dict(summaries, strategy=strategy, settings={
+        k: v for k, v in cfg.items() if k not in ("reuse_layers",)}, table=table))
+    return summaries["exact"], summaries["reuse"], table
