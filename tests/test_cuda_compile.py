@@ -1,0 +1,166 @@
+"""The CUDA sources compile for the GPUs we target, without register spills.
+
+Runs on machines without a GPU: nvcc alone (skipped when it is missing). Also
+checks, without any CUDA, that cuda.py imports, names only kernels that exist
+and validates launch arguments against the kernels' signatures.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from minireuse.reuse import cuda
+
+ARCHS = ("sm_80", "sm_90")
+
+# (kernel, arch) -> why its spills are accepted. Empty: no kernel spills today.
+ACCEPTED_SPILLS = {}
+
+
+def _nvcc():
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for path in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+NVCC = _nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA toolkit not installed)")
+
+
+def compile_cubin(source, arch, out_dir, werror=False):
+    """(return code, ptxas/nvcc messages) of compiling one .cu file to a cubin with -Xptxas -v."""
+    out = os.path.join(str(out_dir), os.path.basename(source) + f".{arch}.cubin")
+    cmd = [NVCC, "-cubin", f"-arch={arch}", "--std=c++17", "-I", cuda.KERNEL_DIR, "-Xptxas", "-v",
+           "-o", out, source]
+    if werror:
+        cmd[1:1] = ["-Werror", "all-warnings"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def spills(messages):
+    """{kernel: (spill store bytes, spill load bytes)} from ptxas -v output."""
+    found, current = {}, None
+    for line in messages.splitlines():
+        m = re.search(r"Function properties for (\w+)", line)
+        if m:
+            current = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current is not None:
+            found[current] = (int(m.group(1)), int(m.group(2)))
+    return found
+
+
+def test_kernel_sources_are_listed():
+    names = [os.path.basename(p) for p in cuda.kernel_sources()]
+    assert names and all(n.endswith(".cu") for n in names)
+    assert os.path.exists(cuda.kernel_header())
+
+
+def test_every_launched_kernel_is_defined():
+    with open(cuda.__file__) as f:
+        text = f.read()
+    launched = set(re.findall(r'_launch\("(\w+)"', text))
+    launched |= {f"hash_rows_h{hb}" for hb in (8, 16, 32)}
+    defined = set(cuda.kernel_signatures())
+    assert launched <= defined, f"launched but not defined: {sorted(launched - defined)}"
+    assert defined <= launched, f"defined but never launched: {sorted(defined - launched)}"
+
+
+def test_signatures_use_known_types():
+    for name, params in cuda.kernel_signatures().items():
+        for ctype, pname in params:
+            base = ctype[:-1] if ctype.endswith("*") else ctype
+            table = cuda._POINTEE if ctype.endswith("*") else cuda._SCALAR
+            assert base in table, f"{name}({pname}): unsupported parameter type {ctype!r}"
+
+
+def test_launch_args_checked_by_count_and_type():
+    with pytest.raises(TypeError, match="input_rms: expected 5 arguments"):
+        cuda.check_launch_args("input_rms", (None,))
+    with pytest.raises(TypeError, match="argument n expected a numpy int64"):
+        cuda.check_launch_args("input_rms", (None, np.int32(3), None, None, None))
+    with pytest.raises(TypeError, match="argument x expected a device array of float32"):
+        cuda.check_launch_args("input_rms", (np.zeros(3, np.float32), np.int64(3), None, None, None))
+    with pytest.raises(ValueError, match="not defined"):
+        cuda.check_launch_args("no_such_kernel", ())
+    cuda.check_launch_args("input_rms", (None, np.int64(3), None, None, None))
+
+
+def test_capacity_rounding_and_table_size():
+    assert cuda._round_capacity(1, 10 ** 6) == 32
+    assert cuda._round_capacity(1000, 10 ** 6) == 1024
+    assert cuda._round_capacity(1025, 10 ** 6) == 1280
+    assert cuda._round_capacity(5000, 300) == 300
+    for cap in (1, 31, 32, 100, 4096, 5000):
+        t = cuda.table_size(cap)
+        assert t >= 2 * cap and t & (t - 1) == 0
+    stats = np.zeros(cuda.STAT_COUNT, np.int32)
+    stats[cuda.STAT_MAX_DISTINCT] = 900
+    assert cuda.CapacityTracker.next_capacity(stats, 1024, 10 ** 6) == 1280   # within the 1.25 margin: grow
+    stats[cuda.STAT_MAX_DISTINCT] = 500
+    assert cuda.CapacityTracker.next_capacity(stats, 1024, 10 ** 6) == 1024   # fits: keep
+    stats[cuda.STAT_MAX_DISTINCT] = 100
+    assert cuda.CapacityTracker.next_capacity(stats, 1024, 10 ** 6) == 128    # 4x too large: shrink
+    stats[cuda.STAT_TABLE_FULL] = 1
+    assert cuda.CapacityTracker.next_capacity(stats, 1024, 10 ** 6) == 2560   # table full: at least double
+
+
+def test_header_constants_match_python():
+    with open(cuda.kernel_header()) as f:
+        header = f.read()
+    defines = {k: int(v) for k, v in re.findall(r"#define (STAT_\w+|REUSE_RUN) (\d+)", header)}
+    assert defines["REUSE_RUN"] == cuda.RUN
+    for name in ("STAT_MAX_DISTINCT", "STAT_SUM_DISTINCT", "STAT_OVERFLOW", "STAT_TABLE_FULL", "STAT_COUNT"):
+        assert defines[name] == getattr(cuda, name), name
+
+
+def test_capture_key_lists_capacities():
+    cs = cuda.CudaState()
+    assert cs.capture_key() == ()
+    cs.tracker(("rows", 100, 4, 8, 12), 100, 12).capacity = 64
+    cs.tracker(("pixels", 400, 1, 64, 20), 400, 20)
+    assert cs.capture_key() == ((("pixels", 400, 1, 64, 20), 400), (("rows", 100, 4, 8, 12), 64))
+
+
+def test_hash_bits_bucket():
+    assert [cuda.hash_bits_bucket(h) for h in (1, 8, 9, 16, 17, 32)] == [8, 8, 16, 16, 32, 32]
+    with pytest.raises(ValueError, match="H: expected 1..32"):
+        cuda.hash_bits_bucket(33)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", cuda.kernel_sources(), ids=os.path.basename)
+def test_kernel_compiles_without_spills(source, arch, tmp_path):
+    rc, messages = compile_cubin(source, arch, tmp_path)
+    assert rc == 0, f"nvcc failed on {source} for {arch}:\n{messages}"
+    found = spills(messages)
+    assert found, f"no ptxas -v report for {source}:\n{messages}"
+    bad = {k: v for k, v in found.items() if any(v) and (k, arch) not in ACCEPTED_SPILLS}
+    assert not bad, f"register spills (store, load bytes) for {arch}: {bad}; fix them or list them in " \
+                    f"ACCEPTED_SPILLS with a reason"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", cuda.kernel_sources(), ids=os.path.basename)
+def test_kernel_compiles_with_warnings_as_errors(source, tmp_path):
+    rc, messages = compile_cubin(source, "sm_90", tmp_path, werror=True)
+    assert rc == 0, f"warnings in {source}:\n{messages}"
+
+
+@needs_nvcc
+def test_module_source_compiles_as_one_unit(tmp_path):
+    """What NVRTC gets at run time: every source in one unit, the header pasted in."""
+    path = tmp_path / "module.cu"
+    path.write_text(cuda.module_source())
+    rc, messages = compile_cubin(str(path), "sm_90", tmp_path, werror=True)
+    assert rc == 0, messages
+    assert set(spills(messages)) == set(cuda.kernel_signatures())

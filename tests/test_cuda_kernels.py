@@ -1,0 +1,569 @@
+"""Every CUDA kernel of the deep-reuse fast path against the reference path.
+
+GPU only (skipped with a reason elsewhere). Inputs are asymmetric and random
+(never zeros or symmetric data that hides swapped indices); sizes are chosen
+so rows are not a multiple of any block size and K is not a multiple of L.
+Cluster ids are compared as partitions (up to relabelling), centroids per
+matched cluster, outputs with float32 tolerances. Hash codes are compared
+where no projection lies within a relative 1e-4 of its threshold (float32
+rounding may flip those bits); full forward/backward tests draw inputs with no
+such ties, so both paths see the same clusters.
+
+The reference path runs on NumPy copies (its CPU form is the oracle).
+"""
+import numpy as np
+import pytest
+
+from minireuse import backend
+from minireuse.layers.conv import col2im as ref_col2im, im2col as ref_im2col
+from minireuse.reuse import ReuseConfig, ReuseState, clustering, lsh
+from minireuse.reuse import conv as ref_conv
+from minireuse.reuse import cuda
+from minireuse.reuse import matmul as ref_matmul
+
+pytestmark = pytest.mark.skipif(not backend.gpu_available(),
+                                reason="no usable GPU/cupy on this machine (CUDA kernels need one)")
+
+TIE = 1e-4          # relative distance of a projection to its threshold counted as a tie
+ATOL, RTOL = 3e-4, 1e-4
+
+
+@pytest.fixture
+def xp():
+    """The device array module (cupy)."""
+    return cuda.device_layer().xp
+
+
+def dev(xp, a):
+    return xp.asarray(np.ascontiguousarray(a))
+
+
+def host(a):
+    return None if a is None else backend.asnumpy(a)
+
+
+def close(got, want, what, atol=ATOL, rtol=RTOL):
+    got, want = host(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
+    err = np.abs(got.astype(np.float64) - want)
+    assert np.all(err <= atol + rtol * np.abs(want)), f"{what}: max abs error {err.max():.3g}"
+
+
+def same_partition(ids_a, ids_b):
+    """Whether two (N, G) id arrays cluster the rows of every group identically (relabelling allowed)."""
+    ids_a, ids_b = host(ids_a), host(ids_b)
+    for g in range(ids_a.shape[1]):
+        pairs = np.unique(np.stack([ids_a[:, g], ids_b[:, g]], 1), axis=0)
+        if len(pairs) != len(np.unique(ids_a[:, g])) or len(pairs) != len(np.unique(ids_b[:, g])):
+            return False
+    return True
+
+
+def as_singletons(ids):
+    """ids with every -1 (overflow) replaced by a fresh singleton cluster, and n_clusters."""
+    ids = host(ids).copy()
+    n = np.empty(ids.shape[1], np.int32)
+    for g in range(ids.shape[1]):
+        col = ids[:, g]
+        over = col < 0
+        col[over] = col.max(initial=-1) + 1 + np.arange(over.sum())
+        n[g] = col.max() + 1
+    return ids.astype(np.int32), n
+
+
+def margin(vectors, planes, offsets):
+    """Smallest |projection - threshold| of vectors (N, G, L), relative to the RMS of the vectors.
+
+    All-zero vectors (padding) are left out: their projection is exactly 0 in any order of summation.
+    """
+    proj = lsh.project(vectors.astype(np.float64), planes.astype(np.float64))
+    scale = np.sqrt(np.mean(vectors.astype(np.float64) ** 2)) or 1.0
+    gap = np.abs(proj - offsets.astype(np.float64)).min(-1)
+    return gap[vectors.any(-1)].min(initial=np.inf) / scale
+
+
+def hash_setup(config, G, scale):
+    planes, unit = lsh.draw_hash_params(config.L, config.H, G, config.seed, config.shared_planes)
+    return planes.astype(np.float32), lsh.offsets(unit, config.family, scale).astype(np.float32)
+
+
+def untied(make, vectors_of, config, tries=60, distinct=False):
+    """The first make(seed) whose neuron vectors have no projection tie under config.
+
+    vectors_of(data) -> (neuron vectors (N, G, L), the array whose RMS scales the offsets).
+    distinct: also require every vector of a group to have its own code.
+    """
+    for seed in range(tries):
+        data = make(np.random.default_rng(seed))
+        vectors, scale_source = vectors_of(data)
+        planes, b = hash_setup(config, vectors.shape[1], np.sqrt(np.mean(scale_source.astype(np.float64) ** 2)))
+        if margin(vectors, planes, b) <= TIE:
+            continue
+        if distinct and (clustering.assign_clusters(lsh.hash_codes(vectors, planes, b), 32)[1]
+                         < vectors.shape[0]).any():
+            continue
+        return data
+    raise AssertionError("could not draw tie-free test data")
+
+
+def synchronize(xp):
+    """Wait for the device (so the statistics of earlier calls have arrived)."""
+    if hasattr(xp, "cuda"):
+        xp.cuda.get_current_stream().synchronize()
+
+
+def prototypes(rng, n, k, n_proto, noise_rows=0.1):
+    """Rows drawn from a few random prototypes (real clusters), some rows unique."""
+    protos = rng.standard_normal((n_proto, k)) * rng.uniform(0.5, 2.0, k) + rng.uniform(-0.5, 0.5, k)
+    X = protos[rng.integers(0, n_proto, n)]
+    unique = rng.random(n) < noise_rows
+    X[unique] = rng.standard_normal((unique.sum(), k))
+    return X.astype(np.float32)
+
+
+def image(rng, b, h, w, c, n_colors=6):
+    """NHWC image whose pixels come from a small palette (clusters), one pixel unique."""
+    palette = rng.standard_normal((n_colors, c)) * 1.5 + rng.uniform(-0.3, 0.7, c)
+    x = palette[rng.integers(0, n_colors, (b, h, w))]
+    x[0, 0, -1] = rng.standard_normal(c)
+    return x.astype(np.float32)
+
+
+# ---------------------------------------------------------------- kernels one by one
+
+def test_input_scale(xp):
+    x = np.random.default_rng(1).standard_normal((1037, 53)).astype(np.float32) * 1.7 + 0.3
+    close(cuda.input_scale(dev(xp, x)), lsh.input_scale(x), "scale", atol=0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("H", [1, 12, 20, 32])
+@pytest.mark.parametrize("L,K,shared", [(16, 53, True), (7, 53, False), (8, 8, True), (500, 500, True)])
+def test_hash_codes(xp, H, L, K, shared):
+    """Fused projection + threshold + packing, incl. a padded last group and planes read from L1 (L=500)."""
+    rng = np.random.default_rng(H * 1000 + L)
+    X = (rng.standard_normal((301, K)) * rng.uniform(0.2, 3.0, K)).astype(np.float32)
+    G = -(-K // L)
+    planes, unit = lsh.draw_hash_params(L, H, G, 3, shared)
+    planes, b = planes.astype(np.float32), (unit * 0.8).astype(np.float32)
+    Xg = lsh.split_groups(X, L)
+    want = lsh.hash_codes(Xg, planes, b)
+    got = host(cuda.hash_codes(dev(xp, X), L, dev(xp, planes), dev(xp, b)))
+    proj = lsh.project(Xg.astype(np.float64), planes.astype(np.float64))
+    tied = (np.abs(proj - b.astype(np.float64)) < TIE * np.sqrt(np.mean(X.astype(np.float64) ** 2))).any(-1)
+    assert tied.mean() < 0.02
+    assert np.array_equal(got[~tied], want[~tied])
+    assert got.dtype == np.uint32 and (got < (1 << H)).all()
+
+
+@pytest.mark.parametrize("pads,L", [((1, 2, 2, 0), 4), ((0, 0, 0, 0), 8), ((2, 2, 2, 2), 2)])
+def test_hash_pixels(xp, pads, L):
+    """Pixel-aligned hashing on the unpadded image: padding pixels hash as zero vectors."""
+    x = image(np.random.default_rng(7), 3, 5, 6, 8)
+    planes, unit = lsh.draw_hash_params(L, 12, 8 // L, 1, True)
+    planes, b = planes.astype(np.float32), unit.astype(np.float32)
+    want = lsh.hash_codes(ref_conv.pixel_vectors(x, pads, L), planes, b)
+    got = cuda.hash_pixels(dev(xp, x), pads, L, dev(xp, planes), dev(xp, b))
+    assert np.array_equal(host(got), want)
+
+
+def _codes(rng, n, G, distinct):
+    codes = rng.integers(0, distinct, size=(n, G)).astype(np.uint32)
+    codes[:, 0] = np.where(codes[:, 0] % 2, 0xFFFFFFFF, 0)     # the extreme codes are ordinary keys
+    return codes
+
+
+@pytest.mark.parametrize("case", ["random", "single", "distinct"])
+def test_assign_clusters(xp, case):
+    rng = np.random.default_rng(3)
+    n, G = 1001, 5
+    codes = {"random": _codes(rng, n, G, 40),
+             "single": np.full((n, G), 0xABCD, np.uint32),
+             "distinct": (np.arange(n * G, dtype=np.uint32).reshape(n, G) * 2654435761).astype(np.uint32)}[case]
+    want_ids, want_n = clustering.assign_clusters(codes, 32)
+    ids, n_clusters = cuda.assign_clusters(dev(xp, codes), capacity=n)
+    assert same_partition(ids, want_ids)
+    assert np.array_equal(host(n_clusters), want_n)
+    assert (host(ids) >= 0).all() and (host(ids) < host(n_clusters)[None, :]).all()
+
+
+def test_assign_clusters_overflow(xp):
+    """Past capacity, whole clusters become id -1 (singletons); kept clusters are intact."""
+    rng = np.random.default_rng(4)
+    codes = _codes(rng, 777, 4, 50)
+    want_ids, want_n = clustering.assign_clusters(codes, 32)
+    ids, n_clusters = cuda.assign_clusters(dev(xp, codes), capacity=7)
+    ids = host(ids)
+    assert np.array_equal(host(n_clusters), want_n)          # distinct codes, overflowed ones included
+    assert (ids < 7).all() and (ids == -1).any()
+    for g in range(4):
+        kept = ids[:, g] >= 0
+        assert len(np.unique(ids[kept, g])) == min(7, want_n[g])
+        # each kept cluster is a whole reference cluster; every member of an overflowed code is -1
+        assert same_partition(ids[kept, g:g + 1], want_ids[kept, g:g + 1])
+        over_codes = np.unique(codes[~kept, g])
+        assert not np.isin(codes[kept, g], over_codes).any()
+
+
+def test_centroids(xp):
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((513, 27)).astype(np.float32)
+    ids, n_clusters = clustering.assign_clusters(_codes(rng, 513, 4, 30), 32)
+    want_C, want_counts = clustering.centroids(lsh.split_groups(X, 7), ids, n_clusters)
+    C, counts = cuda.centroids(dev(xp, X), dev(xp, ids), 7, capacity=40)
+    cm = want_C.shape[1]
+    close(C[:, :cm], want_C, "centroids", atol=1e-5)
+    assert np.array_equal(host(counts)[:, :cm], want_counts) and not host(counts)[:, cm:].any()
+    assert not host(C)[:, cm:].any()
+
+
+def test_centroid_pixels(xp):
+    rng = np.random.default_rng(6)
+    x = image(rng, 2, 5, 7, 6)
+    pads = (1, 0, 2, 1)
+    vec = ref_conv.pixel_vectors(x, pads, 3)
+    ids, n_clusters = clustering.assign_clusters(_codes(rng, vec.shape[0], 2, 9), 32)
+    want_C, want_counts = clustering.centroids(vec, ids, n_clusters)
+    C, counts = cuda.centroid_pixels(dev(xp, x), pads, dev(xp, ids), 3, capacity=16)
+    cm = want_C.shape[1]
+    close(C[:, :cm], want_C, "pixel centroids", atol=1e-5)
+    assert np.array_equal(host(counts)[:, :cm], want_counts)
+
+
+def _assignment_with_overflow(rng, n, G, distinct, capacity):
+    """Reference-style ids with the clusters >= capacity replaced by -1, and the counts."""
+    ids, _ = clustering.assign_clusters(_codes(rng, n, G, distinct), 32)
+    ids = np.where(ids < capacity, ids, -1).astype(np.int32)
+    counts = np.stack([np.bincount(ids[ids[:, g] >= 0, g], minlength=capacity) for g in range(G)])
+    return ids, counts.astype(np.int32)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_reconstruct(xp, bias):
+    rng = np.random.default_rng(8)
+    N, K, L, M, cap = 301, 30, 7, 37, 12
+    G = -(-K // L)
+    X = rng.standard_normal((N, K)).astype(np.float32)
+    W = rng.standard_normal((K, M)).astype(np.float32)
+    b = rng.standard_normal(M).astype(np.float32) if bias else None
+    ids, counts = _assignment_with_overflow(rng, N, G, 15, cap)
+    sums = np.zeros((G, cap, L), np.float32)
+    Xg = lsh.split_groups(X, L)
+    for g in range(G):
+        np.add.at(sums[g], ids[ids[:, g] >= 0, g], Xg[ids[:, g] >= 0, g])
+    P = (sums @ ref_matmul.group_weights(W, L)).astype(np.float32)
+    want, _ = ref_matmul.reuse_matmul_forward_assigned(X, W, b, *as_singletons(ids), L)
+    got = cuda.reconstruct(dev(xp, P), dev(xp, ids), dev(xp, counts), dev(xp, X), dev(xp, W),
+                           None if b is None else dev(xp, b), L)
+    close(got, want, "y")
+
+
+def test_cluster_sums_and_dx(xp):
+    rng = np.random.default_rng(9)
+    N, K, L, M, cap = 299, 30, 7, 37, 12
+    G = -(-K // L)
+    X = rng.standard_normal((N, K)).astype(np.float32)
+    W = rng.standard_normal((K, M)).astype(np.float32)
+    dy = rng.standard_normal((N, M)).astype(np.float32)
+    dy[::4] = 0.0                                             # ReLU-like zero rows are skipped
+    ids, counts = _assignment_with_overflow(rng, N, G, 15, cap)
+    S, dW_over, db = cuda.cluster_sums(dev(xp, dy), dev(xp, ids), dev(xp, counts), dev(xp, X), L)
+    want_S = np.zeros((G, cap, M))
+    want_dW = np.zeros((G * L, M))
+    Xg = lsh.split_groups(X, L)
+    for n in range(N):
+        for g in range(G):
+            if ids[n, g] >= 0:
+                want_S[g, ids[n, g]] += dy[n] / counts[g, ids[n, g]]
+            else:
+                want_dW[g * L:(g + 1) * L] += np.outer(Xg[n, g], dy[n])
+    close(S, want_S, "S / count")
+    close(dW_over, want_dW, "overflow dW")
+    close(db, dy.sum(0), "db")
+    D = cuda.batched_gemm(S, dev(xp, ref_matmul.group_weights(W, L)), trans_b=True)
+    got = cuda.dx_cluster(D, dev(xp, ids), dev(xp, dy), dev(xp, W), L)
+    want = (want_S @ ref_matmul.group_weights(W, L).transpose(0, 2, 1))
+    want_dx = np.zeros((N, G * L))
+    for n in range(N):
+        for g in range(G):
+            sl = slice(g * L, (g + 1) * L)
+            want_dx[n, sl] = want[g, ids[n, g]] if ids[n, g] >= 0 else dy[n] @ ref_matmul.group_weights(W, L)[g].T
+    close(got, want_dx[:, :K], "dX cluster")
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_batched_gemm(xp, trans_a, trans_b):
+    rng = np.random.default_rng(10)
+    a = rng.standard_normal((3, 19, 7) if trans_a else (3, 7, 19)).astype(np.float32)
+    b = rng.standard_normal((3, 5, 19) if trans_b else (3, 19, 5)).astype(np.float32)
+    want = (a.transpose(0, 2, 1) if trans_a else a) @ (b.transpose(0, 2, 1) if trans_b else b)
+    got = cuda.batched_gemm(dev(xp, a), dev(xp, b), trans_a=trans_a, trans_b=trans_b)
+    close(got, want, "gemm")
+    acc = dev(xp, np.ones_like(want))
+    cuda.batched_gemm(dev(xp, a), dev(xp, b), out=acc, trans_a=trans_a, trans_b=trans_b, beta=1.0)
+    close(acc, want + 1, "gemm beta=1")
+
+
+@pytest.mark.parametrize("stride,pads", [(1, (2, 2, 2, 2)), (2, (0, 1, 1, 0)), (1, (1, 0, 0, 2))])
+def test_col2im(xp, stride, pads):
+    rng = np.random.default_rng(11)
+    x_shape, w_shape = (3, 7, 6, 5), (3, 4, 5, 2)
+    oh = (7 + pads[0] + pads[1] - 3) // stride + 1
+    ow = (6 + pads[2] + pads[3] - 4) // stride + 1
+    dcols = rng.standard_normal((3 * oh * ow, 3 * 4 * 5)).astype(np.float32)
+    want = ref_col2im(dcols, x_shape, 3, 4, stride, pads)
+    close(cuda.col2im(dev(xp, dcols), x_shape, w_shape, stride, pads), want, "col2im")
+
+
+def test_wrappers_name_bad_arrays(xp):
+    X = dev(xp, np.ones((4, 6), np.float32))
+    with pytest.raises(TypeError, match="X: expected dtype float32, got float64"):
+        cuda.hash_codes(dev(xp, np.ones((4, 6))), 3, X, X)
+    with pytest.raises(TypeError, match="X: expected a cupy.ndarray"):
+        cuda.hash_codes(np.ones((4, 6), np.float32), 3, X, X)
+    with pytest.raises(ValueError, match="X: expected a C-contiguous array"):
+        cuda.hash_codes(X.T, 3, X, X)
+    with pytest.raises(ValueError, match=r"planes: expected shape \(2, 3, \*\), got \(4, 6\)"):
+        cuda.hash_codes(X, 3, X, X)
+    with pytest.raises(TypeError, match="expected dtype float32"):
+        cuda.cuda_reuse_matmul_forward(dev(xp, np.ones((4, 6))), X.T.copy(), None, ReuseConfig(), ReuseState())
+
+
+# ---------------------------------------------------------------- whole products vs the reference
+
+def _dense_data(config, n=203, k=30, m=11, bias=True, kind="protos"):
+    def make(rng):
+        X = {"protos": lambda: prototypes(rng, n, k, 6),
+             "single": lambda: np.repeat(prototypes(rng, 1, k, 1, 0), n, 0),
+             "random": lambda: (rng.standard_normal((n, k)) + 0.3).astype(np.float32),
+             "distinct": lambda: (rng.standard_normal((n, k)) + 0.3).astype(np.float32)}[kind]()
+        W = (rng.standard_normal((k, m)) / np.sqrt(k)).astype(np.float32)
+        b = rng.standard_normal(m).astype(np.float32) if bias else None
+        dy = rng.standard_normal((n, m)).astype(np.float32)
+        dy[::5] = 0.0
+        return X, W, b, dy
+
+    return untied(make, lambda d: (lsh.split_groups(d[0], config.L), d[0]), config, distinct=kind == "distinct")
+
+
+def _check_grads(got, want, what):
+    for name, g, w in zip(("dX", "dW", "db"), got, want):
+        if w is None:
+            assert g is None, f"{what} {name}: expected None"
+        else:
+            close(g, w, f"{what} {name}")
+
+
+DENSE_CONFIGS = [dict(L=4, H=10), dict(L=7, H=32, family="origin"), dict(L=5, H=1),
+                 dict(L=6, H=12, shared_planes=False), dict(L=30, H=16)]
+
+
+@pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
+@pytest.mark.parametrize("fields", DENSE_CONFIGS, ids=str)
+def test_dense_forward_backward(xp, fields, dx_mode):
+    config = ReuseConfig(dx_mode=dx_mode, seed=5, **fields)
+    X, W, b, dy = _dense_data(config, bias=fields["H"] != 32)
+    ref_state, state = ReuseState(), ReuseState()
+    want_y, want_cache = ref_matmul.reuse_matmul_forward(X, W, b, config, ref_state)
+    y, cache = cuda.cuda_reuse_matmul_forward(dev(xp, X), dev(xp, W), None if b is None else dev(xp, b),
+                                              config, state)
+    close(y, want_y, "y")
+    assert same_partition(cache.ids, want_cache.ids)
+    assert np.array_equal(host(state.last["n_clusters"]), ref_state.last["n_clusters"])
+    close(state.last["r_c"], ref_state.last["r_c"], "r_c", atol=1e-7, rtol=1e-6)
+    _check_grads(cuda.cuda_reuse_matmul_backward(dev(xp, dy), cache),
+                 ref_matmul.reuse_matmul_backward(dy, want_cache), "dense")
+
+
+@pytest.mark.parametrize("kind", ["single", "distinct"])
+def test_dense_extremes(xp, kind):
+    """One cluster per group (all rows equal), and all rows distinct (H = 32: the exact product)."""
+    config = ReuseConfig(L=10, H=32 if kind == "distinct" else 3, dx_mode="cluster", seed=2)
+    X, W, b, dy = _dense_data(config, n=97, kind=kind)
+    state = ReuseState()
+    y, cache = cuda.cuda_reuse_matmul_forward(dev(xp, X), dev(xp, W), dev(xp, b), config, state)
+    want_y, want_cache = ref_matmul.reuse_matmul_forward(X, W, b, config, ReuseState())
+    close(y, want_y, f"{kind} y")
+    assert same_partition(cache.ids, want_cache.ids)
+    n_clusters = host(state.last["n_clusters"])
+    if kind == "single":
+        assert (n_clusters == 1).all()
+    else:
+        assert (n_clusters == X.shape[0]).all()
+        close(y, X @ W + b, "all-distinct y vs exact")
+    _check_grads(cuda.cuda_reuse_matmul_backward(dev(xp, dy), cache),
+                 ref_matmul.reuse_matmul_backward(dy, want_cache), kind)
+
+
+def _conv_data(config, b=3, h=9, w=7, c=8, m=13, kh=3, kw=3, stride=1, pads=(1, 1, 2, 0), bias=True):
+    pixel = ref_conv.use_pixel_aligned(config, c)
+
+    def make(rng):
+        x = image(rng, b, h, w, c)
+        W = (rng.standard_normal((kh, kw, c, m)) / np.sqrt(kh * kw * c)).astype(np.float32)
+        bb = rng.standard_normal(m).astype(np.float32) if bias else None
+        oh = (h + pads[0] + pads[1] - kh) // stride + 1
+        ow = (w + pads[2] + pads[3] - kw) // stride + 1
+        dy = rng.standard_normal((b, oh, ow, m)).astype(np.float32)
+        return x, W, bb, dy
+
+    def vectors(d):
+        if pixel:
+            return ref_conv.pixel_vectors(d[0], pads, config.L), d[0]
+        cols, _ = ref_im2col(d[0], kh, kw, stride, pads)
+        return lsh.split_groups(cols, config.L), d[0]
+
+    return untied(make, vectors, config), stride, pads
+
+
+CONV_CASES = [
+    ("pixel", dict(L=4, H=10), {}),
+    ("pixel", dict(L=8, H=3), dict(stride=2, pads=(0, 1, 1, 1))),
+    ("pixel", dict(L=2, H=32, pixel_aligned=True, shared_planes=False), dict(bias=False)),
+    ("general", dict(L=5, H=20), {}),
+    ("general", dict(L=4, H=7, pixel_aligned=False, family="origin"), dict(stride=2, pads=(0, 0, 1, 1))),
+    ("general", dict(L=16, H=12, shared_planes=False), dict(kh=5, kw=5, pads=(2, 2, 2, 2))),
+]
+
+
+@pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
+@pytest.mark.parametrize("path,fields,geometry", CONV_CASES, ids=lambda v: str(v))
+def test_conv_forward_backward(xp, path, fields, geometry, dx_mode):
+    config = ReuseConfig(dx_mode=dx_mode, seed=4, **fields)
+    (x, W, b, dy), stride, pads = _conv_data(config, **geometry)
+    want_y, want_cache = ref_conv.conv2d_forward(x, W, b, stride, pads, config, ReuseState())
+    state = ReuseState()
+    y, cache = cuda.cuda_reuse_conv_forward(dev(xp, x), dev(xp, W), None if b is None else dev(xp, b),
+                                            stride, pads, config, state)
+    assert cache.kind == path == ("pixel" if want_cache[0] == "pixel" else "general")
+    close(y, want_y, "y")
+    ids = cache.ids if path == "pixel" else cache.matmul.ids
+    want_ids = want_cache[1].pixel_ids if path == "pixel" else want_cache[1][4].ids
+    assert same_partition(ids, want_ids)
+    _check_grads(cuda.cuda_reuse_conv_backward(dev(xp, dy), cache),
+                 ref_conv.conv2d_backward(dy, want_cache), f"{path} conv")
+
+
+def _force_capacity(state, key, rows, H, capacity):
+    cuda.cuda_state(state).tracker(key, rows, H).capacity = capacity
+
+
+@pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
+def test_dense_overflow_is_exact(xp, dx_mode):
+    """Capacity far too small: overflowed members are singletons, results match that assignment."""
+    config = ReuseConfig(L=4, H=12, dx_mode=dx_mode, seed=1)
+    X, W, b, dy = _dense_data(config, n=211, kind="random")
+    state = ReuseState()
+    G = -(-X.shape[1] // 4)
+    _force_capacity(state, ("rows", X.shape[0], G, 4, 12), X.shape[0], 12, 3)
+    y, cache = cuda.cuda_reuse_matmul_forward(dev(xp, X), dev(xp, W), dev(xp, b), config, state)
+    assert cache.counts.shape[1] == 3 and int(host(state.last["overflow"])) > 0
+    ids, n_clusters = as_singletons(cache.ids)
+    want_y, want_cache = ref_matmul.reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, 4, dx_mode)
+    close(y, want_y, "overflow y")
+    _check_grads(cuda.cuda_reuse_matmul_backward(dev(xp, dy), cache),
+                 ref_matmul.reuse_matmul_backward(dy, want_cache), "overflow dense")
+
+
+@pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
+@pytest.mark.parametrize("path", ["pixel", "general"])
+def test_conv_overflow_is_exact(xp, path, dx_mode):
+    fields = dict(L=4, H=16) if path == "pixel" else dict(L=5, H=16)
+    config = ReuseConfig(dx_mode=dx_mode, seed=3, **fields)
+    (x, W, b, dy), stride, pads = _conv_data(config)
+    state = ReuseState()
+    B, h, w, c = x.shape
+    if path == "pixel":
+        rows = B * (h + pads[0] + pads[1]) * (w + pads[2] + pads[3])
+        key = ("pixels", rows, c // 4, 4, 16)
+    else:
+        oh, ow = (h + pads[0] + pads[1] - 3) // stride + 1, (w + pads[2] + pads[3] - 3) // stride + 1
+        rows = B * oh * ow
+        key = ("rows", rows, -(-9 * c // 5), 5, 16)
+    _force_capacity(state, key, rows, 16, 2)
+    y, cache = cuda.cuda_reuse_conv_forward(dev(xp, x), dev(xp, W), dev(xp, b), stride, pads, config, state)
+    assert int(host(state.last["overflow"])) > 0
+    if path == "pixel":
+        ids, n_clusters = as_singletons(cache.ids)
+        want_y, inner = ref_conv.pixel_conv_forward_assigned(x, W, b, stride, pads, ids, n_clusters, 4, dx_mode)
+        want_cache = ("pixel", inner)
+    else:
+        cols, (oh, ow) = ref_im2col(x, 3, 3, stride, pads)
+        ids, n_clusters = as_singletons(cache.matmul.ids)
+        want_y, inner = ref_matmul.reuse_matmul_forward_assigned(cols, W.reshape(-1, W.shape[3]), b, ids,
+                                                                 n_clusters, 5, dx_mode)
+        want_y = want_y.reshape(B, oh, ow, -1)
+        want_cache = ("general", (x.shape, W.shape, stride, pads, inner))
+    close(y, want_y, f"{path} overflow y")
+    _check_grads(cuda.cuda_reuse_conv_backward(dev(xp, dy), cache),
+                 ref_conv.conv2d_backward(dy, want_cache), f"{path} overflow")
+
+
+def test_capacity_grows_after_overflow(xp):
+    """Statistics read one call later grow the tables until nothing overflows; results never change."""
+    config = ReuseConfig(L=4, H=12, seed=1)
+    X, W, b, _ = _dense_data(config, n=211, kind="random")
+    state = ReuseState()
+    key = ("rows", X.shape[0], -(-X.shape[1] // 4), 4, 12)
+    _force_capacity(state, key, X.shape[0], 12, 3)
+    args = (dev(xp, X), dev(xp, W), dev(xp, b), config, state)
+    cuda.cuda_reuse_matmul_forward(*args)
+    capacities, overflows = [], []
+    for _ in range(3):
+        synchronize(xp)
+        y, cache = cuda.cuda_reuse_matmul_forward(*args)
+        capacities.append(cache.counts.shape[1])
+        overflows.append(int(host(state.last["overflow"])))
+    assert capacities == sorted(capacities) and capacities[0] > 3
+    assert overflows[-1] == 0 and capacities[-1] == cuda.cuda_state(state).trackers[key].capacity
+    close(y, ref_matmul.reuse_matmul_forward(X, W, b, config, ReuseState())[0], "y once nothing overflows")
+
+
+def test_launch_counts(xp, monkeypatch):
+    """A forward + backward issues a fixed, small number of kernel launches (cuBLAS not counted)."""
+    launched = []
+    real = cuda.device_layer().launch
+    monkeypatch.setattr(cuda.device_layer(), "launch", lambda name, *a, **k: (launched.append(name), real(name, *a, **k)))
+    config = ReuseConfig(L=4, H=10, dx_mode="cluster", seed=4)
+    (x, W, b, dy), stride, pads = _conv_data(config)
+    y, cache = cuda.cuda_reuse_conv_forward(dev(xp, x), dev(xp, W), dev(xp, b), stride, pads, config, ReuseState())
+    assert launched == ["input_rms", "hash_rows_h16", "centroid_sums", "reconstruct_pixels"]
+    launched.clear()
+    cuda.cuda_reuse_conv_backward(dev(xp, dy), cache)
+    assert launched == ["cluster_sums_pixels", "dx_cluster_pixels"]
+
+
+@pytest.mark.parametrize("path", ["pixel", "general", "dense"])
+def test_forward_backward_capture_into_cuda_graph(xp, path):
+    """No host synchronisation: stream capture fails on any device-to-host wait."""
+    if not hasattr(xp, "cuda"):
+        pytest.skip("needs CuPy streams")
+    config = ReuseConfig(L=4 if path != "general" else 5, H=12, dx_mode="cluster", seed=6)
+    state = ReuseState()
+    if path == "dense":
+        X, W, b, dy = (dev(xp, a) for a in _dense_data(config))
+
+        def step():
+            y, cache = cuda.cuda_reuse_matmul_forward(X, W, b, config, state)
+            return (y,) + cuda.cuda_reuse_matmul_backward(dy, cache)
+    else:
+        (x, W, b, dy), stride, pads = _conv_data(config)
+        x, W, b, dy = (dev(xp, a) for a in (x, W, b, dy))
+
+        def step():
+            y, cache = cuda.cuda_reuse_conv_forward(x, W, b, stride, pads, config, state)
+            return (y,) + cuda.cuda_reuse_conv_backward(dy, cache)
+
+    for _ in range(3):                       # compile, size the capacity, settle it
+        eager = [host(a) for a in step()]
+        xp.cuda.Stream.null.synchronize()
+    stream = xp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            outputs = step()
+        finally:
+            graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+    for name, got, want in zip(("y", "dx", "dW", "db"), outputs, eager):
+        close(got, want, f"graph {name}")
