@@ -1,0 +1,261 @@
+"""Layer-level benchmark: exact and deep-reuse forward/backward of CifarNet's layers.
+
+    python -m minireuse bench [--layers conv1,conv2,fc3] [--L 16,64] [--H 12,20]
+                              [--family offset,origin] [--paths pixel,general] [--json FILE]
+
+Inputs are real CIFAR-10 images (a deterministic random fixture, said so in the
+output, when the data cannot be loaded) passed through the preceding layers of a
+randomly initialised CifarNet: conv1 sees the normalised images, conv2 the
+output of conv1 + ReLU + pool + LRN, fc3 that of conv2 + ReLU + LRN + pool,
+flattened. Each mode is timed as forward then backward of the same layer object,
+alternating with the exact layer (medians after warm-up; CUDA events on the
+GPU); a mode's speed-ups are ratios against those paired exact runs.
+rel_error = ||y - y_exact|| / ||y_exact||.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import backend
+
+LAYERS = ("conv1", "conv2", "fc3")
+# what feeds each layer in CifarNet (layer names of minireuse.models.cifarnet)
+PRECEDING = {"conv1": [], "conv2": ["conv1", "relu1", "pool1", "norm1"],
+             "fc3": ["conv1", "relu1", "pool1", "norm1", "conv2", "relu2", "norm2", "pool2", "flatten"]}
+# default sub-vector lengths per layer (K = 75, 1600, 4096; c_in = 3, 64, -)
+DEFAULT_L = {"conv1": [3, 15], "conv2": [16, 64], "fc3": [16, 64]}
+
+
+def comma_list(kind):
+    def parse(s):
+        try:
+            return [kind(v) for v in s.split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {s!r}")
+    return parse
+
+
+def add_arguments(parser):
+    parser.add_argument("--layers", type=comma_list(str), default=list(LAYERS),
+                        help=f"comma-separated subset of {','.join(LAYERS)}")
+    parser.add_argument("--L", type=comma_list(int), default=None,
+                        help="sub-vector lengths (default per layer: conv1 3,15; conv2 16,64; fc3 16,64)")
+    parser.add_argument("--H", type=comma_list(int), default=[12, 20], help="hash bits (default 12,20)")
+    parser.add_argument("--family", type=comma_list(str), default=["offset", "origin"])
+    parser.add_argument("--paths", type=comma_list(str), default=["pixel", "general"],
+                        help="conv paths: pixel (pixel-aligned, when L divides c_in) and/or general")
+    parser.add_argument("--dx-mode", type=comma_list(str), default=["cluster"], help="exact and/or cluster")
+    parser.add_argument("--impl", default="auto", choices=["auto", "reference", "cuda"])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per mode (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--data", default="data", help="directory with CIFAR-10 (cifar-10-batches-py/)")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# ---------------------------------------------------------------- inputs
+
+def load_images(data_dir, batch, seed):
+    """(uint8 NHWC images, a line saying where they came from)."""
+    try:
+        from .data import load_cifar10
+        x_train = load_cifar10(data_dir, download=False)[0]
+        return x_train[:batch], f"CIFAR-10 training images 0..{batch - 1} from {data_dir}"
+    except Exception as e:  # missing data, or the data package unavailable
+        rng = np.random.default_rng(seed)
+        # smooth random images: a coarse random grid upsampled, plus a little noise
+        coarse = rng.uniform(0, 255, size=(batch, 4, 4, 3))
+        images = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2) + rng.normal(0, 8, (batch, 32, 32, 3))
+        return (np.clip(images, 0, 255).astype(np.uint8),
+                f"NOT CIFAR-10: a deterministic random fixture ({type(e).__name__}: {e})")
+
+
+def layer_inputs(images, layers, seed):
+    """{name: (layer, its input)} for a randomly initialised CifarNet."""
+    from .data import CIFAR10_MEAN, CIFAR10_STD, normalize
+    from .models.cifarnet import cifarnet
+    model = cifarnet(seed=seed)
+    x = normalize(backend.to_device(images), CIFAR10_MEAN, CIFAR10_STD)
+    out = {}
+    for name in layers:
+        h = x
+        for prev in PRECEDING[name]:
+            h = model.layer(prev).forward(h, train=False)
+        out[name] = (model.layer(name), h)
+    return out
+
+
+def modes(name, layer, args):
+    """[(label, reuse config dict or None)] for one layer: exact first, then the grid."""
+    from .reuse import ReuseConfig
+    c_in = getattr(layer, "c_in", None)
+    grid = [("exact", None)]
+    for L in args.L or DEFAULT_L[name]:
+        for path in args.paths if c_in is not None else ["general"]:
+            if path == "pixel" and c_in % L:
+                continue
+            for H in args.H:
+                for family in args.family:
+                    for dx_mode in args.dx_mode:
+                        cfg = dict(L=L, H=H, family=family, dx_mode=dx_mode, impl=args.impl,
+                                   pixel_aligned=(path == "pixel"), seed=args.seed)
+                        ReuseConfig.coerce(cfg)  # validate before timing anything
+                        label = f"{path} L={L} H={H} {family} dx={dx_mode}"
+                        grid.append((label, cfg))
+    return grid
+
+
+# ---------------------------------------------------------------- timing
+
+def timed(fn):
+    """(milliseconds, fn()) with CUDA events on the GPU, a wall clock on the CPU."""
+    if backend.device() == "gpu":
+        cp = backend.require_gpu()
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return cp.cuda.get_elapsed_time(start, end), out
+    t0 = time.perf_counter()
+    out = fn()
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def time_once(layer, x, dy):
+    """(forward ms, backward ms, output) of one training step of the layer."""
+    tf, y = timed(lambda: layer.forward(x, train=True))
+    tb, _ = timed(lambda: layer.backward(dy))
+    return tf, tb, y
+
+
+def time_modes(layer, x, dy, cfg, repeats, warmup):
+    """Medians {'reuse', 'exact': (fwd ms, bwd ms)} of setting cfg and the exact layer; last outputs.
+
+    The two are timed alternately, so a change of load on a shared machine
+    touches both sides of each speed-up alike.
+    """
+    sides = [("reuse", cfg), ("exact", None)] if cfg is not None else [("exact", None)]
+    times = {side: ([], []) for side, _ in sides}
+    outputs = {}
+    for i in range(warmup + repeats):
+        for side, setting in sides:
+            layer.set_reuse(setting)
+            tf, tb, outputs[side] = time_once(layer, x, dy)
+            if i >= warmup:
+                times[side][0].append(tf)
+                times[side][1].append(tb)
+    medians = {side: (float(np.median(f)), float(np.median(b))) for side, (f, b) in times.items()}
+    return medians, outputs
+
+
+def bench_layer(name, layer, x, grid, args, progress):
+    """One row per mode of grid (exact first); speed-ups against the exact runs paired with it."""
+    xp = backend.get_array_module(x)
+    layer.set_reuse(None)
+    y_exact = layer.forward(x, train=False)
+    dy = xp.asarray(np.random.default_rng(args.seed).standard_normal(y_exact.shape), dtype=y_exact.dtype)
+    rows = []
+    for label, cfg in grid:
+        if cfg is None:
+            medians, _ = time_modes(layer, x, dy, None, args.repeats, args.warmup)
+            medians["reuse"] = medians["exact"]
+            row = dict(impl=("numpy" if xp is np else "cupy") + "-exact", r_c=1.0, rel_error=0.0)
+        else:
+            medians, outputs = time_modes(layer, x, dy, cfg, args.repeats, args.warmup)
+            layer.set_reuse(cfg)
+            last = layer.reuse_state.last
+            y = outputs["reuse"]
+            row = dict(impl=last["impl"], r_c=float(backend.asnumpy(last["r_c"])),
+                       rel_error=float(xp.linalg.norm(y - y_exact) / xp.linalg.norm(y_exact)), config=cfg)
+            layer.reuse_state.pop_stats()
+        (fwd, bwd), (exact_fwd, exact_bwd) = medians["reuse"], medians["exact"]
+        row.update(layer=name, mode=label, fwd_ms=fwd, bwd_ms=bwd, total_ms=fwd + bwd,
+                   exact_fwd_ms=exact_fwd, exact_bwd_ms=exact_bwd,
+                   speedup_fwd=exact_fwd / fwd, speedup_bwd=exact_bwd / bwd,
+                   speedup_total=(exact_fwd + exact_bwd) / (fwd + bwd))
+        rows.append(row)
+        progress.update(1)
+    layer.set_reuse(None)
+    return rows
+
+
+# ---------------------------------------------------------------- report
+
+def device_description():
+    if backend.device() == "gpu":
+        cp = backend.require_gpu()
+        name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+        return f"gpu: {name.decode() if isinstance(name, bytes) else name}"
+    import os
+    return f"cpu: {os.cpu_count()} cores, numpy {np.__version__}"
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def format_table(rows):
+    head = ["layer", "mode", "impl", "fwd ms", "bwd ms", "total ms", "x fwd", "x bwd", "x total", "r_c",
+            "rel err"]
+    body = [[r["layer"], r["mode"], r["impl"], f"{r['fwd_ms']:.1f}", f"{r['bwd_ms']:.1f}",
+             f"{r['total_ms']:.1f}", f"{r['speedup_fwd']:.2f}", f"{r['speedup_bwd']:.2f}", f"{r['speedup_total']:.2f}",
+             f"{r['r_c']:.4f}", f"{r['rel_error']:.3f}"] for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in [head] + body]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def run_layer_bench(args):
+    """Run the grid; returns the report dict (device, commit, data, rows)."""
+    from tqdm import tqdm
+    backend.set_device(args.device)
+    unknown = sorted(set(args.layers) - set(LAYERS))
+    if unknown:
+        raise ValueError(f"--layers: unknown {unknown}; expected some of {list(LAYERS)}")
+    images, source = load_images(args.data, args.batch, args.seed)
+    inputs = layer_inputs(images, args.layers, args.seed)
+    grids = {name: modes(name, layer, args) for name, (layer, _) in inputs.items()}
+    rows = []
+    with tqdm(total=sum(len(g) for g in grids.values()), disable=args.quiet, file=sys.stderr,
+              desc="bench") as progress:
+        for name, (layer, x) in inputs.items():
+            rows += bench_layer(name, layer, x, grids[name], args, progress)
+    return dict(device=device_description(), commit=git_commit(), data=source, batch=args.batch,
+                repeats=args.repeats, warmup=args.warmup, rows=rows)
+
+
+def run(args):
+    report = run_layer_bench(args)
+    print(f"device: {report['device']}; commit: {report['commit']}; batch {report['batch']}; "
+          f"medians of {report['repeats']} after {report['warmup']} warm-up")
+    print(f"inputs: {report['data']}")
+    print(format_table(report["rows"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minireuse.bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

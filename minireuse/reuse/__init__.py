@@ -1,0 +1,28 @@
+"""Adaptive deep reuse: LSH-clustered neuron vectors, one product per cluster.
+
+Reading order (the educational reference path, NumPy and CuPy alike):
+    lsh.py         hash parameters, projections, bit packing
+    clustering.py  ids, centroids, cluster sums (the sparse assignment matrix)
+    matmul.py      the reuse product y = X @ W + b, forward and backward
+    conv.py        conv glue: general (im2col) path and pixel-aligned path
+    config.py      ReuseConfig (a setting) and ReuseState (per-layer state, statistics)
+
+The layers call ``conv2d_forward/backward`` and ``dense_forward/backward``; on
+CuPy arrays these dispatch to the CUDA fast path (minireuse.reuse.cuda) when it
+imports and ``config.impl`` allows.
+"""
+from .clustering import assign_clusters, centroids, cluster_sums
+from .config import ReuseConfig, ReuseState
+from .conv import (conv2d_backward, conv2d_forward, general_conv_backward, general_conv_forward,
+                   general_conv_forward_assigned, pixel_conv_backward,
+                   pixel_conv_forward, pixel_conv_forward_assigned, use_pixel_aligned)
+from .lsh import draw_hash_params, hash_codes
+from .matmul import (dense_backward, dense_forward, resolve_impl, reuse_matmul_backward,
+                     reuse_matmul_forward, reuse_matmul_forward_assigned)
+
+__all__ = ["ReuseConfig", "ReuseState", "conv2d_forward", "conv2d_backward", "dense_forward",
+           "dense_backward", "reuse_matmul_forward", "reuse_matmul_backward",
+           "reuse_matmul_forward_assigned", "general_conv_forward", "general_conv_forward_assigned",
+           "general_conv_backward", "pixel_conv_forward",
+           "pixel_conv_forward_assigned", "pixel_conv_backward", "use_pixel_aligned", "resolve_impl",
+           "assign_clusters", "centroids", "cluster_sums", "draw_hash_params", "hash_codes"]

@@ -1,0 +1,152 @@
+"""Deep-reuse settings (ReuseConfig) and per-layer mutable state (ReuseState).
+
+A ReuseConfig is a frozen value: the adaptive schedule swaps whole configs
+between steps (``config.replace(H=20)``). A ReuseState belongs to one layer and
+keeps what must survive between calls: the hash planes on the right device, a
+capacity slot for the GPU fast path, and the statistics of every call.
+"""
+import dataclasses
+
+import numpy as np
+
+from .. import backend
+from . import lsh
+
+FAMILIES = ("offset", "origin")
+DX_MODES = ("exact", "cluster")
+IMPLS = ("auto", "reference", "cuda")
+
+
+def _bad(field, value, expected):
+    return ValueError(f"ReuseConfig.{field}: got {value!r}, expected {expected}")
+
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReuseConfig:
+    """One deep-reuse setting of a layer.
+
+    L: sub-vector (group) length; H: hash bits per group (1..32);
+    family: 'offset' (planes with offsets at the scale of the input) or 'origin'
+    (random hyperplanes through the origin, the published family);
+    dx_mode: 'exact' (dY @ W^T) or 'cluster' (gradient of the clustered forward);
+    shared_planes: one set of H planes for every group (False: one per group);
+    pixel_aligned: conv only; 'auto' uses it when L divides c_in and planes are shared;
+    measure_error: also compute the exact product and record the relative error;
+    impl: 'auto' (CUDA kernels for cupy arrays when they load), 'reference', 'cuda'.
+    """
+
+    L: int = 16
+    H: int = 12
+    family: str = "offset"
+    dx_mode: str = "exact"
+    enabled: bool = True
+    shared_planes: bool = True
+    pixel_aligned: object = "auto"
+    seed: int = 0
+    measure_error: bool = False
+    impl: str = "auto"
+
+    def __post_init__(self):
+        if not _is_int(self.L) or self.L < 1:
+            raise _bad("L", self.L, "an int >= 1")
+        if not _is_int(self.H) or not 1 <= self.H <= 32:
+            raise _bad("H", self.H, "an int in 1..32")
+        if self.family not in FAMILIES:
+            raise _bad("family", self.family, f"one of {FAMILIES}")
+        if self.dx_mode not in DX_MODES:
+            raise _bad("dx_mode", self.dx_mode, f"one of {DX_MODES}")
+        for name in ("enabled", "shared_planes", "measure_error"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise _bad(name, getattr(self, name), "True or False")
+        if not (isinstance(self.pixel_aligned, (bool, np.bool_)) or self.pixel_aligned == "auto"):
+            raise _bad("pixel_aligned", self.pixel_aligned, "'auto', True or False")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise _bad("seed", self.seed, "an int >= 0")
+        if self.impl not in IMPLS:
+            raise _bad("impl", self.impl, f"one of {IMPLS}")
+
+    @classmethod
+    def coerce(cls, value):
+        """A ReuseConfig from a ReuseConfig, a dict of its fields, or True (the defaults)."""
+        if isinstance(value, cls):
+            return value
+        if value is True:
+            return cls()
+        if isinstance(value, dict):
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise ValueError(f"ReuseConfig: unknown field(s) {unknown}; expected some of {sorted(names)}")
+            return cls(**value)
+        raise ValueError(f"ReuseConfig.coerce: got {value!r}, expected a ReuseConfig, a dict of its fields "
+                         "or True")
+
+    def replace(self, **changes):
+        """A copy with some fields changed (validated like a new config)."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+class ReuseState:
+    """Per-layer state: cached hash parameters, the GPU capacity slot, call statistics.
+
+    Every forward implementation (reference or CUDA) calls ``record`` once per call.
+    r_c is clusters per hashed vector: im2col neuron vectors on the general path,
+    pixel slices on the pixel-aligned path.
+    Statistics stay on the device as they are recorded (no host synchronisation in
+    a training step); ``pop_stats`` converts them to floats and clears the list.
+    """
+
+    def __init__(self):
+        self._hash_params = {}
+        self.capacity = None      # owned by the CUDA fast path (table sizes from the last step)
+        self.stats = []           # one dict per call since the last pop_stats()
+        self.last = None          # the most recent of them
+
+    def hash_params(self, L, H, G, family, seed, shared, xp, dtype):
+        """(planes (Gp, L, H), unit offsets (Gp, H)) as xp arrays of dtype, drawn once per key."""
+        key = (L, H, G, family, seed, shared, xp.__name__, np.dtype(dtype).str)
+        if key not in self._hash_params:
+            planes, unit_offsets = lsh.draw_hash_params(L, H, G, seed, shared)
+            self._hash_params[key] = (xp.asarray(planes, dtype=dtype), xp.asarray(unit_offsets, dtype=dtype))
+        return self._hash_params[key]
+
+    def capture_key(self):
+        """What a captured CUDA graph freezes besides the setting (the fast path's table
+        sizes), or None when this layer has not run the fast path."""
+        key = getattr(self.capacity, "capture_key", None)
+        return key() if key is not None else None
+
+    def record(self, r_c, n_clusters, impl, pixel_aligned=False, rel_error=None, **extra):
+        """Store one call's statistics; r_c and rel_error may be device scalars."""
+        entry = dict(r_c=r_c, n_clusters=n_clusters, rel_error=rel_error,
+                     pixel_aligned=bool(pixel_aligned), impl=impl, **extra)
+        self.stats.append(entry)
+        self.last = entry
+        return entry
+
+    def pop_stats(self):
+        """Means over the calls since the last pop (host floats), then forget them.
+
+        Returns {} when nothing was recorded, else calls, r_c, clusters_per_group
+        (mean n_g), rel_error (mean over calls that measured it, or None),
+        pixel_aligned (fraction of calls) and impl (the last one).
+        """
+        entries, self.stats = self.stats, []
+        if not entries:
+            return {}
+        errors = [float(backend.asnumpy(e["rel_error"])) for e in entries if e["rel_error"] is not None]
+        return dict(
+            calls=len(entries),
+            r_c=float(np.mean([float(backend.asnumpy(e["r_c"])) for e in entries])),
+            clusters_per_group=float(np.mean([backend.asnumpy(e["n_clusters"]).mean() for e in entries])),
+            rel_error=float(np.mean(errors)) if errors else None,
+            pixel_aligned=float(np.mean([e["pixel_aligned"] for e in entries])),
+            impl=entries[-1]["impl"],
+        )

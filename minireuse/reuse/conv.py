@@ -1,0 +1,245 @@
+"""Deep-reuse convolution: the general (im2col) path and the pixel-aligned path.
+
+General path: im2col turns the conv into X (N, K) @ W (K, M) with rows
+n = (image, out_y, out_x) and columns k = (dy, dx, c); matmul.py does the rest,
+and col2im carries dX back to the input.
+
+Pixel-aligned path (L divides c_in): with that column order, column group
+g = (offset t = (dy, dx), channel group q) of im2col row n is exactly channel
+slice q of ONE input pixel, the one under offset t. So instead of hashing the
+B*OH*OW*kh*kw*c_in/L im2col sub-vectors, hash every pixel of the padded input
+once per channel group, cluster pixels per channel group, and let every kernel
+offset read its cluster from the pixel:
+
+    pixel_ids[p, q]  cluster of channel slice q of padded pixel p
+    C_q              centroids of channel group q, shared by all kh*kw offsets
+    P_q = C_q @ W_q  with W_q (L, T*M) = the weights of slice q for all T offsets
+                     side by side: one batched GEMM gives every offset at once
+    y[n] = sum over offsets t and groups q of P_q[pixel_ids[pixel(n, t), q], t-th M-block]
+
+The last line is the reconstruct of matmul.py (y = R @ P) with the rows of P
+read as (q, cluster, t): the only im2col left is of the ids (Q ints per pixel).
+
+This is the general method with shared planes and clusters formed across the
+kernel offsets, except at one point: in im2col a pixel occurs once per row that
+reads it (kh*kw times inside the image, fewer near the border, and the zero
+padding occurs too), so its weight in a centroid is its number of occurrences;
+here every pixel (padding pixels included) counts once. docs/reuse.md shows it.
+
+Backward (assignment fixed): S = R^T dY as in matmul.py, per (t, q); dW[t, q] =
+C_q^T S[t, q]; dX 'cluster' goes straight to pixels without col2im:
+dL/dC_q[c] = sum_t S[t, q, c] @ W[t, q]^T and each member pixel gets 1/|c| of it
+(gradients of padding pixels are dropped). dX 'exact' is dY @ W^T then col2im.
+"""
+import dataclasses
+
+from .. import backend
+from ..layers.conv import col2im, im2col, pad_nhwc
+from . import lsh
+from .clustering import assign_clusters, assignment_matrix, centroids, group_keys
+from .matmul import (cuda_module, impl_label, relative_error, resolve_impl, reuse_matmul_backward,
+                     reuse_matmul_forward, reuse_matmul_forward_assigned)
+
+
+def use_pixel_aligned(config, c_in):
+    """Whether config asks for the pixel-aligned path on an input with c_in channels."""
+    if config.pixel_aligned == "auto":
+        return c_in % config.L == 0 and config.shared_planes
+    if config.pixel_aligned and c_in % config.L:
+        raise ValueError(f"ReuseConfig.pixel_aligned: got True with L={config.L}, expected L to divide "
+                         f"the {c_in} input channels (or pixel_aligned 'auto'/False)")
+    return bool(config.pixel_aligned)
+
+
+def exact_conv(x, W, b, stride, pads):
+    """The exact convolution (im2col + GEMM), for measuring the reuse error."""
+    kh, kw, _, m = W.shape
+    cols, (oh, ow) = im2col(x, kh, kw, stride, pads)
+    y = cols @ W.reshape(-1, m)
+    if b is not None:
+        y += b
+    return y.reshape(x.shape[0], oh, ow, m)
+
+
+# ---------------------------------------------------------------- general path
+
+def general_conv_forward(x, W, b, stride, pads, config, state, train=True):
+    """(y, cache): im2col, then the reuse product of matmul.py (hashing, clustering, stats)."""
+    kh, kw, _, m = W.shape
+    cols, (oh, ow) = im2col(x, kh, kw, stride, pads)
+    y, mcache = reuse_matmul_forward(cols, W.reshape(-1, m), b, config, state, train, scale_source=x)
+    cache = (x.shape, W.shape, stride, pads, mcache) if train else None
+    return y.reshape(x.shape[0], oh, ow, m), cache
+
+
+def general_conv_forward_assigned(x, W, b, stride, pads, ids, n_clusters, L, dx_mode="exact"):
+    """(y, cache) of the general path under a given assignment of the im2col rows' groups."""
+    kh, kw, _, m = W.shape
+    cols, (oh, ow) = im2col(x, kh, kw, stride, pads)
+    y, mcache = reuse_matmul_forward_assigned(cols, W.reshape(-1, m), b, ids, n_clusters, L, dx_mode)
+    return y.reshape(x.shape[0], oh, ow, m), (x.shape, W.shape, stride, pads, mcache)
+
+
+def general_conv_backward(dy, cache):
+    """(dx, dW, db) of the general path: the reuse product's backward, then col2im."""
+    x_shape, w_shape, stride, pads, mcache = cache
+    kh, kw, _, m = w_shape
+    dX, dW, db = reuse_matmul_backward(dy.reshape(-1, m), mcache)
+    return col2im(dX, x_shape, kh, kw, stride, pads), dW.reshape(w_shape), db
+
+
+# ---------------------------------------------------------------- pixel-aligned path
+
+@dataclasses.dataclass
+class PixelCache:
+    """What the pixel-aligned backward needs (the assignment is held fixed)."""
+
+    x_shape: tuple
+    W: object            # (kh, kw, c_in, c_out)
+    stride: int
+    pads: tuple
+    pixel_ids: object    # (B*Hp*Wp, Q) cluster of every padded pixel, per channel group
+    R: object            # sparse assignment matrix (N, Q*Cmax*kh*kw)
+    centroids: object    # (Q, Cmax, L)
+    counts: object       # (Q, Cmax)
+    has_bias: bool
+    dx_mode: str
+
+
+def pixel_vectors(x, pads, L):
+    """(B*Hp*Wp, Q, L): every padded input pixel split into Q = c_in / L channel groups."""
+    xpad = pad_nhwc(x, pads)
+    return xpad.reshape(-1, x.shape[3] // L, L)
+
+
+def offset_weights(W, L):
+    """(kh, kw, c_in, M) -> W_q (Q, L, kh*kw*M): slice q's weights for every offset, side by side."""
+    kh, kw, c_in, m = W.shape
+    q = c_in // L
+    return W.reshape(kh * kw, q, L, m).transpose(1, 2, 0, 3).reshape(q, L, kh * kw * m)
+
+
+def pixel_index(batch, hp, wp, kh, kw, stride, xp):
+    """(N, kh*kw) int32: the padded pixel read by kernel offset t = (i, j) of output n.
+
+    Output n = (image, oy, ox) starts its window at pixel (image, oy*stride, ox*stride)
+    of the padded input; offset (i, j) moves it by i rows and j columns.
+    """
+    oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    window_start = (xp.arange(batch)[:, None, None] * (hp * wp) + xp.arange(oh)[None, :, None] * (stride * wp)
+                    + xp.arange(ow)[None, None, :] * stride).reshape(-1, 1)
+    shift = (xp.arange(kh)[:, None] * wp + xp.arange(kw)[None, :]).reshape(1, -1)
+    return (window_start + shift).astype(xp.int32)
+
+
+def pixel_keys(pixel_ids, cmax, padded_shape, kh, kw, stride):
+    """(N, T*Q): the row of P, read as (q, cluster, t), that group (t, q) of output n uses.
+
+    Computed per pixel first (Q ints), gathered for every (output, offset) from
+    the pixel it reads, and the offset t added last.
+    """
+    xp = backend.get_array_module(pixel_ids)
+    b_, hp, wp, q = padded_shape
+    t = kh * kw
+    first_row = (pixel_ids + xp.arange(q, dtype=xp.int32) * xp.int32(cmax)) * xp.int32(t)
+    keys = xp.take(first_row, pixel_index(b_, hp, wp, kh, kw, stride, xp), axis=0)     # (N, T, Q)
+    keys += xp.arange(t, dtype=xp.int32)[:, None]
+    return keys.reshape(-1, t * q)
+
+
+def pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L, dx_mode="exact",
+                                pixels=None):
+    """(y, cache) of the pixel-aligned reuse conv under a given pixel assignment.
+
+    pixel_ids (B*Hp*Wp, Q) and n_clusters (Q,) cluster the padded pixels per
+    channel group of L channels; pixels = pixel_vectors(x, pads, L) if the caller has it.
+    """
+    b_, h, w, c_in = x.shape
+    kh, kw, _, m = W.shape
+    t, q = kh * kw, c_in // L
+    hp, wp = h + pads[0] + pads[1], w + pads[2] + pads[3]
+    if pixels is None:
+        pixels = pixel_vectors(x, pads, L)
+    C, counts = centroids(pixels, pixel_ids, n_clusters)                         # (Q, Cmax, L)
+    cmax = C.shape[1]
+    P = C @ offset_weights(W, L)                       # (Q, Cmax, T*M): every offset at once
+    keys = pixel_keys(pixel_ids, cmax, (b_, hp, wp, q), kh, kw, stride)
+    R = assignment_matrix(keys, q * cmax * t, x.dtype)
+    y = R @ P.reshape(q * cmax * t, m)                 # rows of P read as (q, cluster, t)
+    if b is not None:
+        y += b
+    oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    cache = PixelCache(x.shape, W, stride, pads, pixel_ids, R, C, counts, b is not None, dx_mode)
+    return y.reshape(b_, oh, ow, m), cache
+
+
+def pixel_conv_forward(x, W, b, stride, pads, config, state, train=True):
+    """(y, cache): hash and cluster the padded pixels, then the pixel-aligned product."""
+    xp = backend.get_array_module(x, W, b)
+    L = config.L
+    pixels = pixel_vectors(x, pads, L)
+    q = pixels.shape[1]
+    planes, unit_offsets = state.hash_params(L, config.H, q, config.family, config.seed,
+                                             config.shared_planes, xp, x.dtype)
+    codes = lsh.hash_codes(pixels, planes, lsh.offsets(unit_offsets, config.family, lsh.input_scale(x)))
+    pixel_ids, n_clusters = assign_clusters(codes, config.H)
+    y, cache = pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L, config.dx_mode,
+                                           pixels=pixels)
+    rel_error = relative_error(y, exact_conv(x, W, b, stride, pads)) if config.measure_error else None
+    state.record(r_c=n_clusters.sum() / pixel_ids.size, n_clusters=n_clusters, impl=impl_label(xp),
+                 pixel_aligned=True, rel_error=rel_error)
+    return y, (cache if train else None)
+
+
+def pixel_conv_backward(dy, cache):
+    """(dx, dW, db) of the pixel-aligned reuse conv with the forward's assignment."""
+    xp = backend.get_array_module(dy)
+    b_, h, w, c_in = cache.x_shape
+    kh, kw, _, m = cache.W.shape
+    q, cmax, L = cache.centroids.shape
+    t = kh * kw
+    top, _, left, _ = cache.pads
+    dy2 = dy.reshape(-1, m)
+    S = (cache.R.T @ dy2).reshape(q, cmax, t * m)      # cluster sums, laid out like P
+    dW_q = cache.centroids.transpose(0, 2, 1) @ S      # (Q, L, T*M): C_q^T S_q
+    dW = dW_q.reshape(q, L, t, m).transpose(2, 0, 1, 3).reshape(cache.W.shape)
+    db = dy2.sum(axis=0) if cache.has_bias else None
+    if cache.dx_mode == "exact":
+        dx = col2im(dy2 @ cache.W.reshape(-1, m).T, cache.x_shape, kh, kw, cache.stride, cache.pads)
+        return dx, dW, db
+    # dL/dC_q = S_q @ W_q^T sums over every offset; each member pixel gets 1/|c| of it
+    per_member = (S @ offset_weights(cache.W, L).transpose(0, 2, 1)) \
+        / xp.maximum(cache.counts, 1)[:, :, None].astype(dy.dtype)
+    dpix = xp.take(per_member.reshape(q * cmax, L), group_keys(cache.pixel_ids, cmax), axis=0)
+    hp, wp = h + sum(cache.pads[:2]), w + sum(cache.pads[2:])
+    dx = dpix.reshape(b_, hp, wp, c_in)[:, top:top + h, left:left + w, :]
+    return dx, dW, db
+
+
+# ---------------------------------------------------------------- what the layers call
+
+def conv2d_forward(x, W, b, stride, pads, config, state, train=True):
+    """Conv2D product with deep reuse: (y, cache). CUDA, pixel-aligned or general path."""
+    if not config.enabled:
+        raise ValueError("ReuseConfig.enabled is False: the layer should run its exact path")
+    if resolve_impl(config, x, W, b) == "cuda":
+        cuda = cuda_module()[0]
+        y, cache = cuda.cuda_reuse_conv_forward(x, W, b, stride, pads, config, state, train=train)
+        return y, ("cuda", cache)
+    if use_pixel_aligned(config, x.shape[3]):
+        y, cache = pixel_conv_forward(x, W, b, stride, pads, config, state, train)
+        return y, ("pixel", cache)
+    y, cache = general_conv_forward(x, W, b, stride, pads, config, state, train)
+    return y, ("general", cache)
+
+
+def conv2d_backward(dy, cache):
+    """(dx, dW, db) for conv2d_forward's cache."""
+    kind, inner = cache
+    if inner is None:
+        raise RuntimeError("deep-reuse backward called after a forward with train=False")
+    if kind == "cuda":
+        return cuda_module()[0].cuda_reuse_conv_backward(dy, inner)
+    if kind == "pixel":
+        return pixel_conv_backward(dy, inner)
+    return general_conv_backward(dy, inner)

@@ -1,0 +1,99 @@
+"""Locality-sensitive hashing of neuron vectors (array-module reference).
+
+A neuron vector is one row of one column group: Xg[n, g] of length L. Each of H
+random projections gives one bit, ``bit_h = [x . r_h > b_h]``, and the H bits,
+packed into one integer, are the vector's code. Vectors with equal codes (in the
+same group) are close in angle ('origin': planes through the origin, b = 0) or in
+position ('offset': b_h drawn at the scale of the projections, so the planes cut
+through the cloud of inputs instead of all meeting at zero).
+
+Hash parameters are always drawn on the host with NumPy, so the CPU and the GPU
+paths (reference and CUDA) see the very same planes for a seed.
+"""
+import numpy as np
+
+from .. import backend
+
+# Rows hashed per step: keeps the (rows, G, H) projections near 16 MB whatever N is.
+HASH_CHUNK_ELEMENTS = 1 << 22
+
+
+def draw_hash_params(L, H, G, seed, shared):
+    """Host arrays (planes (Gp, L, H) ~ N(0, 1/L), unit offsets (Gp, H) ~ N(0, 1)).
+
+    Gp = 1 when the planes are shared by every group, else G. The offsets are
+    drawn right after the planes from the same generator (the contract the CUDA
+    path relies on).
+    """
+    gp = 1 if shared else G
+    rng = np.random.default_rng(seed)
+    planes = rng.normal(0.0, 1.0 / np.sqrt(L), size=(gp, L, H))
+    unit_offsets = rng.normal(0.0, 1.0, size=(gp, H))
+    return planes, unit_offsets
+
+
+def input_scale(x):
+    """RMS of all entries of x: the std of a projection with N(0, 1/L) entries.
+
+    A 0-d array on x's device (no host synchronisation).
+    """
+    xp = backend.get_array_module(x)
+    return xp.sqrt(xp.mean(x * x))
+
+
+def offsets(unit_offsets, family, scale):
+    """The thresholds b (Gp, H): zero for 'origin', unit offsets times the input scale for 'offset'."""
+    xp = backend.get_array_module(unit_offsets)
+    if family == "origin":
+        return xp.zeros_like(unit_offsets)
+    return unit_offsets * scale
+
+
+def split_groups(X, L):
+    """(N, K) -> (N, G, L) with G = ceil(K / L); the last group is zero-padded."""
+    xp = backend.get_array_module(X)
+    n, k = X.shape
+    g = -(-k // L)
+    if g * L != k:
+        X = xp.concatenate([X, xp.zeros((n, g * L - k), dtype=X.dtype)], axis=1)
+    return X.reshape(n, g, L)
+
+
+def project(Xg, planes):
+    """Projections (N, G, H) of every neuron vector onto its group's H planes."""
+    xp = backend.get_array_module(Xg, planes)
+    n, g, L = Xg.shape
+    if planes.shape[0] == 1:   # shared planes: one GEMM over all (row, group) vectors
+        return (Xg.reshape(n * g, L) @ planes[0]).reshape(n, g, -1)
+    return xp.matmul(Xg.transpose(1, 0, 2), planes).transpose(1, 0, 2)
+
+
+def pack_bits(bits):
+    """(..., H) booleans -> (...) uint32 codes, bit h worth 2**h.
+
+    Packed as one dot product with the powers of two, exact while the sum fits
+    the float's mantissa: float32 up to 24 bits, float64 (53) beyond. A BLAS
+    call, faster than a loop over the bits or summing shifted int64 bits.
+    """
+    xp = backend.get_array_module(bits)
+    h = bits.shape[-1]
+    dtype = xp.float32 if h <= 24 else xp.float64
+    powers = 2.0 ** xp.arange(h, dtype=dtype)
+    return (bits.astype(dtype) @ powers).astype(xp.uint32)
+
+
+def hash_codes(Xg, planes, offsets):
+    """Codes (N, G) uint32: bit h of (n, g) is [Xg[n, g] . planes[g][:, h] > offsets[g, h]].
+
+    planes (Gp, L, H) and offsets (Gp, H) with Gp = 1 (shared) or G. Rows are
+    hashed in chunks so the projections never hold more than HASH_CHUNK_ELEMENTS.
+    """
+    xp = backend.get_array_module(Xg, planes, offsets)
+    n, g, _ = Xg.shape
+    h = planes.shape[-1]
+    codes = xp.empty((n, g), dtype=xp.uint32)
+    rows = max(1, HASH_CHUNK_ELEMENTS // (g * h))
+    for start in range(0, n, rows):
+        proj = project(Xg[start:start + rows], planes)
+        codes[start:start + rows] = pack_bits(proj > offsets)
+    return codes

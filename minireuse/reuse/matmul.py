@@ -1,0 +1,193 @@
+"""The deep-reuse matrix product y = X @ W + b, forward and backward (reference path).
+
+Read top to bottom, this is the whole technique for one product X (N, K) @ W (K, M):
+
+1. split the K columns into G groups of L (zero-pad the last): Xg (N, G, L)
+2. hash every neuron vector Xg[n, g] to an H-bit code            (lsh.py)
+3. equal codes in a group form a cluster: ids (N, G)              (clustering.py)
+4. centroids C (G, Cmax, L), one GEMM per group: P_g = C_g @ W_g
+5. reconstruct y[n] = sum_g P[g, ids[n, g]] (+ b)
+
+Backward with the assignment held fixed (the exact gradient of the clustered forward):
+    S[g, c] = sum of dY rows in cluster c of group g,   dW_g = C_g^T @ S_g,  db = sum dY
+    dX 'exact':   dY @ W^T
+    dX 'cluster': dx[n, g] = (S[g, c] / |c|) @ W_g^T  for c = ids[n, g]
+
+The same functions serve dense layers (``dense_forward``) and the general conv
+path (im2col rows, see conv.py). On CuPy arrays with impl 'auto', the CUDA fast
+path (minireuse.reuse.cuda) runs instead when it imports; this file stays the
+oracle it is tested against.
+"""
+import dataclasses
+import warnings
+
+import numpy as np
+
+from .. import backend
+from . import lsh
+from .clustering import assign_clusters, assignment_matrix, centroids, cluster_sums, group_keys, reconstruct
+
+_cuda_import = {}
+
+
+def cuda_module():
+    """(minireuse.reuse.cuda or None, the import error or None), imported once."""
+    if not _cuda_import:
+        try:
+            from . import cuda
+            _cuda_import.update(module=cuda, error=None)
+        except Exception as e:  # ImportError, or a CUDA/compiler error raised on import
+            _cuda_import.update(module=None, error=e)
+    return _cuda_import["module"], _cuda_import["error"]
+
+
+def resolve_impl(config, *arrays):
+    """'cuda' or 'reference' for these arrays under config.impl (the CPU never imports cuda.py).
+
+    'auto' picks the CUDA kernels for float32 CuPy arrays when minireuse.reuse.cuda
+    imports, the reference path otherwise (NumPy, other dtypes, import failure).
+    """
+    xp = backend.get_array_module(*arrays)
+    if config.impl == "reference":
+        return "reference"
+    if xp is np:
+        if config.impl == "cuda":
+            raise ValueError("ReuseConfig.impl: got 'cuda' with NumPy arrays, expected CuPy arrays "
+                             "(move the model to the GPU) or impl 'auto'/'reference'")
+        return "reference"
+    if config.impl == "auto" and any(a is not None and a.dtype != np.float32 for a in arrays):
+        return "reference"
+    module, error = cuda_module()
+    if module is not None:
+        return "cuda"
+    if config.impl == "cuda":
+        raise backend.DeviceError(f"impl 'cuda' was requested but minireuse.reuse.cuda failed to import: "
+                                  f"{type(error).__name__}: {error}") from error
+    warnings.warn(f"deep reuse falls back to the CuPy reference path: minireuse.reuse.cuda failed to "
+                  f"import ({type(error).__name__}: {error})", RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+def impl_label(xp):
+    """How the reference path is labelled in statistics and benchmarks."""
+    return "numpy-reference" if xp is np else "cupy-reference"
+
+
+def relative_error(y, y_exact):
+    """||y - y_exact|| / ||y_exact|| as a 0-d device array."""
+    xp = backend.get_array_module(y, y_exact)
+    return xp.linalg.norm(y - y_exact) / xp.linalg.norm(y_exact)
+
+
+def group_weights(W, L):
+    """(K, M) -> (G, L, M): the rows of W that multiply each column group (zero rows pad)."""
+    xp = backend.get_array_module(W)
+    k, m = W.shape
+    g = -(-k // L)
+    if g * L != k:
+        W = xp.concatenate([W, xp.zeros((g * L - k, m), dtype=W.dtype)], axis=0)
+    return W.reshape(g, L, m)
+
+
+def hash_groups(Xg, config, state, scale_source):
+    """Codes (N, G) of the neuron vectors Xg (N, G, L) under config's planes."""
+    xp = backend.get_array_module(Xg)
+    n, g, L = Xg.shape
+    planes, unit_offsets = state.hash_params(L, config.H, g, config.family, config.seed,
+                                             config.shared_planes, xp, Xg.dtype)
+    b = lsh.offsets(unit_offsets, config.family, lsh.input_scale(scale_source))
+    return lsh.hash_codes(Xg, planes, b)
+
+
+@dataclasses.dataclass
+class MatmulCache:
+    """What the backward of one reuse product needs (the assignment is held fixed)."""
+
+    W: object            # (K, M)
+    Wg: object           # (G, L, M)
+    R: object            # sparse assignment matrix (N, G*Cmax)
+    ids: object          # (N, G)
+    centroids: object    # (G, Cmax, L)
+    counts: object       # (G, Cmax)
+    has_bias: bool
+    dx_mode: str
+
+
+def reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, L, dx_mode="exact"):
+    """y = X @ W + b with deep reuse under a given assignment (ids, n_clusters) of groups of L.
+
+    Returns (y, cache). Tests hold the assignment fixed through this function
+    (numerical gradients, identity assignment = exact product).
+    """
+    Xg = lsh.split_groups(X, L)
+    g = Xg.shape[1]
+    C, counts = centroids(Xg, ids, n_clusters)             # (G, Cmax, L)
+    Wg = group_weights(W, L)                               # (G, L, M)
+    P = C @ Wg                                             # (G, Cmax, M): one small GEMM per group
+    cmax = C.shape[1]
+    R = assignment_matrix(group_keys(ids, cmax), g * cmax, X.dtype)
+    y = reconstruct(R, P)                                  # y[n] = sum_g P[g, ids[n, g]]
+    if b is not None:
+        y += b
+    return y, MatmulCache(W, Wg, R, ids, C, counts, b is not None, dx_mode)
+
+
+def reuse_matmul_forward(X, W, b, config, state, train=True, scale_source=None):
+    """(y, cache) of the reuse product X (N, K) @ W (K, M) + b (reference path).
+
+    scale_source: the array whose RMS scales the 'offset' family's thresholds
+    (the unpadded conv input for im2col rows; X itself by default). Records one
+    entry in state.stats. cache is None when train is False.
+    """
+    xp = backend.get_array_module(X, W, b)
+    Xg = lsh.split_groups(X, config.L)
+    codes = hash_groups(Xg, config, state, X if scale_source is None else scale_source)
+    ids, n_clusters = assign_clusters(codes, config.H)
+    y, cache = reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, config.L, config.dx_mode)
+    rel_error = None
+    if config.measure_error:
+        rel_error = relative_error(y, X @ W if b is None else X @ W + b)
+    state.record(r_c=n_clusters.sum() / ids.size, n_clusters=n_clusters, impl=impl_label(xp),
+                 rel_error=rel_error)
+    return y, (cache if train else None)
+
+
+def reuse_matmul_backward(dy, cache):
+    """(dX, dW, db) of the reuse product with the forward's assignment; db None without bias."""
+    xp = backend.get_array_module(dy)
+    k, m = cache.W.shape
+    g, cmax, L = cache.centroids.shape
+    S = cluster_sums(dy, cache.ids, cmax, cache.R)                      # (G, Cmax, M)
+    dW = (cache.centroids.transpose(0, 2, 1) @ S).reshape(g * L, m)[:k]
+    db = dy.sum(axis=0) if cache.has_bias else None
+    if cache.dx_mode == "exact":
+        dX = dy @ cache.W.T
+    else:
+        # every member of a cluster gets 1/|c| of the gradient of its centroid
+        mean_dy = S / xp.maximum(cache.counts, 1)[:, :, None].astype(dy.dtype)
+        per_cluster = mean_dy @ cache.Wg.transpose(0, 2, 1)             # (G, Cmax, L)
+        keys = group_keys(cache.ids, cmax)
+        dXg = xp.take(per_cluster.reshape(g * cmax, L), keys, axis=0)   # (N, G, L)
+        dX = dXg.reshape(dy.shape[0], g * L)[:, :k]
+    return dX, dW, db
+
+
+def dense_forward(x, W, b, config, state, train=True):
+    """Dense layer product with deep reuse: (y, cache); picks the CUDA or reference path."""
+    if not config.enabled:
+        raise ValueError("ReuseConfig.enabled is False: the layer should run its exact path")
+    if resolve_impl(config, x, W, b) == "cuda":
+        y, cache = cuda_module()[0].cuda_reuse_matmul_forward(x, W, b, config, state, train=train)
+        return y, ("cuda", cache)
+    y, cache = reuse_matmul_forward(x, W, b, config, state, train)
+    return y, ("reference", cache)
+
+
+def dense_backward(dy, cache):
+    """(dx, dW, db) for dense_forward's cache."""
+    impl, inner = cache
+    if inner is None:
+        raise RuntimeError("deep-reuse backward called after a forward with train=False")
+    if impl == "cuda":
+        return cuda_module()[0].cuda_reuse_matmul_backward(dy, inner)
+    return reuse_matmul_backward(dy, inner)
