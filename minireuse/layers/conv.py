@@ -43,17 +43,21 @@ def pad_nhwc(x, pads):
 
 
 def im2col(x, kh, kw, stride, pads):
-    """(B, H, W, C) -> cols (B*OH*OW, kh*kw*C) with columns ordered (dy, dx, c)."""
+    """(B, H, W, C) -> cols (B*OH*OW, kh*kw*C) with columns ordered (dy, dx, c).
+
+    The windows are a strided view of the padded input (no copy): axis (dy, dx)
+    steps one pixel, axis (out_y, out_x) steps ``stride`` pixels; the reshape
+    to a matrix makes the one copy.
+    """
     xp = backend.get_array_module(x)
     b, h, w, c = x.shape
-    xpad = pad_nhwc(x, pads)
+    xpad = xp.ascontiguousarray(pad_nhwc(x, pads))
     oh = (h + pads[0] + pads[1] - kh) // stride + 1
     ow = (w + pads[2] + pads[3] - kw) // stride + 1
-    cols = xp.empty((b, oh, ow, kh, kw, c), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, :, i, j, :] = xpad[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :]
-    return cols.reshape(b * oh * ow, kh * kw * c), (oh, ow)
+    sb, sh, sw, sc = xpad.strides
+    windows = xp.lib.stride_tricks.as_strided(
+        xpad, shape=(b, oh, ow, kh, kw, c), strides=(sb, stride * sh, stride * sw, sh, sw, sc))
+    return windows.reshape(b * oh * ow, kh * kw * c), (oh, ow)
 
 
 def col2im(cols, x_shape, kh, kw, stride, pads):
