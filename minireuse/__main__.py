@@ -57,6 +57,9 @@ def add_train_arguments(p):
     p.add_argument("--reuse-config", metavar="FILE", default=None,
                    help="JSON file: {\"layers\": {\"conv2\": {\"L\": 16, \"H\": 16} or [stages...]}, "
                         "\"options\": {...}}; without it, CifarNet defaults (docs/adaptive.md)")
+    p.add_argument("--graph", choices=["auto", "on", "off"], default=d["graph"],
+                   help="record the training step as a CUDA graph and replay it (auto: on the GPU when "
+                        "every layer can be recorded; docs/speed.md)")
     p.add_argument("--no-download", dest="download", action="store_false")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -64,7 +67,7 @@ def add_train_arguments(p):
 def train_config(a):
     keys = ["model", "data", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
             "weight_decay", "schedule", "warmup_epochs", "augment", "seed", "out", "limit_train",
-            "limit_test", "device", "download"]
+            "limit_test", "device", "download", "graph"]
     cfg = {k: getattr(a, k) for k in keys}
     cfg["decay_layers"] = None if a.decay_layers == "all" else [s for s in a.decay_layers.split(",") if s]
     cfg["reuse"] = a.reuse
@@ -123,27 +126,35 @@ def build_parser():
     p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts")
     p.add_argument("--model", default="cifarnet", choices=["cifarnet"])
     p.set_defaults(func=cmd_summary)
-    try:
-        from . import bench
-    except ImportError:
-        bench = None
-    if bench is not None:
-        p = sub.add_parser("bench", help="time exact and deep-reuse layers on the current device")
-        bench.add_arguments(p)
-        p.set_defaults(func=bench.run)
+    from . import bench
+    p = sub.add_parser("bench", help="time exact and deep-reuse layers on the current device "
+                       "(with --model cifarnet: a whole training step; see bench --model cifarnet -h)")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
     return parser
 
 
+def parse(argv):
+    """`bench --model NAME` is the end-to-end step benchmark, with its own flags;
+    every other command goes through the main parser."""
+    if argv[:1] == ["bench"] and any(x == "--model" or x.startswith("--model=") for x in argv[1:]):
+        from . import bench_step
+        p = argparse.ArgumentParser(prog="python -m minireuse bench --model",
+                                    description="end-to-end training step: minireuse exact and reuse, "
+                                                "with and without CUDA graphs, and PyTorch eager when installed")
+        bench_step.add_arguments(p)
+        p.set_defaults(func=bench_step.run)
+        return p.parse_args(argv[1:])
+    return build_parser().parse_args(argv)
+
+
 def main(argv=None):
-    parser = build_parser()
-    a = parser.parse_args(argv)
+    a = parse(sys.argv[1:] if argv is None else list(argv))
     from .backend import BackendMismatchError, DeviceError
+    from .data import CorruptDataError, DataNotFoundError
+    from .graph import GraphError
     from .train import TrainingError
-    try:
-        from .data import CorruptDataError, DataNotFoundError
-        user_errors = (DataNotFoundError, CorruptDataError)
-    except ImportError:
-        user_errors = ()
+    user_errors = (DataNotFoundError, CorruptDataError, GraphError)
     try:
         return a.func(a)
     except KeyboardInterrupt as e:

@@ -146,3 +146,159 @@ def random_generator(seed):
         ss = np.random.SeedSequence(seed)
         return _cupy.random.default_rng(int(ss.generate_state(1, np.uint64)[0] >> 1))
     return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------- sync-free host <-> device scalars
+#
+# A training step on the GPU never waits for the device. Values the host sets every
+# step (learning rate, dropout keys) go up through pinned memory with asynchronous
+# copies; values the host wants to see (the running loss) come back the same way and
+# are read only once their copy has landed. Both are plain array writes on the CPU.
+
+_capture = {"active": False}
+
+
+class capturing:
+    """Marks the code of its block as being recorded into a CUDA graph (see graph.py).
+
+    Layers and optimizers ask ``is_capturing()`` to keep host-side work (advancing a
+    dropout key, counting a step) out of the recording: the graph runner does it
+    before every replay instead.
+    """
+
+    def __enter__(self):
+        self._outer = _capture["active"]
+        _capture["active"] = True
+        return self
+
+    def __exit__(self, *exc):
+        _capture["active"] = self._outer
+        return False
+
+
+def is_capturing():
+    return _capture["active"]
+
+
+def current_stream():
+    """CuPy's current stream (GPU only)."""
+    return require_gpu().cuda.get_current_stream()
+
+
+def _pinned_slots(slots, n, dtype):
+    """(slots, n) host array in page-locked memory, and the allocation that owns it."""
+    cp = require_gpu()
+    dtype = np.dtype(dtype)
+    mem = cp.cuda.alloc_pinned_memory(max(slots * n * dtype.itemsize, 1))
+    return np.frombuffer(mem, dtype, slots * n).reshape(slots, n), mem
+
+
+class DeviceScalars:
+    """n numbers in device memory that the host rewrites each step without waiting.
+
+    Kernels recorded in a CUDA graph keep their launch arguments frozen, so anything
+    that changes between steps (the learning rate, Adam's bias corrections, dropout
+    keys) is read by the kernels from ``array`` instead. ``set(values)`` writes them
+    into one of ``slots`` pinned host buffers and queues an asynchronous copy on the
+    current stream; a buffer is reused only after its previous copy has run (a wait
+    happens only when the GPU is ``slots`` steps behind the host). On NumPy, ``array``
+    is simply overwritten.
+    """
+
+    def __init__(self, n, dtype=np.float64, xp=np, slots=64):
+        self.n, self.dtype = int(n), np.dtype(dtype)
+        self.array = xp.zeros(self.n, dtype=self.dtype)
+        self.gpu = xp is not np
+        if self.gpu:
+            self._host, self._mem = _pinned_slots(slots, self.n, self.dtype)
+            self._events = [None] * slots
+            self._next = 0
+
+    def set(self, values):
+        if not self.gpu:
+            self.array[...] = values
+            return
+        if is_capturing():
+            raise RuntimeError("DeviceScalars.set inside a CUDA graph capture: the copy would read "
+                               "the host buffer at replay time; set per-step values before the replay")
+        cp = require_gpu()
+        k = self._next
+        self._next = (k + 1) % len(self._events)
+        event = self._events[k]
+        if event is not None and not event.done:
+            event.synchronize()   # only when the GPU is a whole ring of steps behind
+        self._host[k] = values
+        stream = cp.cuda.get_current_stream()
+        cp.cuda.runtime.memcpyAsync(self.array.data.ptr, self._host[k].ctypes.data,
+                                    self.n * self.dtype.itemsize,
+                                    cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
+        if event is None:
+            event = self._events[k] = cp.cuda.Event(disable_timing=True)
+        event.record(stream)
+
+
+class AsyncReader:
+    """Reads a small device array back to the host without waiting for the GPU.
+
+    ``request(a, tag)`` queues a copy of ``a`` (n numbers, contiguous) into pinned
+    memory on the current stream, so it sees ``a`` exactly as it is at that point of
+    the stream, and records an event. ``latest()`` returns (values, tag) of the newest
+    request whose copy has landed (``event.done``), or the previous answer while none
+    has: a progress bar reading it lags by one request instead of stalling the step.
+    ``wait()`` blocks for the newest request (epoch ends, errors). On NumPy a request
+    is read at once.
+    """
+
+    def __init__(self, n, dtype=np.float64, xp=np, slots=4):
+        self.n, self.dtype = int(n), np.dtype(dtype)
+        self.gpu = xp is not np
+        self._latest = None
+        if self.gpu:
+            self._host, self._mem = _pinned_slots(slots, self.n, self.dtype)
+            self._events = [None] * slots
+            self._pending = []     # (slot, event, tag), oldest first
+            self._next = 0
+
+    def request(self, a, tag=None):
+        if not self.gpu:
+            self._latest = (np.array(a, dtype=self.dtype).reshape(self.n), tag)
+            return
+        cp = require_gpu()
+        if a.dtype != self.dtype or a.size != self.n or not a.flags.c_contiguous:
+            raise ValueError(f"AsyncReader reads {self.n} contiguous {self.dtype} values, "
+                             f"got {a.dtype} array of shape {a.shape}")
+        k = self._next
+        self._next = (k + 1) % len(self._events)
+        # a slot still in flight is overwritten by this later copy: forget its request
+        self._pending = [p for p in self._pending if p[0] != k]
+        stream = cp.cuda.get_current_stream()
+        cp.cuda.runtime.memcpyAsync(self._host[k].ctypes.data, a.data.ptr, self.n * self.dtype.itemsize,
+                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        event = self._events[k]
+        if event is None:
+            event = self._events[k] = cp.cuda.Event(disable_timing=True)
+        event.record(stream)
+        self._pending.append((k, event, tag))
+
+    def clear(self):
+        """Forget every request and answer (a new epoch)."""
+        self._latest = None
+        if self.gpu:
+            self._pending = []
+
+    def latest(self):
+        """(values, tag) of the newest landed request, or None before any has landed."""
+        if self.gpu:
+            for i in range(len(self._pending) - 1, -1, -1):
+                k, event, tag = self._pending[i]
+                if event.done:
+                    self._latest = (self._host[k].copy(), tag)
+                    del self._pending[:i + 1]
+                    break
+        return self._latest
+
+    def wait(self):
+        """(values, tag) of the newest request, waiting for its copy if needed."""
+        if self.gpu and self._pending:
+            self._pending[-1][1].synchronize()
+        return self.latest()

@@ -4,10 +4,20 @@ An optimizer updates every parameter of a model in place from the gradients its
 layers stored in backward. Weight decay is per parameter: it applies where the
 layer's ``decay[name]`` is True (weights, not biases, by default) and can be
 switched per layer with ``decay_layers``.
+
+A step has a host part and a device part: ``prepare_step`` counts it and, on the
+GPU, uploads the values that change every step (learning rate, Adam's bias
+corrections) into device memory without waiting; ``apply`` updates the parameters.
+``step`` is both. On CuPy arrays ``apply`` is one fused kernel per parameter
+(minireuse.fused) that reads those values from device memory, so a step recorded in
+a CUDA graph (graph.py) replays with the current learning rate; ``update`` below,
+the array code, is its twin and runs on NumPy.
 """
 import math
 
-from . import backend
+import numpy as np
+
+from . import backend, fused
 
 
 class Optimizer:
@@ -20,6 +30,7 @@ class Optimizer:
         self.decay_layers = set(decay_layers) if decay_layers is not None else None
         self.state = {}
         self.steps = 0
+        self._hyper = None      # DeviceScalars of step_scalars() on the GPU
 
     def _decays(self, layer, name):
         if self.weight_decay == 0.0 or not layer.decay.get(name, False):
@@ -27,14 +38,40 @@ class Optimizer:
         return self.decay_layers is None or layer.name in self.decay_layers
 
     def step(self):
+        self.prepare_step()
+        self.apply()
+
+    def prepare_step(self):
+        """The host part of a step: count it; on the GPU, upload this step's scalars."""
         self.steps += 1
+        params = [layer.params[name] for _, layer, name in self.model.named_parameters()]
+        if params and fused.supports(params[0]):
+            if self._hyper is None:
+                self._hyper = backend.DeviceScalars(3, np.float64, xp=backend.get_array_module(params[0]))
+            self._hyper.set(self.step_scalars())
+
+    def step_scalars(self):
+        """[lr, 1 - b1^t, 1 - b2^t]: what the fused kernels read from device memory."""
+        return (self.lr, 1.0, 1.0)
+
+    def apply(self):
+        """Update every parameter from its gradient (the device part of a step)."""
         for key, layer, name in self.model.named_parameters():
             p, g = layer.params[name], layer.grads[name]
-            if self._decays(layer, name):
+            wd = self.weight_decay if self._decays(layer, name) else 0.0
+            if fused.supports(p, g) and p.flags.c_contiguous:
+                if self._hyper is None:
+                    raise RuntimeError("Optimizer.apply on the GPU needs prepare_step first (use step())")
+                self.fused_update(key, p, g, wd)
+                continue
+            if wd:
                 g = g + self.weight_decay * p
             self.update(key, p, g)
 
     def update(self, key, p, g):
+        raise NotImplementedError
+
+    def fused_update(self, key, p, g, weight_decay):
         raise NotImplementedError
 
     def state_dict(self):
@@ -68,6 +105,16 @@ class SGD(Optimizer):
             s["v"] += g
         p -= self.lr * (g + self.momentum * s["v"] if self.nesterov else s["v"])
 
+    def fused_update(self, key, p, g, weight_decay):
+        if self.momentum == 0.0:
+            fused.sgd_update(p, g, None, self._hyper.array, 0.0, False, weight_decay, False)
+            return
+        s = self.state.setdefault(key, {})
+        first = "v" not in s
+        if first:
+            s["v"] = backend.get_array_module(p).empty_like(p)
+        fused.sgd_update(p, g, s["v"], self._hyper.array, self.momentum, self.nesterov, weight_decay, first)
+
 
 class Adam(Optimizer):
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_layers=None):
@@ -86,6 +133,16 @@ class Adam(Optimizer):
         s["v"] += (1 - self.b2) * g * g
         c1, c2 = 1 - self.b1 ** self.steps, 1 - self.b2 ** self.steps
         p -= self.lr * (s["m"] / c1) / (xp.sqrt(s["v"] / c2) + self.eps)
+
+    def step_scalars(self):
+        return (self.lr, 1 - self.b1 ** self.steps, 1 - self.b2 ** self.steps)
+
+    def fused_update(self, key, p, g, weight_decay):
+        s = self.state.setdefault(key, {})
+        if "m" not in s:
+            xp = backend.get_array_module(p)
+            s["m"], s["v"] = xp.zeros_like(p), xp.zeros_like(p)
+        fused.adam_update(p, g, s["m"], s["v"], self._hyper.array, self.b1, self.b2, self.eps, weight_decay)
 
 
 # ----- learning-rate schedules: callables epoch_fraction -> lr, where the

@@ -7,19 +7,25 @@ Every epoch appends a record to OUT/history.json and rewrites OUT/checkpoint.npz
 flips, dropout masks) is drawn from generators seeded with (seed, e[, s]), so a
 run resumed from a checkpoint continues exactly as the uninterrupted run would
 (bit for bit on the CPU).
+
+On the GPU a step never waits for the device (docs/speed.md): the loss and accuracy
+are summed on the device, and the progress bar and the non-finite-loss guard read
+those sums through an asynchronous copy that lands a few steps later (one wait per
+epoch, at its end). With ``graph`` 'auto' (the default) or 'on', the step is
+recorded once as a CUDA graph and replayed (minireuse.graph).
 """
+import contextlib
 import json
 import math
 import os
 import signal
-import sys
 import tempfile
 import time
 
 import numpy as np
 from tqdm import tqdm
 
-from . import backend
+from . import backend, fused
 from .layers import Dropout
 from .losses import SoftmaxCrossEntropy
 from .models import MODELS, atomic_savez
@@ -28,6 +34,9 @@ from .timing import LayerTimer
 
 CHECKPOINT = "checkpoint.npz"
 HISTORY = "history.json"
+# with CUDA graphs, one step in this many runs eagerly with the per-layer timers
+# (a replayed graph cannot be timed per layer)
+GRAPH_TIMING_EVERY = 100
 
 
 class TrainingError(RuntimeError):
@@ -100,16 +109,40 @@ def reseed_dropout(model, seed):
             layer.reseed(seed)
 
 
+class StepTotals:
+    """Device-resident sums over an epoch: [sum of loss * batch size, correct predictions].
+
+    On CuPy arrays ``add`` is one fused kernel; on NumPy it is the array code.
+    """
+
+    def __init__(self, xp):
+        self.sums = xp.zeros(2, dtype=np.float64)
+
+    def reset(self):
+        self.sums[...] = 0
+
+    def add(self, loss, logits, labels):
+        if fused.supports(logits) and loss.dtype == logits.dtype:
+            fused.accumulate_step(self.sums, loss, logits, labels)
+            return
+        self.sums[0] += loss * len(labels)
+        self.sums[1] += (logits.argmax(axis=1) == labels).sum()
+
+    def read(self):
+        """(loss sum, correct) as host floats; waits for the device."""
+        loss_sum, correct = backend.asnumpy(self.sums)
+        return float(loss_sum), float(correct)
+
+
 def evaluate(model, loss_fn, iterator):
     """Mean loss and accuracy over an iterator; accumulates on the device, reads back once."""
-    xp = backend.xp()
-    loss_sum, correct, n = xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64), 0
+    totals, n = StepTotals(backend.xp()), 0
     for xb, yb in iterator:
         logits = model.forward(xb, train=False)
-        loss_sum += loss_fn.forward(logits, yb) * len(yb)
-        correct += (logits.argmax(axis=1) == yb).sum()
+        totals.add(loss_fn.forward(logits, yb), logits, yb)
         n += len(yb)
-    return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
+    loss_sum, correct = totals.read()
+    return loss_sum / max(n, 1), correct / max(n, 1)
 
 
 class Trainer:
@@ -120,7 +153,7 @@ class Trainer:
                     decay_layers=["fc3", "fc4"], schedule="cosine", warmup_epochs=1.0,
                     augment=True, seed=0, out="runs/cifarnet", limit_train=None, limit_test=None,
                     device="auto", log_every=25, download=True,
-                    reuse="off", reuse_layers=None, reuse_options=None)
+                    reuse="off", reuse_layers=None, reuse_options=None, graph="auto")
 
     def __init__(self, cfg, data=None, model=None, quiet=False):
         unknown = set(cfg) - set(self.DEFAULTS)
@@ -133,6 +166,8 @@ class Trainer:
                 raise ValueError(f"{key} must be a positive integer, got {c[key]!r}")
         self.quiet = quiet
         self.device = backend.set_device(c["device"])
+        from .graph import resolve_mode
+        self.graph_mode = resolve_mode(c["graph"], self.device)
         backend.seed(c["seed"])
         self.model = model if model is not None else self._build_model()
         self.opt = build_optimizer(self.model, c)
@@ -147,6 +182,9 @@ class Trainer:
             self.strategy.attach(self.model)
         self.timer = LayerTimer([l.name for l in self.model.reuse_layers()])
         self._measuring = False
+        self._graphs = None
+        self._replays_before = 0    # graph replays before this epoch
+        self.totals = self.reader = None
 
     def _build_model(self):
         name = self.cfg["model"]
@@ -186,70 +224,112 @@ class Trainer:
                              mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
     def train_step(self, xb, yb, lr):
+        """One eager step (forward, loss, backward, update) on a batch; returns (loss, logits)."""
         # steps that sample the reuse error also run the exact product: not timed
         timer = None if self._measuring else self.timer
+        self.opt.lr = lr
+        self.opt.prepare_step()
+        return self._step_body(xb, yb, timer)
+
+    def _step_body(self, xb, yb, timer=None):
+        """The device part of a step, the part a CUDA graph records."""
         logits = self.model.forward(xb, train=True, timer=timer)
         loss = self.loss_fn.forward(logits, yb)
         self.model.backward(self.loss_fn.backward(), timer=timer)
+        self.opt.apply()
+        return loss, logits
+
+    def _graph_body(self, xb, yb):
+        loss, logits = self._step_body(xb, yb)
+        self.totals.add(loss, logits, yb)
+
+    def _prepare_replay(self):
+        """Host work of a replayed step: count it, upload the learning rate and dropout keys."""
+        self.opt.prepare_step()
+        for layer in self.model.layers:
+            if hasattr(layer, "prepare_replay"):
+                layer.prepare_replay()
+
+    def begin_run(self):
+        """Set up what steps accumulate into and, on the GPU with graphs, the graph runner."""
+        xp = backend.xp()
+        self.totals = StepTotals(xp)
+        self.reader = backend.AsyncReader(2, xp=xp)
+        self._graphs = None
+        if self.graph_mode != "off":
+            from .graph import StepGraphs
+            self._graphs = StepGraphs(self._graph_body, self.model, self._prepare_replay, mode=self.graph_mode)
+
+    def stream(self):
+        """The context every step, eager or replayed, runs in (the graphs' stream on the GPU)."""
+        return self._graphs.stream if self._graphs is not None else contextlib.nullcontext()
+
+    def run_step(self, xb, yb, epoch, step, steps):
+        """One training step as fit runs it: dropout seeds, learning rate and reuse settings
+        for (epoch, step), then a graph replay or an eager step, added to ``self.totals``.
+        Returns the learning rate used. Needs ``begin_run()`` and ``with self.stream():``."""
+        c = self.cfg
+        reseed_dropout(self.model, (c["seed"], epoch, step))
+        lr = self.schedule(epoch + step / steps)
+        if self.strategy is not None:
+            self._before_step(xb, yb, epoch, step, steps)
         self.opt.lr = lr
-        self.opt.step()
-        return loss, (logits.argmax(axis=1) == yb).sum()
+        # eager steps are timed per layer; with graphs, one step in GRAPH_TIMING_EVERY runs eagerly
+        if self._graphs is None or step % GRAPH_TIMING_EVERY == 0 or not self._graphs.run(xb, yb):
+            loss, logits = self.train_step(xb, yb, lr)
+            self.totals.add(loss, logits, yb)
+        if self.strategy is not None:
+            self._after_step()
+        return lr
 
     def fit(self):
         """Train from (start_epoch, start_step) to the last epoch. Returns the history list."""
         c = self.cfg
         xtr, ytr, xte, yte = self.data
-        xp = backend.xp()
         os.makedirs(self.out, exist_ok=True)
         ckpt = os.path.join(self.out, CHECKPOINT)
         train_iter = self._batches(xtr, ytr, train=True)
         test_iter = self._batches(xte, yte, train=False)
         steps = len(train_iter)
+        self.begin_run()
         for epoch in range(self.start_epoch, c["epochs"]):
             start = self.start_step if epoch == self.start_epoch else 0
             # every epoch's shuffle and augmentation come from (seed, epoch) alone
             train_iter.rng = np.random.default_rng([c["seed"], epoch])
             it = train_iter.epoch(start)
-            loss_sum, correct = xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64)
+            self.totals.reset()
+            self.reader.clear()
+            self._replays_before = self._graphs.replays if self._graphs is not None else 0
             seen = 0
             t0 = time.perf_counter()
             bar = tqdm(it, total=steps, initial=start, desc=f"epoch {epoch + 1}/{c['epochs']}", unit="batch",
                        disable=self.quiet, leave=True, dynamic_ncols=True)
             step = start - 1
-            with InterruptFlag() as interrupted:
+            with self.stream(), InterruptFlag() as interrupted:
                 for step, (xb, yb) in enumerate(bar, start=start):
-                    reseed_dropout(self.model, (c["seed"], epoch, step))
-                    lr = self.schedule(epoch + step / steps)
-                    if self.strategy is not None:
-                        self._before_step(xb, yb, epoch, step, steps)
-                    loss, corr = self.train_step(xb, yb, lr)
-                    if self.strategy is not None:
-                        self._after_step()
-                    loss_sum += loss * len(yb)
-                    correct += corr
+                    lr = self.run_step(xb, yb, epoch, step, steps)
                     seen += len(yb)
                     if (step + 1) % c["log_every"] == 0 or step + 1 == steps:
-                        # one host read every log_every steps, not every step
-                        self._check_finite(float(loss_sum) / seen, epoch, step, ckpt)
-                        bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{float(correct) / seen:.3f}",
-                                        lr=f"{lr:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}",
-                                        **({"reuse": self.strategy.describe()} if self.strategy else {}))
+                        # queue a copy of the sums; show the newest copy that has landed
+                        self.reader.request(self.totals.sums, tag=(seen, step))
+                        self._show_progress(bar, epoch, lr, seen, t0, ckpt)
                     if interrupted:
                         bar.close()
-                        self._check_finite(float(loss_sum) / seen, epoch, step, ckpt)
+                        loss_sum, _ = self.totals.read()
+                        self._check_finite(loss_sum / seen, epoch, step, ckpt)
                         save_checkpoint(ckpt, self.model, self.opt, epoch, step + 1, self.history, c, self.strategy)
                         raise KeyboardInterrupt(
                             f"interrupted in epoch {epoch + 1} after step {step + 1}; state saved to "
                             f"{os.path.abspath(ckpt)} (continue with --resume {ckpt})")
-            bar.close()
-            backend.synchronize()
-            seconds = time.perf_counter() - t0
-            test_loss, test_acc = evaluate(self.model, self.loss_fn, test_iter)
-            record = dict(epoch=epoch + 1, train_loss=float(loss_sum) / max(seen, 1),
-                          train_acc=float(correct) / max(seen, 1), test_loss=test_loss, test_acc=test_acc,
+                bar.close()
+                loss_sum, correct = self.totals.read()   # the one wait of the epoch
+                seconds = time.perf_counter() - t0
+                self._check_finite(loss_sum / max(seen, 1), epoch, step, ckpt)
+                test_loss, test_acc = evaluate(self.model, self.loss_fn, test_iter)
+            record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1),
+                          train_acc=correct / max(seen, 1), test_loss=test_loss, test_acc=test_acc,
                           lr=lr, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
-            self._check_finite(record["train_loss"], epoch, step, ckpt)
-            record["layers"] = self._layer_records(seen)
+            record["layers"] = self._layer_records(step + 1 - start)
             if self.strategy is not None:
                 self.strategy.on_epoch_end((epoch + 1) / c["epochs"], record["train_loss"], record["layers"])
                 new_events = [e for e in self.strategy.events if "epoch" not in e]
@@ -306,15 +386,38 @@ class Trainer:
         return {l.name: 1e3 * (times[(l.name, "forward")][0] + times[(l.name, "backward")][0])
                 for l in layers}
 
-    def _layer_records(self, images):
-        """Per conv/dense layer: time per step, and reuse settings and statistics."""
+    def _show_progress(self, bar, epoch, lr, seen, t0, ckpt):
+        """Progress bar and non-finite guard from the newest sums read back (CPU: the current ones)."""
+        got = self.reader.latest()
+        if got is None:
+            return
+        (loss_sum, correct), (n, at_step) = got
+        self._check_finite(loss_sum / n, epoch, at_step, ckpt)
+        if not bar.disable:
+            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}", lr=f"{lr:.4f}",
+                            img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+                            **({"reuse": self.strategy.describe()} if self.strategy else {}))
+
+    def _layer_records(self, steps_run):
+        """Per conv/dense layer: time per step, and reuse settings and statistics.
+
+        Replayed CUDA-graph steps are not timed per layer: in an epoch with replays,
+        forward_s and backward_s are the means of the eager (timed) calls times the
+        steps run; timed_calls says how many calls were measured."""
         times = self.timer.collect()
+        sampled = self._graphs is not None and self._graphs.replays > self._replays_before
+        if self._graphs is not None:
+            self._graphs.flush_stats()
         out = {}
         for layer in self.model.reuse_layers():
             f, nf = times.get((layer.name, "forward"), (0.0, 0))
             b, nb = times.get((layer.name, "backward"), (0.0, 0))
+            if sampled:
+                f, b = f / max(nf, 1) * steps_run, b / max(nb, 1) * steps_run
+                nf = nb = steps_run
             rec = dict(forward_s=f, backward_s=b, forward_ms=1e3 * f / max(nf, 1),
                        backward_ms=1e3 * b / max(nb, 1), step_ms=1e3 * (f + b) / max(nf, 1),
+                       timed_calls=times.get((layer.name, "forward"), (0.0, 0))[1],
                        reuse=None if layer.reuse is None else layer.reuse.replace(measure_error=False).as_dict())
             if layer.reuse_state is not None:
                 rec.update({k: v for k, v in layer.reuse_state.pop_stats().items()})

@@ -62,6 +62,9 @@ def im2col(x, kh, kw, stride, pads):
 
 def col2im(cols, x_shape, kh, kw, stride, pads):
     """Adjoint of im2col: scatter-add the columns back into a (B, H, W, C) array."""
+    from .. import fused
+    if fused.supports(cols):          # CuPy: one gather kernel instead of kh*kw launches
+        return fused.col2im(cols, x_shape, kh, kw, stride, pads)
     xp = backend.get_array_module(cols)
     b, h, w, c = x_shape
     hp, wp = h + pads[0] + pads[1], w + pads[2] + pads[3]

@@ -1,5 +1,11 @@
-"""Max pooling on NHWC inputs."""
-from .. import backend
+"""Max pooling on NHWC inputs.
+
+On CuPy arrays with windows that do not overlap (stride >= pool size, CifarNet's
+2x2/2), forward and backward are one fused kernel each (minireuse.fused): the
+forward keeps the position of each window's first maximum (one byte per output)
+and the backward is a gather from it. The array code below is their twin.
+"""
+from .. import backend, fused
 from .base import Layer
 from .conv import conv_padding
 
@@ -40,21 +46,31 @@ class MaxPool2D(Layer):
         self._check_input(x, 4, "(batch, height, width, channels)")
         xp = backend.get_array_module(x)
         pads, oh, ow = self._geometry(x.shape[1], x.shape[2])
+        if self.stride >= self.k and self.k * self.k <= 255 and fused.supports(x):
+            y, arg = fused.maxpool_forward(x, self.k, self.stride, pads, (oh, ow))
+            if train:
+                self._cache = ("fused", arg, x.shape, pads)
+            return y
         t, b, l, r = pads
         xpad = xp.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), constant_values=-xp.inf) if any(pads) else x
         y = self._window(xpad, 0, 0, oh, ow)
         for idx in range(1, self.k * self.k):
             y = xp.maximum(y, self._window(xpad, *divmod(idx, self.k), oh, ow))
         if train:
-            self._cache = (xpad, y, x.shape, pads)
+            self._cache = ("array", xpad, y, x.shape, pads)
         return y
 
     def backward(self, dy):
         # The gradient goes to the first maximum of each window in (dy, dx) order:
         # walk the offsets in that order and hand it to positions equal to the max
         # that no earlier offset has taken.
+        kind, *cache = self._cache
+        self._cache = None
+        if kind == "fused":
+            arg, x_shape, pads = cache
+            return fused.maxpool_backward(dy, arg, x_shape, self.k, self.stride, pads)
         xp = backend.get_array_module(dy)
-        xpad, y, (n, h, w, c), (t, b, l, r) = self._cache
+        xpad, y, (n, h, w, c), (t, b, l, r) = cache
         oh, ow = dy.shape[1:3]
         dxpad = xp.zeros(xpad.shape, dtype=dy.dtype)
         taken = xp.zeros(y.shape, dtype=bool)
@@ -63,5 +79,4 @@ class MaxPool2D(Layer):
             hit = (self._window(xpad, i, j, oh, ow) == y) & ~taken
             taken |= hit
             self._window(dxpad, i, j, oh, ow)[...] += dy * hit
-        self._cache = None
         return dxpad[:, t:t + h, l:l + w, :]

@@ -1,8 +1,30 @@
-"""Parameter-free layers: ReLU, Flatten, Dropout."""
+"""Parameter-free layers: ReLU, Flatten, Dropout.
+
+On CuPy arrays, ReLU's backward and Dropout's forward are one fused kernel each
+(minireuse.fused); the array code below is their twin and runs on NumPy (Dropout's
+GPU masks come from a counter-based generator instead of NumPy's, see Dropout).
+"""
 import numpy as np
 
-from .. import backend
+from .. import backend, fused
 from .base import Layer
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z):
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def call_key(seed, call):
+    """The 64-bit key of a dropout call: its seed (an int or a tuple of ints) and its number."""
+    h = 0
+    for v in (tuple(seed) if isinstance(seed, (tuple, list)) else (seed,)) + (call,):
+        h = _splitmix64(h ^ (int(v) & _MASK64))
+    return h
 
 
 class ReLU(Layer):
@@ -14,7 +36,7 @@ class ReLU(Layer):
         return y
 
     def backward(self, dy):
-        dx = dy * (self._y > 0)
+        dx = fused.relu_backward(dy, self._y) if fused.supports(dy, self._y) else dy * (self._y > 0)
         self._y = None
         return dx
 
@@ -37,8 +59,16 @@ class Dropout(Layer):
     """Inverted dropout: in training, zero each unit with probability ``rate`` and
     scale the rest by 1/(1-rate); identity at evaluation.
 
-    Random draws come from ``self.rng`` (a numpy Generator on the CPU, a cupy
-    generator on the GPU); the trainer reseeds it so runs are reproducible.
+    On the CPU, random draws come from ``self.rng``, a numpy Generator; the trainer
+    reseeds it every step with (seed, epoch, step), so runs are reproducible.
+
+    On the GPU a fused kernel draws the mask from a counter-based generator: element
+    i of call k after ``reseed(s)`` keeps when SplitMix64(call_key(s, k) + i) says so.
+    Reseeding is then a host integer (no generator to build per step), the mask of a
+    step depends only on (seed, epoch, step), so resuming mid-epoch is exact on the
+    GPU too, and the key lives in device memory, so a step recorded in a CUDA graph
+    draws a fresh mask at every replay (the graph runner calls ``prepare_replay``,
+    which advances the key, before each replay). GPU masks differ from CPU masks.
     """
 
     def __init__(self, rate=0.5, seed=0, name=None):
@@ -46,16 +76,38 @@ class Dropout(Layer):
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"{self.name}: rate must be in [0, 1), got {rate}")
         self.rate = rate
+        self._device_key = None
         self.reseed(seed)
 
     def reseed(self, seed):
-        self.rng = backend.random_generator(seed)
+        self.seed, self._calls = seed, 0
+        # a cupy generator costs a kernel launch or more to build: the GPU path uses keys
+        self.rng = backend.random_generator(seed) if backend.device() == "cpu" else None
+
+    def advance_key(self):
+        """Next call's key into device memory (asynchronous; never inside a capture)."""
+        self._calls += 1
+        key = call_key(self.seed, self._calls)
+        if self._device_key is None:
+            self._device_key = backend.DeviceScalars(2, np.uint32, xp=backend.require_gpu())
+        self._device_key.set((key & 0xFFFFFFFF, key >> 32))
+
+    prepare_replay = advance_key
 
     def forward(self, x, train=True):
         if not train or self.rate == 0.0:
             self._mask = None
             return x
         keep = 1.0 - self.rate
+        if fused.supports(x):
+            if not backend.is_capturing():
+                self.advance_key()
+            elif self._device_key is None:
+                raise RuntimeError(f"{self.name}: a CUDA graph capture needs one eager step first")
+            self._mask, y = fused.dropout_forward(x, keep, self._device_key.array)
+            return y
+        if self.rng is None:
+            self.rng = np.random.default_rng(self.seed)
         self._mask = (self.rng.random(x.shape, dtype=np.float32) < keep).astype(x.dtype) / keep
         return x * self._mask
 

@@ -1,0 +1,369 @@
+"""Whole training-step benchmark: ms per CifarNet step, minireuse against PyTorch, in one run.
+
+    python -m minireuse bench --model cifarnet [--data DIR] [--batch 128] [--steps N] [--warmup N]
+        [--device auto|cpu|gpu] [--reuse-config FILE] [--graph auto|on|off] [--torch auto|off]
+        [--threads N] [--batches K] [--seed S] [--json FILE] [--quiet]
+
+A step is what training runs per batch (Trainer.run_step): dropout seeds, learning
+rate, forward, loss, backward, optimizer update and the loss/accuracy sums; the
+batches are device-resident, augmented CIFAR-10 batches (real images when --data
+loads, else a fixed random fixture, and the report says which), cycled. Rows:
+
+    minireuse exact            eager
+    minireuse exact + graph    the step replayed as a CUDA graph (GPU only)
+    minireuse reuse            a fixed reuse setting (--reuse-config, default conv2's
+                               DEFAULT_FIXED of minireuse.reuse.adaptive), eager
+    minireuse reuse + graph    (GPU only; reported as not capturable when its
+                               implementation is not)
+    pytorch eager              the same network in PyTorch (cuDNN on the GPU, all
+                               CPU threads on the CPU) when ``import torch`` works
+    data pipeline              BatchIterator's gather + crop/flip + normalise, per batch
+
+Each time is the median of --steps steps after --warmup steps (CUDA events on the
+GPU, perf_counter on the CPU), also given as seconds per 50,000-image epoch and as
+ratios against PyTorch and against minireuse exact eager, all from the same run.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import backend
+
+EPOCH_IMAGES = 50_000
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", default="cifarnet", choices=["cifarnet"])
+    parser.add_argument("--data", default="data", help="directory with CIFAR-10 (a random fixture when missing)")
+    parser.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per row (default 30 on the GPU, 5 on the CPU)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default 5 on the GPU, 1 on the CPU; at least 2 with graphs)")
+    parser.add_argument("--batches", type=int, default=4, help="distinct batches cycled through (default 4)")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--reuse-config", metavar="FILE", default=None,
+                        help="JSON reuse settings for the reuse rows (default: conv2 L=16 H=16)")
+    parser.add_argument("--graph", choices=["auto", "on", "off"], default="auto",
+                        help="graph rows: auto = on the GPU only; on = required; off = none")
+    parser.add_argument("--torch", choices=["auto", "off"], default="auto",
+                        help="time PyTorch too when it imports (default auto)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+# ---------------------------------------------------------------- inputs
+
+def load_training_images(data_dir, n, seed):
+    """(uint8 NHWC images, int64 labels, a line saying where they came from)."""
+    try:
+        from .data import load_cifar10
+        x, y = load_cifar10(data_dir, download=False, progress=False)[:2]
+        return x[:n], y[:n], f"CIFAR-10 training images 0..{min(n, len(x)) - 1} from {data_dir}"
+    except Exception as e:   # missing or unreadable data: time on a fixture, and say so
+        rng = np.random.default_rng(seed)
+        coarse = rng.uniform(0, 255, size=(n, 4, 4, 3))
+        images = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2) + rng.normal(0, 8, (n, 32, 32, 3))
+        return (np.clip(images, 0, 255).astype(np.uint8), rng.integers(0, 10, n),
+                f"NOT CIFAR-10: a fixed random fixture ({type(e).__name__}: {str(e).splitlines()[0]})")
+
+
+def device_batches(x, y, batch, count, seed):
+    """``count`` augmented, normalised batches on the device, and the iterator that made them."""
+    from .data import CIFAR10_MEAN, CIFAR10_STD, BatchIterator
+    it = BatchIterator(x, y, batch, shuffle=True, rng=np.random.default_rng(seed), augment=True,
+                       drop_last=True, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    batches = []
+    for xb, yb in it:
+        batches.append((xb, yb))
+        if len(batches) == count:
+            break
+    return batches, it
+
+
+# ---------------------------------------------------------------- timing
+
+class StepClock:
+    """Per-step times in ms: CUDA events on ``stream`` (read once, at the end) or perf_counter."""
+
+    def __init__(self, gpu, stream=None):
+        self.gpu, self.stream = gpu, stream
+        self.marks = []
+
+    def time(self, fn, *args):
+        """fn(*args), timed; returns its result."""
+        if self.gpu:
+            cp = backend.require_gpu()
+            stream = self.stream or cp.cuda.get_current_stream()
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            out = fn(*args)
+            end.record(stream)
+            self.marks.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            out = fn(*args)
+            self.marks.append(1e3 * (time.perf_counter() - t0))
+        return out
+
+    def times(self):
+        if not self.gpu:
+            return list(self.marks)
+        cp = backend.require_gpu()
+        if self.marks:
+            self.marks[-1][1].synchronize()
+        return [cp.cuda.get_elapsed_time(a, b) for a, b in self.marks]
+
+
+def summary(times):
+    t = np.asarray(times, dtype=np.float64)
+    return dict(ms=float(np.median(t)), ms_p10=float(np.percentile(t, 10)), ms_p90=float(np.percentile(t, 90)),
+                steps=len(t))
+
+
+def time_minireuse(batches, cfg, steps, warmup, gpu):
+    """Median ms per Trainer.run_step, and what ran (implementation, graph replays)."""
+    from .train import Trainer
+    t = Trainer(cfg, data=(None, None, None, None), quiet=True)
+    t.begin_run()
+    per_epoch = math.ceil(EPOCH_IMAGES / len(batches[0][1]))
+    clock = StepClock(gpu, t._graphs.stream if t._graphs is not None else None)
+    with t.stream():
+        for i in range(warmup + steps):
+            xb, yb = batches[i % len(batches)]
+            # steps numbered from 1: step 0 of an epoch is the one timed per layer
+            step_args = (xb, yb, 0, 1 + i % (per_epoch - 1), per_epoch)
+            if i < warmup:
+                t.run_step(*step_args)
+            else:
+                clock.time(t.run_step, *step_args)
+        times = clock.times()
+    t.timer.collect()
+    impl = ("cupy + fused kernels" if gpu else "numpy")
+    reuse_impls = sorted({l.reuse_state.last["impl"] for l in t.model.reuse_layers()
+                          if l.reuse is not None and l.reuse_state is not None and l.reuse_state.last})
+    if reuse_impls:
+        impl += ", reuse " + "/".join(reuse_impls)
+    graphs = t._graphs
+    out = dict(summary(times), implementation=impl,
+               graph_replays=graphs.replays if graphs is not None else 0,
+               graph_recordings=graphs.recordings if graphs is not None else 0)
+    if graphs is not None and graphs.replays == 0:
+        from .graph import uncapturable_layers
+        blockers = uncapturable_layers(t.model) or list(graphs.failed.values())
+        out["note"] = "not capturable: " + ("; ".join(blockers) or "no replay happened")
+    return out
+
+
+def time_data_pipeline(iterator, steps, warmup, gpu):
+    """Median ms per batch of BatchIterator (gather, crop/flip, normalise) on the device."""
+    clock = StepClock(gpu)
+    batches = iterator.epoch()
+
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:          # the few batches ran out: a new epoch
+            batches = iterator.epoch()
+            return next(batches)
+
+    for i in range(warmup + steps):
+        if i < warmup:
+            next_batch()
+        else:
+            clock.time(next_batch)
+    return dict(summary(clock.times()), implementation="BatchIterator (cupy)" if gpu else "BatchIterator (numpy)")
+
+
+# ---------------------------------------------------------------- PyTorch
+
+def torch_cifarnet(torch):
+    """CifarNet in PyTorch (NCHW): the layers and sizes of minireuse.models.cifarnet."""
+    nn = torch.nn
+    # TF's LRN alpha is not divided by the window; PyTorch's is: alpha * size
+    lrn = dict(size=9, alpha=0.001 / 9.0 * 9, beta=0.75, k=1.0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2, 2), nn.LocalResponseNorm(**lrn),
+        nn.Conv2d(64, 64, 5, padding=2), nn.ReLU(), nn.LocalResponseNorm(**lrn), nn.MaxPool2d(2, 2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 384), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(384, 192), nn.ReLU(), nn.Linear(192, 10))
+    decay = [model[9].weight, model[12].weight]
+    rest = [p for p in model.parameters() if all(p is not d for d in decay)]
+    return model, [dict(params=decay, weight_decay=0.004), dict(params=rest, weight_decay=0.0)]
+
+
+def time_torch(batches, steps, warmup, gpu, threads):
+    import torch
+    if gpu and not torch.cuda.is_available():
+        raise RuntimeError(f"torch {torch.__version__} sees no CUDA device")
+    dev = torch.device("cuda" if gpu else "cpu")
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+        impl = f"pytorch {torch.__version__} eager, cuDNN {torch.backends.cudnn.version()}, NCHW"
+    else:
+        torch.set_num_threads(threads or os.cpu_count())
+        impl = f"pytorch {torch.__version__} eager, {torch.get_num_threads()} CPU threads, NCHW"
+    torch.manual_seed(0)
+    model, groups = torch_cifarnet(torch)
+    model.to(dev)
+    opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=True)
+    data = [(torch.from_numpy(backend.asnumpy(xb)).permute(0, 3, 1, 2).contiguous().to(dev),
+             torch.from_numpy(backend.asnumpy(yb)).to(dev)) for xb, yb in batches]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+
+    def step(x, y):
+        nonlocal loss_sum, correct
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out, y)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach() * len(y)      # the same sums as minireuse's step, no host read
+        correct += (out.argmax(1) == y).sum()
+
+    times = []
+    for i in range(warmup + steps):
+        x, y = data[i % len(data)]
+        if gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(x, y)
+            end.record()
+            if i >= warmup:
+                times.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            step(x, y)
+            if i >= warmup:
+                times.append(1e3 * (time.perf_counter() - t0))
+    if gpu:
+        torch.cuda.synchronize()
+        times = [a.elapsed_time(b) for a, b in times]
+    return dict(summary(times), implementation=impl)
+
+
+# ---------------------------------------------------------------- the report
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def reuse_label(layers):
+    """'conv2 L16 H16' from {layer: setting or [settings]} (a fixed strategy uses the first)."""
+    first = {name: (s[0] if isinstance(s, list) else s) for name, s in layers.items()}
+    return ", ".join(f"{name} L{s.get('L', 16)} H{s.get('H', 12)}" for name, s in first.items())
+
+
+def format_table(report):
+    rows = report["rows"]
+    exact = next((r for r in rows if r["name"] == "minireuse exact"), None)
+    torch_row = next((r for r in rows if r["name"].startswith("pytorch")), None)
+    head = ["step", "implementation", "ms/step", "p10-p90", "s/epoch", "vs pytorch", "vs exact"]
+    body = []
+    for r in rows:
+        if r.get("ms") is None:
+            body.append([r["name"], r.get("note", ""), "-", "-", "-", "-", "-"])
+            continue
+        is_data = r["name"] == "data pipeline"
+        body.append([r["name"], r["implementation"] + (f" [{r['note']}]" if r.get("note") else ""),
+                     f"{r['ms']:.2f}", f"{r['ms_p10']:.2f}-{r['ms_p90']:.2f}", f"{r['epoch_s']:.1f}",
+                     "-" if is_data or torch_row is None else f"{torch_row['ms'] / r['ms']:.2f}x",
+                     "-" if is_data or exact is None else f"{exact['ms'] / r['ms']:.2f}x"])
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in [head] + body]
+    lines.insert(1, "-" * len(lines[0]))
+    notes = [f"device: {report['device']}   commit: {report['commit']}",
+             f"data: {report['data']}",
+             f"batch {report['batch']}, median of {report['steps']} steps after {report['warmup']} warm-up steps; "
+             f"s/epoch = ms/step x {report['steps_per_epoch']} steps of {EPOCH_IMAGES:,} images; "
+             "'vs' columns: how many times faster than that row (>1 = faster)"]
+    return "\n".join(notes + [""] + lines)
+
+
+def run_step_bench(args):
+    """Time every row; returns the report dict."""
+    from .reuse.adaptive import DEFAULT_FIXED, load_settings
+    from .train import device_description
+    device = backend.set_device(args.device)
+    gpu = device == "gpu"
+    if args.graph == "on" and not gpu:
+        raise backend.DeviceError("--graph on times CUDA graphs, which need a GPU; this run is on the CPU "
+                                  "(use --graph auto or off)")
+    for name in ("batch", "batches"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    steps = args.steps if args.steps is not None else (30 if gpu else 5)
+    graph_rows = gpu and args.graph != "off"
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    if graph_rows:
+        warmup = max(warmup, 2)      # one eager warm-up step, then the recording
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    layers, options = (load_settings(args.reuse_config) if args.reuse_config
+                       else (DEFAULT_FIXED, {}))
+
+    def say(msg):
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    x, y, source = load_training_images(args.data, args.batch * args.batches, args.seed)
+    if len(x) < args.batch * args.batches:
+        raise ValueError(f"{len(x)} images are fewer than --batch x --batches = {args.batch * args.batches}")
+    batches, iterator = device_batches(x, y, args.batch, args.batches, args.seed)
+    # graph rows run in 'auto' mode: a step that cannot be recorded runs eagerly and
+    # its row says so, instead of stopping the whole benchmark
+    base = dict(device=device, seed=args.seed, graph="off")
+    plans = [("minireuse exact", dict(base)),
+             ("minireuse exact + graph", dict(base, graph="auto")),
+             (f"minireuse reuse ({reuse_label(layers)})",
+              dict(base, reuse="fixed", reuse_layers=layers, reuse_options=options)),
+             (f"minireuse reuse ({reuse_label(layers)}) + graph",
+              dict(base, reuse="fixed", reuse_layers=layers, reuse_options=options, graph="auto"))]
+    rows = []
+    for name, cfg in plans:
+        if cfg["graph"] != "off" and not graph_rows:
+            continue
+        say(f"timing {name} ...")
+        rows.append(dict(name=name, **time_minireuse(batches, cfg, steps, warmup, gpu)))
+    if args.torch != "off":
+        say("timing pytorch eager ...")
+        try:
+            rows.append(dict(name="pytorch eager", **time_torch(batches, steps, warmup, gpu, args.threads)))
+        except ImportError as e:
+            rows.append(dict(name="pytorch eager", ms=None, note=f"not timed: torch does not import ({e})"))
+        except RuntimeError as e:
+            rows.append(dict(name="pytorch eager", ms=None, note=f"not timed: {e}"))
+    say("timing the data pipeline ...")
+    rows.append(dict(name="data pipeline", **time_data_pipeline(iterator, steps, warmup, gpu)))
+    per_epoch = math.ceil(EPOCH_IMAGES / args.batch)
+    for r in rows:
+        if r.get("ms") is not None:
+            r["epoch_s"] = r["ms"] * per_epoch / 1e3
+    return dict(device=device_description(), commit=git_commit(), data=source, batch=args.batch,
+                steps=steps, warmup=warmup, steps_per_epoch=per_epoch, rows=rows)
+
+
+def run(args):
+    report = run_step_bench(args)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,62 @@
+"""The whole-step benchmark (minireuse.bench_step): rows, labels, JSON, and its errors."""
+import argparse
+import importlib.util
+import json
+
+import pytest
+
+from minireuse import backend, bench_step
+
+from cifar_fixture import write_cifar_fixture
+
+
+def parse(*argv):
+    p = argparse.ArgumentParser()
+    bench_step.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_cpu_run_prints_a_labelled_table_and_json(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    args = parse("--device", "cpu", "--data", str(tmp_path / "none"), "--batch", "8", "--batches", "2",
+                 "--steps", "2", "--warmup", "1", "--torch", "off", "--json", str(out), "--quiet")
+    assert bench_step.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "NOT CIFAR-10" in printed and "device: cpu" in printed
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names == ["minireuse exact", "minireuse reuse (conv2 L16 H16)", "data pipeline"]  # no graph rows on a CPU
+    exact, reuse = report["rows"][0], report["rows"][1]
+    assert exact["ms"] > 0 and exact["steps"] == 2 and exact["implementation"] == "numpy"
+    assert "numpy-reference" in reuse["implementation"]
+    assert exact["epoch_s"] == pytest.approx(exact["ms"] * 6250 / 1e3)
+    assert report["batch"] == 8 and report["steps_per_epoch"] == 6250
+
+
+def test_real_images_are_named(tmp_path, capsys):
+    write_cifar_fixture(str(tmp_path / "data"), n_per_batch=8, n_test=8)
+    args = parse("--device", "cpu", "--data", str(tmp_path / "data"), "--batch", "8", "--batches", "2",
+                 "--steps", "1", "--warmup", "0", "--torch", "off", "--quiet")
+    report = bench_step.run_step_bench(args)
+    assert report["data"].startswith("CIFAR-10 training images 0..15 from")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
+def test_pytorch_is_timed_in_the_same_run(tmp_path):
+    args = parse("--device", "cpu", "--data", str(tmp_path / "none"), "--batch", "8", "--batches", "1",
+                 "--steps", "1", "--warmup", "1", "--threads", "1", "--quiet")
+    report = bench_step.run_step_bench(args)
+    torch_row = next(r for r in report["rows"] if r["name"] == "pytorch eager")
+    assert torch_row["ms"] > 0 and "1 CPU threads" in torch_row["implementation"]
+    table = bench_step.format_table(report)
+    assert "vs pytorch" in table and "1.00x" in table
+
+
+def test_graph_on_on_the_cpu_is_refused(tmp_path):
+    with pytest.raises(backend.DeviceError, match="need a GPU"):
+        bench_step.run_step_bench(parse("--device", "cpu", "--graph", "on", "--torch", "off"))
+
+
+def test_bad_sizes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--batch must be a positive integer"):
+        bench_step.run_step_bench(parse("--device", "cpu", "--batch", "0", "--torch", "off"))
