@@ -49,7 +49,7 @@ def add_arguments(parser):
     parser.add_argument("--batches", type=int, default=4, help="distinct batches cycled through (default 4)")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     parser.add_argument("--reuse-config", metavar="FILE", default=None,
-                        help="JSON reuse settings for the reuse rows (default: conv2 L=16 H=16)")
+                        help="JSON reuse settings for the reuse rows (default: adaptive.DEFAULT_FIXED)")
     parser.add_argument("--graph", choices=["auto", "on", "off"], default="auto",
                         help="graph rows: auto = on the GPU only; on = required; off = none")
     parser.add_argument("--torch", choices=["auto", "off"], default="auto",
@@ -264,7 +264,7 @@ def git_commit():
 
 
 def reuse_label(layers):
-    """'conv2 L16 H16' from {layer: setting or [settings]} (a fixed strategy uses the first)."""
+    """'conv2 L64 H24' from {layer: setting or [settings]} (a fixed strategy uses the first)."""
     first = {name: (s[0] if isinstance(s, list) else s) for name, s in layers.items()}
     return ", ".join(f"{name} L{s.get('L', 16)} H{s.get('H', 12)}" for name, s in first.items())
 
