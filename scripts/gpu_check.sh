@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: every test (GPU ones included), the layer bench, and per-kernel
-# times of conv2 (with cuDNN for a ratio when PyTorch imports); writes
+# times of conv2 (with cuDNN for a ratio when PyTorch imports), and the whole
+# training step against PyTorch eager; writes
 # $OUT_DIR/<date>-<device>.md and .json with the device name, the commit and the numbers.
 #
 #   bash scripts/gpu_check.sh            (make gpu-check)
@@ -38,12 +39,15 @@ run_stage() {   # name, time limit in seconds, command...
 
 PARALLEL=()
 "$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
-run_stage tests 140 "$PYTHON" -m pytest -q -rs ${PARALLEL[@]+"${PARALLEL[@]}"} tests
-run_stage bench 80 "$PYTHON" -m minireuse bench --quiet --data "$DATA" --layers conv2,fc3 \
+run_stage tests 130 "$PYTHON" -m pytest -q -rs ${PARALLEL[@]+"${PARALLEL[@]}"} tests
+run_stage bench 60 "$PYTHON" -m minireuse bench --quiet --data "$DATA" --layers conv2,fc3 \
     --family offset --repeats 3 --json "$WORK/bench_gpu.json"
-run_stage kernels 50 "$PYTHON" scripts/kernel_times.py --data "$DATA" --repeats 10 \
+run_stage kernels 40 "$PYTHON" scripts/kernel_times.py --data "$DATA" --repeats 10 \
     --json "$WORK/kernel_times.json" --markdown "$WORK/kernel_times.md"
+run_stage step 60 "$PYTHON" -m minireuse bench --model cifarnet --data "$DATA" --quiet \
+    --json "$WORK/step_gpu.json"
 [ -f "$WORK/bench_gpu.json" ] && cp "$WORK/bench_gpu.json" "$OUT_DIR/bench_gpu.json"
+[ -f "$WORK/step_gpu.json" ] && cp "$WORK/step_gpu.json" "$OUT_DIR/step_gpu.json"
 
 STAGE_LIST=$(IFS=,; echo "${STAGES[*]}")
 STATUS_LIST=$(IFS=,; echo "${STATUS[*]}")
@@ -79,11 +83,12 @@ def tail(name, n):
 
 stages = {n: int(c) for n, c in zip(names, codes)}
 report = dict(date=date, device=device, commit=commit, stages=stages,
-              bench=load("bench_gpu.json"), kernels=load("kernel_times.json"))
+              bench=load("bench_gpu.json"), kernels=load("kernel_times.json"), step=load("step_gpu.json"))
 lines = [f"# GPU check {date}: {device}", "", f"commit {commit}", "", "| stage | exit |", "|---|---|"]
 lines += [f"| {n} | {c} |" for n, c in stages.items()]
 lines += ["", "## tests", "", "```text", tail("tests", 30), "```", "", "## layer bench", "", "```text",
-          tail("bench", 40), "```", ""]
+          tail("bench", 40), "```", "", "## training step (bench --model cifarnet)", "", "```text",
+          tail("step", 25), "```", ""]
 kernels = work / "kernel_times.md"
 lines.append(kernels.read_text() if kernels.exists() else "## conv2 kernels\n\n(not measured: see the exit status)\n")
 (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
