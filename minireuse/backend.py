@@ -302,3 +302,13 @@ class AsyncReader:
         if self.gpu and self._pending:
             self._pending[-1][1].synchronize()
         return self.latest()
+
+
+def describe_device():
+    """'gpu: NAME (cupy V)' or 'cpu: PROCESSOR, N cores (numpy V)' for reports."""
+    if device() == "gpu":
+        props = _cupy.cuda.runtime.getDeviceProperties(_cupy.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        return f"gpu: {name} (cupy {_cupy.__version__})"
+    import platform
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (numpy {np.__version__})"

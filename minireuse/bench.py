@@ -190,15 +190,6 @@ def bench_layer(name, layer, x, grid, args, progress):
 
 # ---------------------------------------------------------------- report
 
-def device_description():
-    if backend.device() == "gpu":
-        cp = backend.require_gpu()
-        name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
-        return f"gpu: {name.decode() if isinstance(name, bytes) else name}"
-    import os
-    return f"cpu: {os.cpu_count()} cores, numpy {np.__version__}"
-
-
 def git_commit():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -235,7 +226,7 @@ def run_layer_bench(args):
               desc="bench") as progress:
         for name, (layer, x) in inputs.items():
             rows += bench_layer(name, layer, x, grids[name], args, progress)
-    return dict(device=device_description(), commit=git_commit(), data=source, batch=args.batch,
+    return dict(device=backend.describe_device(), commit=git_commit(), data=source, batch=args.batch,
                 repeats=args.repeats, warmup=args.warmup, rows=rows)
 
 

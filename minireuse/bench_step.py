@@ -26,14 +26,13 @@ ratios against PyTorch and against minireuse exact eager, all from the same run.
 import json
 import math
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 from . import backend
+from .bench import git_commit
 
 EPOCH_IMAGES = 50_000
 
@@ -255,14 +254,6 @@ def time_torch(batches, steps, warmup, gpu, threads):
 
 # ---------------------------------------------------------------- the report
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def reuse_label(layers):
     """'conv2 L64 H24' from {layer: setting or [settings]} (a fixed strategy uses the first)."""
     first = {name: (s[0] if isinstance(s, list) else s) for name, s in layers.items()}
@@ -299,7 +290,6 @@ def format_table(report):
 def run_step_bench(args):
     """Time every row; returns the report dict."""
     from .reuse.adaptive import DEFAULT_FIXED, load_settings
-    from .train import device_description
     device = backend.set_device(args.device)
     gpu = device == "gpu"
     if args.graph == "on" and not gpu:
@@ -355,7 +345,7 @@ def run_step_bench(args):
     for r in rows:
         if r.get("ms") is not None:
             r["epoch_s"] = r["ms"] * per_epoch / 1e3
-    return dict(device=device_description(), commit=git_commit(), data=source, batch=args.batch,
+    return dict(device=backend.describe_device(), commit=git_commit(), data=source, batch=args.batch,
                 steps=steps, warmup=warmup, steps_per_epoch=per_epoch, rows=rows)
 
 

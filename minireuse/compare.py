@@ -5,7 +5,6 @@
 writes OUT/exact/ and OUT/reuse/ (each a normal training run) and OUT/compare.json,
 and prints a side-by-side table.
 """
-import json
 import os
 
 from .train import Trainer, atomic_write_json

@@ -434,7 +434,7 @@ class Trainer:
     def write_history(self):
         settings = {k: v for k, v in self.cfg.items()}
         atomic_write_json(os.path.join(self.out, HISTORY),
-                          {"settings": settings, "device": device_description(), "epochs": self.history})
+                          {"settings": settings, "device": backend.describe_device(), "epochs": self.history})
 
 
 class InterruptFlag:
@@ -463,13 +463,3 @@ class InterruptFlag:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
         return False
-
-
-def device_description():
-    if backend.device() == "gpu":
-        cp = backend.require_gpu()
-        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        return f"gpu: {name} (cupy {cp.__version__})"
-    import platform
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (numpy {np.__version__})"

@@ -79,18 +79,8 @@ class TimedDevice(cuda.CupyDevice):
         return out
 
 
-def event_ms(fn):
-    cp = backend.require_gpu()
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    start.record()
-    out = fn()
-    end.record()
-    end.synchronize()
-    return cp.cuda.get_elapsed_time(start, end), out
-
-
 def median_ms(fn, repeats):
-    return float(np.median([event_ms(fn)[0] for _ in range(repeats)]))
+    return float(np.median([bench.timed(fn)[0] for _ in range(repeats)]))
 
 
 def reuse_step(x, W, b, dy, pads, config, state):
@@ -121,9 +111,9 @@ def time_setting(x, W, b, dy, pads, fields, repeats):
     ops = [(label, float(np.median([run[i][1] for run in per_op]))) for i, (label, _) in enumerate(per_op[0])]
     fwd, bwd = [], []
     for _ in range(repeats):
-        t, (y, cache) = event_ms(lambda: cuda.cuda_reuse_conv_forward(x, W, b, 1, pads, config, state))
+        t, (y, cache) = bench.timed(lambda: cuda.cuda_reuse_conv_forward(x, W, b, 1, pads, config, state))
         fwd.append(t)
-        bwd.append(event_ms(lambda: cuda.cuda_reuse_conv_backward(dy, cache))[0])
+        bwd.append(bench.timed(lambda: cuda.cuda_reuse_conv_backward(dy, cache))[0])
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
@@ -146,8 +136,8 @@ def time_exact(layer, x, dy, repeats):
         layer.backward(dy)
     fwd, bwd = [], []
     for _ in range(repeats):
-        fwd.append(event_ms(lambda: layer.forward(x, train=True))[0])
-        bwd.append(event_ms(lambda: layer.backward(dy))[0])
+        fwd.append(bench.timed(lambda: layer.forward(x, train=True))[0])
+        bwd.append(bench.timed(lambda: layer.backward(dy))[0])
     return dict(fwd_ms=float(np.median(fwd)), bwd_ms=float(np.median(bwd)))
 
 
@@ -235,7 +225,7 @@ def main(argv=None):
     pads, (oh, ow) = layer.pads(x.shape[1], x.shape[2])
     dy = cp.asarray(np.random.default_rng(args.seed).standard_normal((x.shape[0], oh, ow, W.shape[3])),
                     dtype=np.float32)
-    report = dict(device=bench.device_description(), commit=bench.git_commit() or "unknown", data=source,
+    report = dict(device=backend.describe_device(), commit=bench.git_commit() or "unknown", data=source,
                   layer=dict(x=list(x.shape), W=list(W.shape), pads=list(pads)), repeats=args.repeats,
                   exact=time_exact(layer, x, dy, args.repeats), cudnn=time_cudnn(x, W, b, dy, args.repeats),
                   settings={})

@@ -1,5 +1,4 @@
 """Numerical gradient checks in float64 (in the spirit of chainer.gradient_check)."""
-import numpy as np
 
 from minireuse import backend
 
