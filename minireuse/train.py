@@ -153,7 +153,7 @@ class Trainer:
                     decay_layers=["fc3", "fc4"], schedule="cosine", warmup_epochs=1.0,
                     augment=True, seed=0, out="runs/cifarnet", limit_train=None, limit_test=None,
                     device="auto", log_every=25, download=True,
-                    reuse="off", reuse_layers=None, reuse_options=None, graph="auto")
+                    reuse="off", reuse_layers=None, reuse_options=None, graph="off")
 
     def __init__(self, cfg, data=None, model=None, quiet=False):
         unknown = set(cfg) - set(self.DEFAULTS)
