@@ -255,7 +255,7 @@ def time_torch(batches, steps, warmup, gpu, threads):
 # ---------------------------------------------------------------- the report
 
 def reuse_label(layers):
-    """'conv2 L64 H24' from {layer: setting or [settings]} (a fixed strategy uses the first)."""
+    """'conv2 L64 H32' from {layer: setting or [settings]} (a fixed strategy uses the first)."""
     first = {name: (s[0] if isinstance(s, list) else s) for name, s in layers.items()}
     return ", ".join(f"{name} L{s.get('L', 16)} H{s.get('H', 12)}" for name, s in first.items())
 

@@ -25,7 +25,7 @@ def test_cpu_run_prints_a_labelled_table_and_json(tmp_path, capsys):
     assert "NOT CIFAR-10" in printed and "device: cpu" in printed
     report = json.loads(out.read_text())
     names = [r["name"] for r in report["rows"]]
-    assert names == ["minireuse exact", "minireuse reuse (conv2 L64 H24)", "data pipeline"]  # no graph rows on a CPU
+    assert names == ["minireuse exact", "minireuse reuse (conv2 L64 H32)", "data pipeline"]  # no graph rows on a CPU
     exact, reuse = report["rows"][0], report["rows"][1]
     assert exact["ms"] > 0 and exact["steps"] == 2 and exact["implementation"] == "numpy"
     assert "numpy-reference" in reuse["implementation"]
