@@ -7,7 +7,8 @@ and prints a side-by-side table.
 """
 import os
 
-from .train import Trainer, atomic_write_json
+from .fileio import atomic_write_json
+from .train import Trainer
 
 
 def summarise(history):

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import time
 
 import numpy as np
@@ -28,7 +27,8 @@ from tqdm import tqdm
 from . import backend, fused
 from .layers import Dropout
 from .losses import SoftmaxCrossEntropy
-from .models import MODELS, atomic_savez
+from .fileio import atomic_savez, atomic_write_json
+from .models import MODELS
 from .optim import SGD, Adam, make_schedule
 from .timing import LayerTimer
 
@@ -41,20 +41,6 @@ GRAPH_TIMING_EVERY = 100
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, bad checkpoint, ...)."""
-
-
-def atomic_write_json(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp.json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def build_optimizer(model, cfg):

@@ -1,4 +1,4 @@
 from .cifarnet import MODELS, cifarnet, mlp
-from .sequential import Sequential, atomic_savez
+from .sequential import Sequential
 
-__all__ = ["Sequential", "cifarnet", "mlp", "MODELS", "atomic_savez"]
+__all__ = ["Sequential", "cifarnet", "mlp", "MODELS"]

@@ -1,10 +1,8 @@
 """Sequential model: layers applied in order; backward in reverse order."""
-import os
-import tempfile
-
 import numpy as np
 
 from .. import backend
+from ..fileio import atomic_savez
 from ..layers import ReusableLayer
 
 
@@ -102,18 +100,3 @@ class Sequential:
     def load(self, path):
         with np.load(path, allow_pickle=False) as f:
             self.load_state_dict({k: f[k] for k in f.files})
-
-
-def atomic_savez(path, arrays):
-    """np.savez to a temporary file in the same directory, then rename over ``path``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
