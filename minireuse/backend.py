@@ -126,17 +126,6 @@ def seed(s):
         _cupy.random.seed(s)
 
 
-def scatter_add(out, index, values):
-    """out[index] += values with repeated indices accumulated (in place)."""
-    mod = get_array_module(out, index, values)
-    if mod is np:
-        np.add.at(out, index, values)
-    else:
-        import cupyx
-        cupyx.scatter_add(out, index, values)
-    return out
-
-
 def random_generator(seed):
     """A random generator on the selected device: numpy's Generator or cupy's.
 

@@ -95,11 +95,11 @@ def uncapturable_layers(model):
 
 def settings_key(model):
     """What a recorded step depends on besides input shapes: each conv/dense layer's reuse
-    setting and, when its ReuseState offers ``capture_key()``, that (e.g. table sizes)."""
+    setting and its ReuseState's ``capture_key()`` (e.g. the fast path's table sizes)."""
     key = []
     for layer in model.reuse_layers():
         state = layer.reuse_state if layer.reuse is not None else None
-        extra = state.capture_key() if hasattr(state, "capture_key") else None
+        extra = state.capture_key() if state is not None else None
         key.append((layer.name, layer.reuse, extra))
     return tuple(key)
 

@@ -54,9 +54,3 @@ def test_seeding_makes_cpu_runs_reproducible():
     np.testing.assert_array_equal(draws[1], draws[3])
     assert not np.array_equal(draws[1], backend.random_generator((3, 2)).random(3))
     backend.set_device("auto")
-
-
-def test_scatter_add_accumulates_repeats(device):
-    out = device.zeros(4)
-    backend.scatter_add(out, device.asarray([1, 1, 3]), device.asarray([2.0, 3.0, 4.0]))
-    np.testing.assert_array_equal(backend.asnumpy(out), [0, 5, 0, 4])
