@@ -1,7 +1,8 @@
 """Layer-level benchmark: exact and deep-reuse forward/backward of CifarNet's layers.
 
     python -m minireuse bench [--layers conv1,conv2,fc3] [--L 16,64] [--H 12,20]
-                              [--family offset,origin] [--paths pixel,general] [--json FILE]
+                              [--family offset,origin,centred] [--paths pixel,general]
+                              [--forward reuse,exact] [--json FILE]
 
 Inputs are real CIFAR-10 images (a deterministic random fixture, said so in the
 output, when the data cannot be loaded) passed through the preceding layers of a
@@ -10,9 +11,11 @@ output of conv1 + ReLU + pool + LRN, fc3 that of conv2 + ReLU + LRN + pool,
 flattened. Each mode is timed as forward then backward of the same layer object,
 alternating with the exact layer (medians after warm-up; CUDA events on the
 GPU); a mode's speed-ups are ratios against those paired exact runs.
-rel_error = ||y - y_exact|| / ||y_exact||.
+rel_error = ||y - y_exact|| / ||y_exact|| (0 with --forward exact, which times
+reuse in the backward only).
 """
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -45,11 +48,15 @@ def add_arguments(parser):
                         help=f"comma-separated subset of {','.join(LAYERS)}")
     parser.add_argument("--L", type=comma_list(int), default=None,
                         help="sub-vector lengths (default per layer: conv1 3,15; conv2 16,64; fc3 16,64)")
-    parser.add_argument("--H", type=comma_list(int), default=[12, 20], help="hash bits (default 12,20)")
-    parser.add_argument("--family", type=comma_list(str), default=["offset", "origin"])
+    parser.add_argument("--H", type=comma_list(int), default=[12, 20],
+                        help="hash bits, 1..64 (default 12,20)")
+    parser.add_argument("--family", type=comma_list(str), default=["offset", "origin"],
+                        help="hash families: offset, origin and/or centred (default offset,origin)")
     parser.add_argument("--paths", type=comma_list(str), default=["pixel", "general"],
                         help="conv paths: pixel (pixel-aligned, when L divides c_in) and/or general")
     parser.add_argument("--dx-mode", type=comma_list(str), default=["cluster"], help="exact and/or cluster")
+    parser.add_argument("--forward", type=comma_list(str), default=["reuse"],
+                        help="reuse (default) and/or exact (exact forward, reuse in the backward only)")
     parser.add_argument("--impl", default="auto", choices=["auto", "reference", "cuda"])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per mode (median reported)")
@@ -102,15 +109,19 @@ def modes(name, layer, args):
         for path in args.paths if c_in is not None else ["general"]:
             if path == "pixel" and c_in % L:
                 continue
-            for H in args.H:
-                for family in args.family:
-                    for dx_mode in args.dx_mode:
-                        cfg = dict(L=L, H=H, family=family, dx_mode=dx_mode, impl=args.impl,
-                                   pixel_aligned=(path == "pixel"), seed=args.seed)
-                        ReuseConfig.coerce(cfg)  # validate before timing anything
-                        label = f"{path} L={L} H={H} {family} dx={dx_mode}"
-                        grid.append((label, cfg))
+            for H, family, dx_mode, forward in itertools.product(args.H, args.family, args.dx_mode,
+                                                                 args.forward):
+                cfg = dict(L=L, H=H, family=family, dx_mode=dx_mode, forward=forward, impl=args.impl,
+                           pixel_aligned=(path == "pixel"), seed=args.seed)
+                ReuseConfig.coerce(cfg)  # validate before timing anything
+                grid.append((mode_label(path, cfg), cfg))
     return grid
+
+
+def mode_label(path, cfg):
+    """'pixel L=16 H=12 offset dx=cluster', plus 'forward=exact' when the forward is not the default."""
+    label = f"{path} L={cfg['L']} H={cfg['H']} {cfg['family']} dx={cfg['dx_mode']}"
+    return label if cfg["forward"] == "reuse" else f"{label} forward={cfg['forward']}"
 
 
 # ---------------------------------------------------------------- timing

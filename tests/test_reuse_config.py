@@ -6,7 +6,7 @@ from minireuse.reuse import ReuseConfig, ReuseState
 
 
 @pytest.mark.parametrize("field, value", [
-    ("L", 0), ("L", 2.5), ("H", 0), ("H", 33), ("H", True), ("family", "planes"),
+    ("L", 0), ("L", 2.5), ("H", 0), ("H", 65), ("H", True), ("family", "planes"),
     ("dx_mode", "approx"), ("enabled", 1), ("shared_planes", "yes"), ("pixel_aligned", "always"),
     ("seed", -1), ("measure_error", None), ("impl", "gpu"),
 ])
@@ -26,7 +26,7 @@ def test_coerce_and_replace():
     with pytest.raises(ValueError, match="expected a ReuseConfig"):
         ReuseConfig.coerce("fast")
     with pytest.raises(ValueError, match="ReuseConfig.H"):
-        c.replace(H=40)
+        c.replace(H=65)
 
 
 def test_hash_params_are_cached_per_key():

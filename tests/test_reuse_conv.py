@@ -178,7 +178,8 @@ def test_pixel_aligned_auto_needs_L_to_divide_c_in_and_shared_planes():
 
 
 @pytest.mark.parametrize("reuse", [dict(L=4, H=6), dict(L=5, H=6, dx_mode="cluster"),
-                                   dict(L=4, H=6, pixel_aligned=False, family="origin")])
+                                   dict(L=4, H=6, pixel_aligned=False, family="origin"),
+                                   dict(L=4, H=10, family="centred"), dict(L=5, H=40, family="centred")])
 def test_conv_layer_end_to_end_and_back_to_exact(device, reuse):
     xp = device
     rng = np.random.default_rng(0)
@@ -210,3 +211,115 @@ def test_dense_layer_end_to_end_and_back_to_exact(device):
     layer.set_reuse(None)
     y_exact = layer.forward(x)
     assert bool((y_exact == x @ layer.params["W"] + layer.params["b"]).all())
+
+
+def assigned_forward(xp, path, x, W, b, stride, pads, L, H, dx_mode, forward):
+    """(forward() -> (y, cache), backward) of one path under a real LSH assignment of (L, H)."""
+    if path == "pixel":
+        ids, n = pixel_assignment(xp, x, pads, L, H)
+        return (lambda: pixel_conv_forward_assigned(x, W, b, stride, pads, ids, n, L, dx_mode,
+                                                    forward=forward)), pixel_conv_backward
+    ids, n = general_assignment(xp, x, W.shape[0], W.shape[1], stride, pads, L, H)
+    return (lambda: general_conv_forward_assigned(x, W, b, stride, pads, ids, n, L, dx_mode, forward)), \
+        general_conv_backward
+
+
+@pytest.mark.parametrize("stride, padding", [(1, "same"), (2, 1)])
+@pytest.mark.parametrize("path", ["general", "pixel"])
+@pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
+def test_exact_forward_is_the_exact_conv_with_the_reuse_backward(xp, path, dx_mode, stride, padding):
+    x, W, b = conv_operands(xp, c_in=6)
+    layer = exact_layer(x, W, b, stride, padding)
+    pads, _ = layer.pads(x.shape[1], x.shape[2])
+    exact_forward, backward = assigned_forward(xp, path, x, W, b, stride, pads, 3, 3, dx_mode, "exact")
+    reuse_forward, _ = assigned_forward(xp, path, x, W, b, stride, pads, 3, 3, dx_mode, "reuse")
+    y, cache = exact_forward()
+    y_reuse, reuse_cache = reuse_forward()
+    close(y, layer.forward(x))
+    assert float(xp.abs(y_reuse - y).max()) > 0.1
+    dy = xp.asarray(np.random.default_rng(7).standard_normal(y.shape))
+    for got, expected in zip(backward(dy, cache), backward(dy, reuse_cache)):
+        close(got, expected)
+
+
+@pytest.mark.parametrize("pixel_aligned", [True, False])
+@pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
+def test_exact_forward_through_the_config(xp, pixel_aligned, dx_mode):
+    x, W, b = conv_operands(xp, c_in=6)
+    pads, stride, L, H = (1, 1, 1, 1), 1, 3, 3
+    config = ReuseConfig(L=L, H=H, dx_mode=dx_mode, forward="exact", pixel_aligned=pixel_aligned,
+                         measure_error=True)
+    state = ReuseState()
+    y, cache = conv2d_forward(x, W, b, stride, pads, config, state)
+    assert cache[0] == ("pixel" if pixel_aligned else "general")
+    path = cache[0]
+    reuse_forward, backward = assigned_forward(xp, path, x, W, b, stride, pads, L, H, dx_mode, "reuse")
+    y_reuse, reuse_cache = reuse_forward()
+    close(y, exact_layer(x, W, b, stride, 1).forward(x))
+    assert float(state.last["rel_error"]) == 0.0 and 0 < float(state.last["r_c"]) < 0.5
+    dy = xp.asarray(np.random.default_rng(8).standard_normal(y.shape))
+    for got, expected in zip(conv2d_backward(dy, cache), backward(dy, reuse_cache)):
+        close(got, expected)
+    assert 0 < float(state.last["dw_cos"]) < 1
+
+
+@pytest.mark.parametrize("pixel_aligned", [True, False])
+def test_exact_forward_with_exact_dx_gives_the_true_input_and_bias_gradients(xp, pixel_aligned):
+    x, W, b = conv_operands(xp, c_in=6)                       # float64
+    pads, stride = (1, 0, 0, 1), 2
+    config = ReuseConfig(L=3, H=3, forward="exact", pixel_aligned=pixel_aligned)
+    y, cache = conv2d_forward(x, W, b, stride, pads, config, ReuseState())
+    rng = np.random.default_rng(9)
+    dy = xp.asarray(rng.standard_normal(y.shape))
+
+    def loss():
+        return (conv2d_forward(x, W, b, stride, pads, config, ReuseState())[0] * dy).sum()
+
+    dx, dW, db = conv2d_backward(dy, cache)
+    for arr, grad in [(x, dx), (b, db)]:
+        v = xp.asarray(rng.standard_normal(arr.shape))
+        num = numerical_directional(loss, arr, v)
+        assert abs(num - float((grad * v).sum())) <= 1e-7 * max(1.0, abs(num))
+    m = W.shape[3]
+    close(dx, col2im(dy.reshape(-1, m) @ W.reshape(-1, m).T, x.shape, 3, 3, stride, pads))
+
+
+@pytest.mark.parametrize("pixel_aligned", [True, False])
+@pytest.mark.parametrize("forward", ["reuse", "exact"])
+def test_conv_dw_cos_is_one_with_singleton_clusters_and_below_one_otherwise(xp, pixel_aligned, forward):
+    x, W, b = conv_operands(xp, h=5, w=5, c_in=8, c_out=3)
+    pads = (0, 0, 0, 0)                              # no padding pixels: H=64 leaves singletons only
+    dy = xp.asarray(np.random.default_rng(10).standard_normal((2, 3, 3, 3)))
+    cos = {}
+    for H in (64, 2):
+        config = ReuseConfig(L=4, H=H, family="centred", forward=forward, pixel_aligned=pixel_aligned,
+                             measure_error=True)
+        state = ReuseState()
+        _, cache = conv2d_forward(x, W, b, 1, pads, config, state)
+        conv2d_backward(dy, cache)
+        if H == 64:
+            rows = 2 * 5 * 5 if pixel_aligned else 2 * 3 * 3
+            assert (backend.asnumpy(state.last["n_clusters"]) == rows).all()
+        cos[H] = state.pop_stats()["dw_cos"]
+    assert cos[64] == pytest.approx(1.0, abs=1e-12)
+    assert 0 < cos[2] < 0.999
+
+
+def test_pixel_path_centres_on_the_real_pixels_not_the_padding(xp):
+    x, W, b = conv_operands(xp, c_in=8)
+    x = x + 2.0                                              # far from the zero padding
+    pads, L, H = (1, 1, 2, 0), 4, 10
+    config = ReuseConfig(L=L, H=H, family="centred", pixel_aligned=True)
+    y, _ = conv2d_forward(x, W, b, 1, pads, config, ReuseState())
+    planes, unit = ReuseState().hash_params(L, H, 2, "centred", 0, True, xp, x.dtype)
+    pixels = pad_nhwc(x, pads).reshape(-1, 2, L)
+
+    def thresholds(vectors):
+        proj = backend.asnumpy(vectors).reshape(-1, L) @ backend.asnumpy(planes[0])   # every (pixel, group)
+        return proj.mean(axis=0) + backend.asnumpy(unit[0]) * proj.std(axis=0)
+
+    real = thresholds(x.reshape(-1, 2, L))
+    assert np.abs(real - thresholds(pixels)).max() > 0.1      # the padding would move them
+    codes = lsh.hash_codes(pixels, planes, xp.asarray(real[None]))
+    ids, n = assign_clusters(codes, H)
+    close(y, pixel_conv_forward_assigned(x, W, b, 1, pads, ids, n, L)[0])

@@ -132,3 +132,94 @@ def test_cuda_impl_on_numpy_arrays_is_refused():
         dense_forward(X, W, b, ReuseConfig(impl="cuda"), ReuseState())
     with pytest.raises(ValueError, match="enabled"):
         dense_forward(X, W, b, ReuseConfig(enabled=False), ReuseState())
+
+
+@pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
+def test_exact_forward_gives_the_exact_product_and_the_reuse_backward(xp, dx_mode):
+    X, W, b = operands(xp, k=10)
+    L = 4
+    ids, n = coarse_assignment(xp, X, L)
+    y, cache = reuse_matmul_forward_assigned(X, W, b, ids, n, L, dx_mode, forward="exact")
+    y_reuse, cache_reuse = reuse_matmul_forward_assigned(X, W, b, ids, n, L, dx_mode)
+    close(y, X @ W + b)
+    assert float(xp.abs(y_reuse - y).max()) > 0.1                   # the clusters do merge rows
+    dy = xp.asarray(np.random.default_rng(3).standard_normal(y.shape))
+    for got, expected in zip(reuse_matmul_backward(dy, cache), reuse_matmul_backward(dy, cache_reuse)):
+        close(got, expected)
+
+
+@pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
+def test_exact_forward_through_the_config_hashes_and_clusters_like_reuse(xp, dx_mode):
+    X, W, b = operands(xp, k=10)
+    state = ReuseState()
+    config = ReuseConfig(L=4, H=3, dx_mode=dx_mode, forward="exact", measure_error=True)
+    y, (impl, cache) = dense_forward(X, W, b, config, state)
+    assert impl == "reference"
+    close(y, X @ W + b)
+    ids, n = coarse_assignment(xp, X, 4, H=3)
+    np.testing.assert_array_equal(backend.asnumpy(state.last["n_clusters"]), backend.asnumpy(n))
+    assert float(state.last["rel_error"]) == 0.0
+    assert state.last["r_c"] == pytest.approx(float(n.sum()) / ids.size)
+    dy = xp.asarray(np.random.default_rng(4).standard_normal(y.shape))
+    _, reuse_cache = reuse_matmul_forward_assigned(X, W, b, ids, n, 4, dx_mode)
+    for got, expected in zip(dense_backward(dy, ("reference", cache)), reuse_matmul_backward(dy, reuse_cache)):
+        close(got, expected)
+
+
+def test_exact_forward_with_exact_dx_gives_the_true_input_and_bias_gradients(xp):
+    X, W, b = operands(xp, k=10)                    # float64
+    config = ReuseConfig(L=4, H=3, forward="exact")
+    rng = np.random.default_rng(5)
+    dy = xp.asarray(rng.standard_normal((X.shape[0], W.shape[1])))
+
+    def loss():
+        return (reuse_matmul_forward(X, W, b, config, ReuseState())[0] * dy).sum()
+
+    _, cache = reuse_matmul_forward(X, W, b, config, ReuseState())
+    dX, dW, db = reuse_matmul_backward(dy, cache)
+    for arr, grad in [(X, dX), (b, db)]:
+        v = xp.asarray(rng.standard_normal(arr.shape))
+        num = numerical_directional(loss, arr, v)
+        assert abs(num - float((grad * v).sum())) <= 1e-7 * max(1.0, abs(num))
+    close(dX, dy @ W.T)
+    assert float(xp.abs(dW - X.T @ dy).max()) > 1e-3      # dW is still the clustered one
+
+
+@pytest.mark.parametrize("forward", ["reuse", "exact"])
+def test_dw_cos_is_one_with_singleton_clusters_and_below_one_otherwise(xp, forward):
+    X, W, b = operands(xp, n=20, k=16, m=5)
+    dy = xp.asarray(np.random.default_rng(6).standard_normal((20, 5)))
+    cos = {}
+    for H in (64, 2):
+        state = ReuseState()
+        config = ReuseConfig(L=8, H=H, family="centred", forward=forward, measure_error=True,
+                             impl="reference")
+        y, cache = dense_forward(X, W, b, config, state)
+        assert cache[1].X is X and cache[1].stats is state.last
+        dense_backward(dy, cache)
+        assert state.last["dw_cos"].shape == ()
+        if H == 64:
+            assert backend.asnumpy(state.last["n_clusters"]).tolist() == [20, 20]    # singletons
+        cos[H] = state.pop_stats()["dw_cos"]
+    assert cos[64] == pytest.approx(1.0, abs=1e-12)
+    assert 0 < cos[2] < 0.999
+
+
+def test_no_input_is_kept_and_no_dw_cos_without_measure_error(xp):
+    X, W, b = operands(xp)
+    state = ReuseState()
+    y, cache = dense_forward(X, W, b, ReuseConfig(L=4, H=3), state)
+    assert cache[1].X is None and cache[1].stats is None
+    dense_backward(xp.ones_like(y), cache)
+    assert "dw_cos" not in state.last and state.pop_stats()["dw_cos"] is None
+
+
+@pytest.mark.parametrize("H", [40, 64])
+@pytest.mark.parametrize("family", ["offset", "centred"])
+def test_more_than_32_bits_through_the_config(xp, H, family):
+    X, W, b = operands(xp, n=5, k=32, m=5)
+    X = xp.tile(X, (20, 1))                        # 100 rows, 5 distinct
+    state = ReuseState()
+    y, _ = reuse_matmul_forward(X, W, b, ReuseConfig(L=8, H=H, family=family), state)
+    assert backend.asnumpy(state.last["n_clusters"]).tolist() == [5, 5, 5, 5]
+    close(y, X @ W + b)

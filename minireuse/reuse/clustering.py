@@ -42,34 +42,43 @@ def sparse_module(xp):
 
 
 def assign_clusters(codes, H=32):
-    """ids (N, G) int32 and n_clusters (G,) int32 from codes (N, G) of H bits.
+    """ids (N, G) int32 and n_clusters (G,) int32 from codes (N, G) of H bits (up to 64).
 
     Rows of one group with equal codes share a cluster; clusters of group g are
     numbered 0.. in increasing code order. No loop over rows or groups.
     """
     xp = backend.get_array_module(codes)
     n, g = codes.shape
-    group = xp.arange(g, dtype=xp.int64)
     if g << H <= min(DENSE_TABLE_MAX, DENSE_TABLE_PER_KEY * codes.size):
         # Dense table: mark which (group, code) pairs occur; the running count of
         # marks along each group's row numbers its clusters. O(N*G + G*2**H).
-        key = (group << H) + codes.astype(xp.int64)
+        key = (xp.arange(g, dtype=xp.int64) << H) + codes.astype(xp.int64)
         present = xp.zeros(g << H, dtype=bool)
         present[key.ravel()] = True
         present = present.reshape(g, 1 << H)
         number = xp.cumsum(present, axis=1, dtype=xp.int32) - 1
-        ids = number.ravel()[key]
-        n_clusters = number[:, -1] + 1
-    else:
-        # Too many possible codes for a table: sort the distinct (group, code) keys.
-        # The group is the high part of the key, so the keys of group g form one
-        # run starting at first[g]; an id is the position inside that run.
-        key = (group << H) | codes.astype(xp.int64)
-        unique_keys, inverse = xp.unique(key.ravel(), return_inverse=True)
-        n_clusters = xp.bincount(unique_keys >> H, minlength=g)
-        first = xp.cumsum(n_clusters) - n_clusters
-        ids = inverse.reshape(n, g) - first[group]
-    return ids.astype(xp.int32), n_clusters.astype(xp.int32)
+        return number.ravel()[key], number[:, -1] + 1
+    return number_sorted_runs(codes)
+
+
+def number_sorted_runs(codes):
+    """ids (N, G) int32 and n_clusters (G,) int32 by sorting each group's codes.
+
+    Too many possible codes for a table (and no room for the group beside a
+    64-bit code in one integer key): sort every group's column of codes at once
+    (an argsort along the rows of codes.T), count the runs of equal codes along
+    the sorted order, and scatter each run's number back to its rows.
+    """
+    xp = backend.get_array_module(codes)
+    n, g = codes.shape
+    by_group = codes.T                                          # (G, N)
+    order = xp.argsort(by_group, axis=1)
+    ordered = xp.take_along_axis(by_group, order, axis=1)
+    run_starts = xp.concatenate([xp.ones((g, 1), dtype=bool), ordered[:, 1:] != ordered[:, :-1]], axis=1)
+    number = xp.cumsum(run_starts, axis=1, dtype=xp.int32) - 1
+    ids = xp.empty((g, n), dtype=xp.int32)
+    ids[xp.arange(g)[:, None], order] = number
+    return xp.ascontiguousarray(ids.T), number[:, -1] + 1
 
 
 def group_keys(ids, cmax):

@@ -12,9 +12,11 @@ import numpy as np
 from .. import backend
 from . import lsh
 
-FAMILIES = ("offset", "origin")
+FAMILIES = ("offset", "origin", "centred")
 DX_MODES = ("exact", "cluster")
+FORWARDS = ("reuse", "exact")
 IMPLS = ("auto", "reference", "cuda")
+MAX_H = 64
 
 
 def _bad(field, value, expected):
@@ -29,14 +31,22 @@ def _is_int(v):
 class ReuseConfig:
     """One deep-reuse setting of a layer.
 
-    L: sub-vector (group) length; H: hash bits per group (1..32);
-    family: 'offset' (planes with offsets at the scale of the input) or 'origin'
-    (random hyperplanes through the origin, the published family);
+    L: sub-vector (group) length; H: hash bits per group (1..64; codes are uint32
+    up to 32 bits, uint64 beyond);
+    family: 'offset' (planes with offsets at the scale of the input), 'origin'
+    (random hyperplanes through the origin, the published family) or 'centred'
+    (thresholds at the mean of each projection plus its unit offset times its std,
+    over the vectors hashed in the call);
     dx_mode: 'exact' (dY @ W^T) or 'cluster' (gradient of the clustered forward);
     shared_planes: one set of H planes for every group (False: one per group);
     pixel_aligned: conv only; 'auto' uses it when L divides c_in and planes are shared;
-    measure_error: also compute the exact product and record the relative error;
-    impl: 'auto' (CUDA kernels for cupy arrays when they load), 'reference', 'cuda'.
+    measure_error: also compute the exact product and record the relative error (0
+    with forward 'exact'), and in the reference backward the cosine between the
+    reuse dW and the exact dW ('dw_cos');
+    impl: 'auto' (CUDA kernels for cupy arrays when they load), 'reference', 'cuda';
+    forward: 'reuse' (the clustered product) or 'exact' (the exact product, with the
+    inputs still hashed and clustered so that the backward reuses the clusters).
+    H > 32, 'centred' and forward 'exact' run on the reference path only.
     """
 
     L: int = 16
@@ -49,12 +59,13 @@ class ReuseConfig:
     seed: int = 0
     measure_error: bool = False
     impl: str = "auto"
+    forward: str = "reuse"
 
     def __post_init__(self):
         if not _is_int(self.L) or self.L < 1:
             raise _bad("L", self.L, "an int >= 1")
-        if not _is_int(self.H) or not 1 <= self.H <= 32:
-            raise _bad("H", self.H, "an int in 1..32")
+        if not _is_int(self.H) or not 1 <= self.H <= MAX_H:
+            raise _bad("H", self.H, f"an int in 1..{MAX_H}")
         if self.family not in FAMILIES:
             raise _bad("family", self.family, f"one of {FAMILIES}")
         if self.dx_mode not in DX_MODES:
@@ -68,6 +79,8 @@ class ReuseConfig:
             raise _bad("seed", self.seed, "an int >= 0")
         if self.impl not in IMPLS:
             raise _bad("impl", self.impl, f"one of {IMPLS}")
+        if self.forward not in FORWARDS:
+            raise _bad("forward", self.forward, f"one of {FORWARDS}")
 
     @classmethod
     def coerce(cls, value):
@@ -96,9 +109,10 @@ class ReuseConfig:
 class ReuseState:
     """Per-layer state: cached hash parameters, the GPU capacity slot, call statistics.
 
-    Every forward implementation (reference or CUDA) calls ``record`` once per call.
-    r_c is clusters per hashed vector: im2col neuron vectors on the general path,
-    pixel slices on the pixel-aligned path.
+    Every forward implementation (reference or CUDA) calls ``record`` once per call;
+    with measure_error the reference backward adds 'dw_cos' to the entry its
+    forward recorded. r_c is clusters per hashed vector: im2col neuron vectors on
+    the general path, pixel slices on the pixel-aligned path.
     Statistics stay on the device as they are recorded (no host synchronisation in
     a training step); ``pop_stats`` converts them to floats and clears the list.
     """
@@ -135,18 +149,24 @@ class ReuseState:
         """Means over the calls since the last pop (host floats), then forget them.
 
         Returns {} when nothing was recorded, else calls, r_c, clusters_per_group
-        (mean n_g), rel_error (mean over calls that measured it, or None),
-        pixel_aligned (fraction of calls) and impl (the last one).
+        (mean n_g), rel_error and dw_cos (means over the calls that measured them,
+        or None), pixel_aligned (fraction of calls) and impl (the last one).
         """
         entries, self.stats = self.stats, []
         if not entries:
             return {}
-        errors = [float(backend.asnumpy(e["rel_error"])) for e in entries if e["rel_error"] is not None]
         return dict(
             calls=len(entries),
             r_c=float(np.mean([float(backend.asnumpy(e["r_c"])) for e in entries])),
             clusters_per_group=float(np.mean([backend.asnumpy(e["n_clusters"]).mean() for e in entries])),
-            rel_error=float(np.mean(errors)) if errors else None,
+            rel_error=_mean_measured(entries, "rel_error"),
+            dw_cos=_mean_measured(entries, "dw_cos"),
             pixel_aligned=float(np.mean([e["pixel_aligned"] for e in entries])),
             impl=entries[-1]["impl"],
         )
+
+
+def _mean_measured(entries, key):
+    """Mean (host float) of entry[key] over the entries that hold a value for it, or None."""
+    values = [float(backend.asnumpy(e[key])) for e in entries if e.get(key) is not None]
+    return float(np.mean(values)) if values else None

@@ -30,15 +30,19 @@ Backward (assignment fixed): S = R^T dY as in matmul.py, per (t, q); dW[t, q] =
 C_q^T S[t, q]; dX 'cluster' goes straight to pixels without col2im:
 dL/dC_q[c] = sum_t S[t, q, c] @ W[t, q]^T and each member pixel gets 1/|c| of it
 (gradients of padding pixels are dropped). dX 'exact' is dY @ W^T then col2im.
+
+forward 'exact' (both paths): y is the exact convolution (im2col + GEMM) while
+the pixels or rows are still hashed and clustered for the backward above; the
+'centred' family takes its projection statistics over the real input pixels on
+the pixel-aligned path (the zero padding would pull the mean towards zero).
 """
 import dataclasses
 
 from .. import backend
 from ..layers.conv import col2im, im2col, pad_nhwc
-from . import lsh
 from .clustering import assign_clusters, assignment_matrix, centroids, group_keys
-from .matmul import (cuda_module, impl_label, relative_error, resolve_impl, reuse_matmul_backward,
-                     reuse_matmul_forward, reuse_matmul_forward_assigned)
+from .matmul import (cosine, cuda_module, hash_groups, impl_label, relative_error, resolve_impl,
+                     reuse_matmul_backward, reuse_matmul_forward, reuse_matmul_forward_assigned)
 
 
 def use_pixel_aligned(config, c_in):
@@ -52,7 +56,7 @@ def use_pixel_aligned(config, c_in):
 
 
 def exact_conv(x, W, b, stride, pads):
-    """The exact convolution (im2col + GEMM), for measuring the reuse error."""
+    """The exact convolution (im2col + GEMM): forward 'exact', and the reference of the reuse error."""
     kh, kw, _, m = W.shape
     cols, (oh, ow) = im2col(x, kh, kw, stride, pads)
     y = cols @ W.reshape(-1, m)
@@ -72,16 +76,21 @@ def general_conv_forward(x, W, b, stride, pads, config, state, train=True):
     return y.reshape(x.shape[0], oh, ow, m), cache
 
 
-def general_conv_forward_assigned(x, W, b, stride, pads, ids, n_clusters, L, dx_mode="exact"):
+def general_conv_forward_assigned(x, W, b, stride, pads, ids, n_clusters, L, dx_mode="exact",
+                                  forward="reuse"):
     """(y, cache) of the general path under a given assignment of the im2col rows' groups."""
     kh, kw, _, m = W.shape
     cols, (oh, ow) = im2col(x, kh, kw, stride, pads)
-    y, mcache = reuse_matmul_forward_assigned(cols, W.reshape(-1, m), b, ids, n_clusters, L, dx_mode)
+    y, mcache = reuse_matmul_forward_assigned(cols, W.reshape(-1, m), b, ids, n_clusters, L, dx_mode,
+                                              forward)
     return y.reshape(x.shape[0], oh, ow, m), (x.shape, W.shape, stride, pads, mcache)
 
 
 def general_conv_backward(dy, cache):
-    """(dx, dW, db) of the general path: the reuse product's backward, then col2im."""
+    """(dx, dW, db) of the general path: the reuse product's backward, then col2im.
+
+    dw_cos (measure_error) is the reuse product's: the exact conv dW is cols^T @ dY.
+    """
     x_shape, w_shape, stride, pads, mcache = cache
     kh, kw, _, m = w_shape
     dX, dW, db = reuse_matmul_backward(dy.reshape(-1, m), mcache)
@@ -104,6 +113,8 @@ class PixelCache:
     counts: object       # (Q, Cmax)
     has_bias: bool
     dx_mode: str
+    x: object = None     # measure_error only: the input, for the exact dW of dw_cos
+    stats: dict = None   # measure_error only: the stats entry that receives dw_cos
 
 
 def pixel_vectors(x, pads, L):
@@ -148,11 +159,12 @@ def pixel_keys(pixel_ids, cmax, padded_shape, kh, kw, stride):
 
 
 def pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L, dx_mode="exact",
-                                pixels=None):
+                                pixels=None, forward="reuse"):
     """(y, cache) of the pixel-aligned reuse conv under a given pixel assignment.
 
     pixel_ids (B*Hp*Wp, Q) and n_clusters (Q,) cluster the padded pixels per
     channel group of L channels; pixels = pixel_vectors(x, pads, L) if the caller has it.
+    forward 'exact': y is the exact conv, the cache the same as with 'reuse'.
     """
     b_, h, w, c_in = x.shape
     kh, kw, _, m = W.shape
@@ -162,14 +174,16 @@ def pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L,
         pixels = pixel_vectors(x, pads, L)
     C, counts = centroids(pixels, pixel_ids, n_clusters)                         # (Q, Cmax, L)
     cmax = C.shape[1]
-    P = C @ offset_weights(W, L)                       # (Q, Cmax, T*M): every offset at once
     keys = pixel_keys(pixel_ids, cmax, (b_, hp, wp, q), kh, kw, stride)
     R = assignment_matrix(keys, q * cmax * t, x.dtype)
+    cache = PixelCache(x.shape, W, stride, pads, pixel_ids, R, C, counts, b is not None, dx_mode)
+    if forward == "exact":
+        return exact_conv(x, W, b, stride, pads), cache   # no centroid GEMM, no reconstruct
+    P = C @ offset_weights(W, L)                       # (Q, Cmax, T*M): every offset at once
     y = R @ P.reshape(q * cmax * t, m)                 # rows of P read as (q, cluster, t)
     if b is not None:
         y += b
     oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
-    cache = PixelCache(x.shape, W, stride, pads, pixel_ids, R, C, counts, b is not None, dx_mode)
     return y.reshape(b_, oh, ow, m), cache
 
 
@@ -178,21 +192,30 @@ def pixel_conv_forward(x, W, b, stride, pads, config, state, train=True):
     xp = backend.get_array_module(x, W, b)
     L = config.L
     pixels = pixel_vectors(x, pads, L)
-    q = pixels.shape[1]
-    planes, unit_offsets = state.hash_params(L, config.H, q, config.family, config.seed,
-                                             config.shared_planes, xp, x.dtype)
-    codes = lsh.hash_codes(pixels, planes, lsh.offsets(unit_offsets, config.family, lsh.input_scale(x)))
+    real_pixels = x.reshape(-1, pixels.shape[1], L)    # 'centred' statistics skip the padding
+    codes = hash_groups(pixels, config, state, x, stats_source=real_pixels)
     pixel_ids, n_clusters = assign_clusters(codes, config.H)
     y, cache = pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L, config.dx_mode,
-                                           pixels=pixels)
-    rel_error = relative_error(y, exact_conv(x, W, b, stride, pads)) if config.measure_error else None
-    state.record(r_c=n_clusters.sum() / pixel_ids.size, n_clusters=n_clusters, impl=impl_label(xp),
-                 pixel_aligned=True, rel_error=rel_error)
-    return y, (cache if train else None)
+                                           pixels=pixels, forward=config.forward)
+    rel_error = None
+    if config.measure_error:
+        # forward 'exact': y is the exact conv, its own reference (rel_error 0)
+        rel_error = relative_error(y, y if config.forward == "exact" else exact_conv(x, W, b, stride, pads))
+    entry = state.record(r_c=n_clusters.sum() / pixel_ids.size, n_clusters=n_clusters, impl=impl_label(xp),
+                         pixel_aligned=True, rel_error=rel_error)
+    if not train:
+        return y, None
+    if config.measure_error:
+        cache.x, cache.stats = x, entry
+    return y, cache
 
 
 def pixel_conv_backward(dy, cache):
-    """(dx, dW, db) of the pixel-aligned reuse conv with the forward's assignment."""
+    """(dx, dW, db) of the pixel-aligned reuse conv with the forward's assignment.
+
+    When the forward measured the error (cache.x kept), also stores dw_cos =
+    cosine(dW, the exact conv dW = im2col(x)^T @ dY) in the forward's stats entry.
+    """
     xp = backend.get_array_module(dy)
     b_, h, w, c_in = cache.x_shape
     kh, kw, _, m = cache.W.shape
@@ -203,6 +226,9 @@ def pixel_conv_backward(dy, cache):
     S = (cache.R.T @ dy2).reshape(q, cmax, t * m)      # cluster sums, laid out like P
     dW_q = cache.centroids.transpose(0, 2, 1) @ S      # (Q, L, T*M): C_q^T S_q
     dW = dW_q.reshape(q, L, t, m).transpose(2, 0, 1, 3).reshape(cache.W.shape)
+    if cache.x is not None:
+        cols, _ = im2col(cache.x, kh, kw, cache.stride, cache.pads)
+        cache.stats["dw_cos"] = cosine(dW.reshape(-1, m), cols.T @ dy2)
     db = dy2.sum(axis=0) if cache.has_bias else None
     if cache.dx_mode == "exact":
         dx = col2im(dy2 @ cache.W.reshape(-1, m).T, cache.x_shape, kh, kw, cache.stride, cache.pads)

@@ -5,7 +5,10 @@ random projections gives one bit, ``bit_h = [x . r_h > b_h]``, and the H bits,
 packed into one integer, are the vector's code. Vectors with equal codes (in the
 same group) are close in angle ('origin': planes through the origin, b = 0) or in
 position ('offset': b_h drawn at the scale of the projections, so the planes cut
-through the cloud of inputs instead of all meeting at zero).
+through the cloud of inputs instead of all meeting at zero; 'centred': b_h =
+mean + u_h * std of the projections onto r_h over the vectors hashed, so the
+planes cut through the cloud wherever it lies, even far from the origin).
+Codes are uint32 up to 32 bits and uint64 beyond (up to 64).
 
 Hash parameters are always drawn on the host with NumPy, so the CPU and the GPU
 paths (reference and CUDA) see the very same planes for a seed.
@@ -42,10 +45,15 @@ def input_scale(x):
 
 
 def offsets(unit_offsets, family, scale):
-    """The thresholds b (Gp, H): zero for 'origin', unit offsets times the input scale for 'offset'."""
+    """The thresholds b (Gp, H): zero for 'origin', unit offsets times the input scale for 'offset'.
+
+    ('centred' depends on the projections, not on a scale: see centred_offsets.)
+    """
     xp = backend.get_array_module(unit_offsets)
     if family == "origin":
         return xp.zeros_like(unit_offsets)
+    if family != "offset":
+        raise ValueError(f"lsh.offsets: got family {family!r}, expected 'offset' or 'origin'")
     return unit_offsets * scale
 
 
@@ -68,22 +76,64 @@ def project(Xg, planes):
     return xp.matmul(Xg.transpose(1, 0, 2), planes).transpose(1, 0, 2)
 
 
+def projection_stats(Xg, planes):
+    """(mean, std) (Gp, H) of the projections of the vectors Xg (N, G, L) onto planes (Gp, L, H).
+
+    Over every (row, group) for shared planes (Gp = 1), per group otherwise; on
+    Xg's device (no host synchronisation). The mean is the projection of the mean
+    vector (projecting is linear); the variance sums squared deviations from it,
+    chunk by chunk like hash_codes, so a large common offset of the inputs cancels
+    before squaring rather than after (E[p^2] - E[p]^2 would lose it in float32).
+    """
+    xp = backend.get_array_module(Xg, planes)
+    n, g, L = Xg.shape
+    gp, _, h = planes.shape
+    axes = (0, 1) if gp == 1 else (0,)
+    mean = project(Xg.mean(axis=axes).reshape(1, gp, L), planes)[0]            # (Gp, H)
+    squares = xp.zeros((gp, h), dtype=mean.dtype)
+    for rows in row_chunks(n, g, h):
+        deviation = project(Xg[rows], planes) - mean
+        squares += (deviation * deviation).sum(axis=axes).reshape(gp, h)
+    return mean, xp.sqrt(squares / (n * g // gp))
+
+
+def centred_offsets(unit_offsets, mean, std):
+    """The 'centred' thresholds b (Gp, H) = mean + unit offsets * std of the projections."""
+    return mean + unit_offsets * std
+
+
+def code_dtype(H, xp):
+    """The dtype of H-bit codes: uint32 up to 32 bits, uint64 beyond."""
+    return xp.uint32 if H <= 32 else xp.uint64
+
+
 def pack_bits(bits):
-    """(..., H) booleans -> (...) uint32 codes, bit h worth 2**h.
+    """(..., H) booleans -> (...) codes of code_dtype(H), bit h worth 2**h.
 
     Packed as one dot product with the powers of two, exact while the sum fits
-    the float's mantissa: float32 up to 24 bits, float64 (53) beyond. A BLAS
+    the float's mantissa: float32 up to 24 bits, float64 (53) up to 32. Beyond,
+    the low and the high 32 bits are packed apart and joined with a shift. A BLAS
     call, faster than a loop over the bits or summing shifted int64 bits.
     """
     xp = backend.get_array_module(bits)
     h = bits.shape[-1]
+    if h > 32:
+        low = pack_bits(bits[..., :32]).astype(xp.uint64)
+        high = pack_bits(bits[..., 32:]).astype(xp.uint64)
+        return low | (high << xp.uint64(32))
     dtype = xp.float32 if h <= 24 else xp.float64
     powers = 2.0 ** xp.arange(h, dtype=dtype)
     return (bits.astype(dtype) @ powers).astype(xp.uint32)
 
 
+def row_chunks(n, g, h):
+    """Slices of the N rows such that the (rows, G, H) projections hold at most HASH_CHUNK_ELEMENTS."""
+    rows = max(1, HASH_CHUNK_ELEMENTS // (g * h))
+    return [slice(start, start + rows) for start in range(0, n, rows)]
+
+
 def hash_codes(Xg, planes, offsets):
-    """Codes (N, G) uint32: bit h of (n, g) is [Xg[n, g] . planes[g][:, h] > offsets[g, h]].
+    """Codes (N, G) of code_dtype(H): bit h of (n, g) is [Xg[n, g] . planes[g][:, h] > offsets[g, h]].
 
     planes (Gp, L, H) and offsets (Gp, H) with Gp = 1 (shared) or G. Rows are
     hashed in chunks so the projections never hold more than HASH_CHUNK_ELEMENTS.
@@ -91,9 +141,7 @@ def hash_codes(Xg, planes, offsets):
     xp = backend.get_array_module(Xg, planes, offsets)
     n, g, _ = Xg.shape
     h = planes.shape[-1]
-    codes = xp.empty((n, g), dtype=xp.uint32)
-    rows = max(1, HASH_CHUNK_ELEMENTS // (g * h))
-    for start in range(0, n, rows):
-        proj = project(Xg[start:start + rows], planes)
-        codes[start:start + rows] = pack_bits(proj > offsets)
+    codes = xp.empty((n, g), dtype=code_dtype(h, xp))
+    for rows in row_chunks(n, g, h):
+        codes[rows] = pack_bits(project(Xg[rows], planes) > offsets)
     return codes

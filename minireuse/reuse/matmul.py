@@ -3,7 +3,8 @@
 Read top to bottom, this is the whole technique for one product X (N, K) @ W (K, M):
 
 1. split the K columns into G groups of L (zero-pad the last): Xg (N, G, L)
-2. hash every neuron vector Xg[n, g] to an H-bit code            (lsh.py)
+2. hash every neuron vector Xg[n, g] to an H-bit code, H <= 64   (lsh.py)
+   (family 'centred': thresholds from the mean and std of the projections)
 3. equal codes in a group form a cluster: ids (N, G)              (clustering.py)
 4. centroids C (G, Cmax, L), one GEMM per group: P_g = C_g @ W_g
 5. reconstruct y[n] = sum_g P[g, ids[n, g]] (+ b)
@@ -13,10 +14,15 @@ Backward with the assignment held fixed (the exact gradient of the clustered for
     dX 'exact':   dY @ W^T
     dX 'cluster': dx[n, g] = (S[g, c] / |c|) @ W_g^T  for c = ids[n, g]
 
+forward 'exact' reuses in the backward only: steps 1-3 and the centroids run as
+above (the backward needs them), but y is the exact X @ W + b and the centroid
+GEMM and the reconstruct are skipped. With measure_error the backward also
+records the cosine between its dW and the exact X^T @ dY ('dw_cos').
+
 The same functions serve dense layers (``dense_forward``) and the general conv
 path (im2col rows, see conv.py). On CuPy arrays with impl 'auto', the CUDA fast
-path (minireuse.reuse.cuda) runs instead when it imports; this file stays the
-oracle it is tested against.
+path (minireuse.reuse.cuda) runs instead when it imports and implements the
+setting (``cuda_unsupported``); this file stays the oracle it is tested against.
 """
 import dataclasses
 import warnings
@@ -41,11 +47,24 @@ def cuda_module():
     return _cuda_import["module"], _cuda_import["error"]
 
 
+def cuda_unsupported(config):
+    """The options of config the CUDA fast path does not implement (names, [] when none)."""
+    options = []
+    if config.H > 32:
+        options.append(f"H={config.H} (more than 32 bits)")
+    if config.family == "centred":
+        options.append("family 'centred'")
+    if config.forward == "exact":
+        options.append("forward 'exact'")
+    return options
+
+
 def resolve_impl(config, *arrays):
     """'cuda' or 'reference' for these arrays under config.impl (the CPU never imports cuda.py).
 
     'auto' picks the CUDA kernels for float32 CuPy arrays when minireuse.reuse.cuda
-    imports, the reference path otherwise (NumPy, other dtypes, import failure).
+    imports and implements config, the reference path otherwise (NumPy, other
+    dtypes, options the kernels lack, import failure).
     """
     xp = backend.get_array_module(*arrays)
     if config.impl == "reference":
@@ -54,6 +73,12 @@ def resolve_impl(config, *arrays):
         if config.impl == "cuda":
             raise ValueError("ReuseConfig.impl: got 'cuda' with NumPy arrays, expected CuPy arrays "
                              "(move the model to the GPU) or impl 'auto'/'reference'")
+        return "reference"
+    unsupported = cuda_unsupported(config)
+    if unsupported:
+        if config.impl == "cuda":
+            raise ValueError(f"ReuseConfig.impl: got 'cuda' with {', '.join(unsupported)}, which the CUDA "
+                             "kernels do not implement yet; use impl 'auto' or 'reference'")
         return "reference"
     if config.impl == "auto" and any(a is not None and a.dtype != np.float32 for a in arrays):
         return "reference"
@@ -79,6 +104,12 @@ def relative_error(y, y_exact):
     return xp.linalg.norm(y - y_exact) / xp.linalg.norm(y_exact)
 
 
+def cosine(a, b):
+    """Cosine similarity of two arrays of one shape, as a 0-d device array."""
+    xp = backend.get_array_module(a, b)
+    return (a * b).sum() / (xp.linalg.norm(a) * xp.linalg.norm(b))
+
+
 def group_weights(W, L):
     """(K, M) -> (G, L, M): the rows of W that multiply each column group (zero rows pad)."""
     xp = backend.get_array_module(W)
@@ -89,13 +120,22 @@ def group_weights(W, L):
     return W.reshape(g, L, m)
 
 
-def hash_groups(Xg, config, state, scale_source):
-    """Codes (N, G) of the neuron vectors Xg (N, G, L) under config's planes."""
+def hash_groups(Xg, config, state, scale_source, stats_source=None):
+    """Codes (N, G) of the neuron vectors Xg (N, G, L) under config's planes.
+
+    scale_source: the array whose RMS scales the 'offset' thresholds;
+    stats_source: the vectors (n, G, L) whose projections centre the 'centred'
+    thresholds (Xg itself by default; the unpadded pixels on the pixel-aligned path).
+    """
     xp = backend.get_array_module(Xg)
     n, g, L = Xg.shape
     planes, unit_offsets = state.hash_params(L, config.H, g, config.family, config.seed,
                                              config.shared_planes, xp, Xg.dtype)
-    b = lsh.offsets(unit_offsets, config.family, lsh.input_scale(scale_source))
+    if config.family == "centred":
+        mean, std = lsh.projection_stats(Xg if stats_source is None else stats_source, planes)
+        b = lsh.centred_offsets(unit_offsets, mean, std)
+    else:
+        b = lsh.offsets(unit_offsets, config.family, lsh.input_scale(scale_source))
     return lsh.hash_codes(Xg, planes, b)
 
 
@@ -111,22 +151,29 @@ class MatmulCache:
     counts: object       # (G, Cmax)
     has_bias: bool
     dx_mode: str
+    X: object = None     # measure_error only: the input, for the exact dW of dw_cos
+    stats: dict = None   # measure_error only: the stats entry that receives dw_cos
 
 
-def reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, L, dx_mode="exact"):
+def reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, L, dx_mode="exact", forward="reuse"):
     """y = X @ W + b with deep reuse under a given assignment (ids, n_clusters) of groups of L.
 
-    Returns (y, cache). Tests hold the assignment fixed through this function
-    (numerical gradients, identity assignment = exact product).
+    Returns (y, cache). forward 'exact': y is the exact product and the cache the
+    same as with 'reuse' (the backward reuses the clusters). Tests hold the
+    assignment fixed through this function (numerical gradients, identity
+    assignment = exact product).
     """
     Xg = lsh.split_groups(X, L)
     g = Xg.shape[1]
     C, counts = centroids(Xg, ids, n_clusters)             # (G, Cmax, L)
     Wg = group_weights(W, L)                               # (G, L, M)
-    P = C @ Wg                                             # (G, Cmax, M): one small GEMM per group
     cmax = C.shape[1]
     R = assignment_matrix(group_keys(ids, cmax), g * cmax, X.dtype)
-    y = reconstruct(R, P)                                  # y[n] = sum_g P[g, ids[n, g]]
+    if forward == "exact":
+        y = X @ W                                          # no centroid GEMM, no reconstruct
+    else:
+        P = C @ Wg                                         # (G, Cmax, M): one small GEMM per group
+        y = reconstruct(R, P)                              # y[n] = sum_g P[g, ids[n, g]]
     if b is not None:
         y += b
     return y, MatmulCache(W, Wg, R, ids, C, counts, b is not None, dx_mode)
@@ -143,22 +190,35 @@ def reuse_matmul_forward(X, W, b, config, state, train=True, scale_source=None):
     Xg = lsh.split_groups(X, config.L)
     codes = hash_groups(Xg, config, state, X if scale_source is None else scale_source)
     ids, n_clusters = assign_clusters(codes, config.H)
-    y, cache = reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, config.L, config.dx_mode)
+    y, cache = reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, config.L, config.dx_mode,
+                                             config.forward)
     rel_error = None
     if config.measure_error:
-        rel_error = relative_error(y, X @ W if b is None else X @ W + b)
-    state.record(r_c=n_clusters.sum() / ids.size, n_clusters=n_clusters, impl=impl_label(xp),
-                 rel_error=rel_error)
-    return y, (cache if train else None)
+        # forward 'exact': y is the exact product, its own reference (rel_error 0)
+        exact = y if config.forward == "exact" else (X @ W if b is None else X @ W + b)
+        rel_error = relative_error(y, exact)
+    entry = state.record(r_c=n_clusters.sum() / ids.size, n_clusters=n_clusters, impl=impl_label(xp),
+                         rel_error=rel_error)
+    if not train:
+        return y, None
+    if config.measure_error:
+        cache.X, cache.stats = X, entry
+    return y, cache
 
 
 def reuse_matmul_backward(dy, cache):
-    """(dX, dW, db) of the reuse product with the forward's assignment; db None without bias."""
+    """(dX, dW, db) of the reuse product with the forward's assignment; db None without bias.
+
+    When the forward measured the error (cache.X kept), also stores
+    dw_cos = cosine(dW, X^T @ dY) in the forward's stats entry.
+    """
     xp = backend.get_array_module(dy)
     k, m = cache.W.shape
     g, cmax, L = cache.centroids.shape
     S = cluster_sums(dy, cache.ids, cmax, cache.R)                      # (G, Cmax, M)
     dW = (cache.centroids.transpose(0, 2, 1) @ S).reshape(g * L, m)[:k]
+    if cache.X is not None:
+        cache.stats["dw_cos"] = cosine(dW, cache.X.T @ dy)
     db = dy.sum(axis=0) if cache.has_bias else None
     if cache.dx_mode == "exact":
         dX = dy @ cache.W.T

@@ -1,0 +1,102 @@
+"""The options beyond the published method: H up to 64, the 'centred' family, forward 'exact'
+(validation, which implementation runs them, statistics, the layer benchmark's grid)."""
+import argparse
+import json
+import types
+
+import numpy as np
+import pytest
+
+from minireuse import backend, bench
+from minireuse.reuse import ReuseConfig, ReuseState, dense_forward, matmul
+
+
+@pytest.mark.parametrize("field, value", [("H", 65), ("H", 0), ("family", "centered"),
+                                          ("forward", "approx"), ("forward", None)])
+def test_bad_values_name_the_field_and_the_value(field, value):
+    with pytest.raises(ValueError, match=rf"ReuseConfig\.{field}: got {value!r}"):
+        ReuseConfig(**{field: value})
+
+
+def test_new_values_are_accepted_and_the_defaults_unchanged():
+    c = ReuseConfig.coerce({"H": 64, "family": "centred", "forward": "exact"})
+    assert (c.H, c.family, c.forward) == (64, "centred", "exact")
+    assert ReuseConfig().forward == "reuse" and ReuseConfig(H=33).H == 33
+    assert c.replace(forward="reuse").as_dict()["forward"] == "reuse"
+
+
+def test_cuda_unsupported_names_every_option_the_kernels_lack():
+    assert matmul.cuda_unsupported(ReuseConfig(H=32, family="offset", dx_mode="cluster")) == []
+    assert matmul.cuda_unsupported(ReuseConfig(family="origin", measure_error=True)) == []
+    names = matmul.cuda_unsupported(ReuseConfig(H=33, family="centred", forward="exact"))
+    assert len(names) == 3
+    assert "H=33" in names[0] and "centred" in names[1] and "forward 'exact'" in names[2]
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """resolve_impl sees a non-NumPy array module and a CUDA module that imported."""
+    monkeypatch.setattr(backend, "get_array_module", lambda *arrays: types.SimpleNamespace(__name__="fake"))
+    monkeypatch.setattr(matmul, "_cuda_import", {"module": object(), "error": None})
+
+
+@pytest.mark.parametrize("option", [dict(H=40), dict(family="centred"), dict(forward="exact")])
+def test_auto_runs_the_reference_path_for_what_the_kernels_lack_and_cuda_refuses(fake_cupy, option):
+    x = np.ones((2, 3), dtype=np.float32)
+    assert matmul.resolve_impl(ReuseConfig(), x) == "cuda"
+    assert matmul.resolve_impl(ReuseConfig(**option), x) == "reference"
+    assert matmul.resolve_impl(ReuseConfig(impl="reference", **option), x) == "reference"
+    with pytest.raises(ValueError, match=r"CUDA kernels do not implement yet; use impl 'auto' or "
+                                         r"'reference'") as error:
+        matmul.resolve_impl(ReuseConfig(impl="cuda", **option), x)
+    assert matmul.cuda_unsupported(ReuseConfig(**option))[0] in str(error.value)
+
+
+@pytest.mark.parametrize("option", [dict(H=40), dict(family="centred"), dict(forward="exact")])
+def test_cuda_impl_on_numpy_arrays_keeps_the_numpy_error(option):
+    x, W = np.ones((4, 8)), np.ones((8, 2))
+    with pytest.raises(ValueError, match="with NumPy arrays"):
+        dense_forward(x, W, None, ReuseConfig(L=4, impl="cuda", **option), ReuseState())
+
+
+def test_pop_stats_averages_dw_cos_over_the_calls_that_measured_it():
+    state = ReuseState()
+    for dw_cos in (0.5, None, 0.75):
+        entry = state.record(r_c=np.float64(0.5), n_clusters=np.array([2, 4]), impl="numpy-reference")
+        if dw_cos is not None:
+            entry["dw_cos"] = np.asarray(dw_cos)
+    assert state.pop_stats()["dw_cos"] == pytest.approx(0.625)
+    state.record(r_c=0.5, n_clusters=np.array([2]), impl="numpy-reference")
+    assert state.pop_stats()["dw_cos"] is None
+
+
+def bench_args(*argv):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_bench_grid_takes_the_new_options_and_labels_them():
+    args = bench_args("--L", "16", "--H", "12,64", "--family", "centred", "--paths", "pixel",
+                      "--forward", "reuse,exact")
+    grid = bench.modes("conv2", types.SimpleNamespace(c_in=64), args)
+    assert [label for label, _ in grid] == [
+        "exact", "pixel L=16 H=12 centred dx=cluster", "pixel L=16 H=12 centred dx=cluster forward=exact",
+        "pixel L=16 H=64 centred dx=cluster", "pixel L=16 H=64 centred dx=cluster forward=exact"]
+    assert grid[2][1]["forward"] == "exact" and grid[1][1]["forward"] == "reuse"
+    with pytest.raises(ValueError, match="ReuseConfig.H"):
+        bench.modes("conv2", types.SimpleNamespace(c_in=64), bench_args("--L", "16", "--H", "65"))
+    with pytest.raises(ValueError, match="ReuseConfig.forward"):
+        bench.modes("fc3", types.SimpleNamespace(), bench_args("--L", "16", "--forward", "backward"))
+
+
+def test_bench_times_the_exact_forward_mode(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = bench_args("--layers", "conv2", "--L", "64", "--H", "40", "--family", "centred", "--paths", "pixel",
+                      "--forward", "exact", "--batch", "2", "--repeats", "1", "--warmup", "0", "--device",
+                      "cpu", "--data", str(tmp_path / "no-cifar"), "--json", str(out), "--quiet")
+    assert bench.run(args) == 0
+    assert "pixel L=64 H=40 centred dx=cluster forward=exact" in capsys.readouterr().out
+    row = json.loads(out.read_text())["rows"][1]
+    assert row["config"]["forward"] == "exact" and row["rel_error"] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < row["r_c"] <= 1
