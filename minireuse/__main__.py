@@ -1,4 +1,4 @@
-"""Command line: python -m minireuse {train,bench,summary} ...
+"""Command line: python -m minireuse {train,compare,parity,bench,summary} ...
 
 Errors the user can fix (missing data, bad settings, a bad checkpoint) print one
 line starting with 'error:' and exit with status 2; Ctrl-C during training saves
@@ -64,6 +64,14 @@ def add_train_arguments(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def seed_list(s):
+    from .parity import ParityError, parse_seeds
+    try:
+        return parse_seeds(s)
+    except ParityError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def train_config(a):
     keys = ["model", "data", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
             "weight_decay", "schedule", "warmup_epochs", "augment", "seed", "out", "limit_train",
@@ -107,6 +115,22 @@ def cmd_compare(a):
     return 0
 
 
+def cmd_parity(a):
+    from . import parity
+    if a.reuse == "off":
+        raise ValueError("parity needs a reuse strategy: --reuse fixed, schedule or adaptive")
+    if a.resume:
+        raise ValueError("parity resumes its own runs (from OUT/seedS/{exact,reuse}/checkpoint.npz); "
+                         "--resume is for train")
+    if a.seed is not None:
+        raise ValueError("parity trains one pair of runs per seed of --seeds; --seed is for train and compare")
+    cfg = train_config(a)
+    del cfg["seed"]
+    result = parity.run(cfg, a.seeds, exact_from=a.exact_from, quiet=a.quiet)
+    print(result["table"])
+    return 0
+
+
 def cmd_summary(a):
     from .models import MODELS
     print(MODELS[a.model]().summary((32, 32, 3)))
@@ -123,6 +147,16 @@ def build_parser():
     p = sub.add_parser("compare", help="train exact and with reuse from the same seed; print a table")
     add_train_arguments(p)
     p.set_defaults(func=cmd_compare, reuse="adaptive", out="runs/compare")
+    p = sub.add_parser("parity", help="exact and reuse runs over several seeds: accuracy differences "
+                       "with their spread, and the time ratios (resumable)")
+    add_train_arguments(p)
+    p.add_argument("--seeds", type=seed_list, default="0,1,2",
+                   help="comma-separated distinct non-negative seeds, one exact and one reuse run each "
+                        "(default 0,1,2)")
+    p.add_argument("--exact-from", metavar="DIR", default=None,
+                   help="take each seed's exact run from DIR/seedS/exact (an earlier parity OUT) "
+                        "instead of training it")
+    p.set_defaults(func=cmd_parity, reuse="adaptive", out="runs/parity", seed=None)
     p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts")
     p.add_argument("--model", default="cifarnet", choices=["cifarnet"])
     p.set_defaults(func=cmd_summary)

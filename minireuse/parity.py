@@ -1,0 +1,408 @@
+"""Accuracy parity over seeds: the same recipe exact and with deep reuse, once per seed.
+
+    python -m minireuse parity --seeds 0,1,2 --data DIR --epochs N --reuse adaptive \\
+        [--reuse-config FILE] [every other train flag] [--exact-from DIR] --out runs/parity
+
+For each seed S it trains the recipe twice from that seed, exact (reuse off) into
+OUT/seedS/exact and with the --reuse strategy (default adaptive) and --reuse-config
+into OUT/seedS/reuse; each is a normal training run (history.json, checkpoint.npz,
+model.npz). The data are loaded once for all runs; the test accuracy is over the
+whole test set unless --limit-test says otherwise.
+
+The protocol is resumable and re-uses what is there. A run directory whose
+history.json has every epoch asked for, with the same settings (``same_settings``:
+all keys but where and how it ran), is not trained again; one with a checkpoint.npz
+and the same settings but fewer epochs done is resumed from it; one with other
+settings is refused, naming the keys that differ, before anything is trained.
+``--exact-from DIR`` takes each seed's exact run from DIR/seedS/exact (complete, same
+settings apart from the reuse keys) instead of training it, so that several reuse
+settings are compared against one set of exact runs.
+
+It prints a table and writes OUT/parity.json (atomically): per seed the final and
+best test accuracy of both runs and their difference (reuse - exact, in points), the
+training time of both and, for every layer that used reuse, its forward+backward
+seconds in both runs and their ratio, and the reuse run's stages (epochs grouped by
+the layer's setting) with their mean r_c, sampled relative error (and dw_cos when
+recorded); across seeds the mean, sample standard deviation, min and max of the
+differences, the mean accuracies, and the time ratios of the summed seconds.
+
+At small budgets (few epochs, a subset of the data) the accuracy difference of one
+seed is noisy, often by more than the effect of a reuse setting: report the spread
+over three seeds or more, not one seed's number.
+"""
+import dataclasses
+import json
+import os
+import statistics
+import sys
+
+import numpy as np
+
+from .compare import summarise
+from .fileio import atomic_write_json
+from .train import CHECKPOINT, HISTORY, Trainer
+
+RESULT = "parity.json"
+# where and how a run ran, not what it computed
+IGNORED_SETTINGS = frozenset({"out", "data", "download", "device", "graph", "log_every", "quiet"})
+# what an exact run may hold from a reuse config it did not use (its "reuse" must still be "off")
+REUSE_OPTION_SETTINGS = frozenset({"reuse_layers", "reuse_options"})
+
+
+class ParityError(ValueError):
+    """The protocol cannot run as asked (bad seeds, a run directory with other settings, ...)."""
+
+
+class _Absent:
+    def __repr__(self):
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
+def parse_seeds(text):
+    """'0,1,2' -> [0, 1, 2]: distinct non-negative integers, comma-separated."""
+    seeds = []
+    for part in str(text).split(","):
+        try:
+            v = int(part)
+        except ValueError:
+            raise ParityError(f"expected a comma-separated list of non-negative integers, got {text!r}") from None
+        if v < 0:
+            raise ParityError(f"seeds must be non-negative integers, got {v} in {text!r}")
+        if v in seeds:
+            raise ParityError(f"seed {v} is listed twice in {text!r}; the seeds must be distinct")
+        seeds.append(v)
+    return seeds
+
+
+def settings_differences(saved, wanted, ignore=()):
+    """The settings on which a saved run differs from the wanted one, as
+    [(key, saved value, wanted value)]; empty means "same settings".
+
+    Every key of either dict counts except IGNORED_SETTINGS and ``ignore``; values are
+    compared as JSON holds them, and a key missing on one side is ABSENT there."""
+    saved, wanted = json.loads(json.dumps(saved)), json.loads(json.dumps(wanted))
+    skip = IGNORED_SETTINGS | set(ignore)
+    return [(k, saved.get(k, ABSENT), wanted.get(k, ABSENT)) for k in sorted(set(saved) | set(wanted))
+            if k not in skip and saved.get(k, ABSENT) != wanted.get(k, ABSENT)]
+
+
+def _differences_text(diffs):
+    return "; ".join(f"{k}: {s!r} there, {w!r} asked" for k, s, w in diffs)
+
+
+@dataclasses.dataclass
+class RunState:
+    """What a run directory holds: 'complete' (history used as is), 'partial' (resume
+    from checkpoint) or 'new' (nothing to re-use)."""
+    path: str
+    state: str
+    history: list = None
+    checkpoint: str = None
+    done: int = 0
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ParityError(f"cannot read {path}: {e}") from e
+
+
+def _checkpoint_meta(path):
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return json.loads(bytes(f["meta"]).decode())
+    except Exception as e:
+        raise ParityError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def inspect_run(path, wanted, ignore=()):
+    """The state of run directory ``path`` for a run with settings ``wanted`` (a full
+    Trainer config); raises ParityError when what is there was trained with other settings."""
+    hist_path, ckpt_path = os.path.join(path, HISTORY), os.path.join(path, CHECKPOINT)
+    saved = _read_json(hist_path) if os.path.exists(hist_path) else None
+    if saved is not None:
+        if not isinstance(saved, dict) or not isinstance(saved.get("epochs"), list):
+            raise ParityError(f"{hist_path} is not a minireuse training history")
+        diffs = settings_differences(saved.get("settings", {}), wanted, ignore)
+        if diffs:
+            raise ParityError(f"{path} holds a run with other settings ({_differences_text(diffs)}); "
+                              "it is left alone: use another --out or remove that directory")
+        if len(saved["epochs"]) >= wanted["epochs"]:
+            return RunState(path, "complete", history=saved["epochs"], done=len(saved["epochs"]))
+    done = len(saved["epochs"]) if saved is not None else 0
+    if os.path.exists(ckpt_path):
+        meta = _checkpoint_meta(ckpt_path)
+        diffs = settings_differences(meta.get("config", {}), wanted, ignore)
+        if diffs:
+            raise ParityError(f"{ckpt_path} was saved by a run with other settings ({_differences_text(diffs)}); "
+                              "it is left alone: use another --out or remove that directory")
+        return RunState(path, "partial", checkpoint=ckpt_path, done=done)
+    if saved is not None:
+        raise ParityError(f"{path} has {done} of {wanted['epochs']} epochs in {HISTORY} but no {CHECKPOINT} "
+                          "to resume from; remove that directory or use another --out")
+    return RunState(path, "new")
+
+
+def stage_label(setting):
+    """A reuse setting in a few words: 'L64H32 offset dx=cluster' (L, H, the family,
+    then only the fields that differ from ReuseConfig's defaults); None is 'exact'."""
+    if setting is None:
+        return "exact"
+    from .reuse.config import ReuseConfig
+    defaults = {f.name: f.default for f in dataclasses.fields(ReuseConfig)}
+    short = {"dx_mode": "dx", "shared_planes": "shared", "pixel_aligned": "pixel"}
+    s = {k: v for k, v in setting.items() if k != "measure_error"}
+    parts = [f"L{s.pop('L', defaults['L'])}H{s.pop('H', defaults['H'])}", str(s.pop("family", defaults["family"]))]
+    for k, v in s.items():
+        if k in defaults and v == defaults[k]:
+            continue
+        parts.append(f"{short.get(k, k)}={str(v).lower() if isinstance(v, bool) else v}")
+    return " ".join(parts)
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def reuse_stages(history, layer):
+    """The epochs of a run grouped by ``layer``'s reuse setting (in order of first use):
+    label, setting, epochs, epoch_numbers, mean_r_c, mean_rel_error, mean_dw_cos
+    (means over the epochs that recorded the statistic; None when none did)."""
+    groups = {}
+    for e in history:
+        rec = e.get("layers", {}).get(layer)
+        if rec is None:
+            continue
+        setting = rec.get("reuse")
+        g = groups.setdefault(json.dumps(setting, sort_keys=True),
+                              dict(label=stage_label(setting), setting=setting, epoch_numbers=[], recs=[]))
+        g["epoch_numbers"].append(e.get("epoch"))
+        g["recs"].append(rec)
+    out = []
+    for g in groups.values():
+        recs = g.pop("recs")
+        out.append(dict(g, epochs=len(recs), mean_r_c=_mean([r.get("r_c") for r in recs]),
+                        mean_rel_error=_mean([r.get("rel_error") for r in recs]),
+                        mean_dw_cos=_mean([r.get("dw_cos") for r in recs])))
+    return out
+
+
+def spread(values):
+    """mean, sample standard deviation (n - 1; 0 for one value), min and max."""
+    values = list(values)
+    return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                min=min(values), max=max(values), n=len(values))
+
+
+def _ratio(a, b):
+    return a / b if b > 0 else None
+
+
+def seed_entry(seed, exact_history, reuse_history, exact_run, reuse_run):
+    """One seed's numbers from the two runs' histories (see the module docstring)."""
+    ex, re_ = summarise(exact_history), summarise(reuse_history)
+    layers = [n for n, rec in re_["layers"].items() if rec["reuse_epochs"] > 0]
+    layer_times = {}
+    for n in layers:
+        es, rs = ex["layers"].get(n, {}).get("seconds", 0.0), re_["layers"][n]["seconds"]
+        layer_times[n] = dict(exact_seconds=es, reuse_seconds=rs, ratio=_ratio(es, rs))
+    return dict(seed=seed, exact_run=exact_run, reuse_run=reuse_run, exact=ex, reuse=re_,
+                diff_final_pts=100 * (re_["final_test_acc"] - ex["final_test_acc"]),
+                diff_best_pts=100 * (re_["best_test_acc"] - ex["best_test_acc"]),
+                time_ratio=_ratio(ex["train_seconds"], re_["train_seconds"]),
+                reuse_layers=layer_times,
+                stages={n: reuse_stages(reuse_history, n) for n in layers})
+
+
+def aggregate(per_seed):
+    """Across seeds: spread of the differences, mean accuracies, ratios of summed seconds."""
+    def total(run, key):
+        return sum(p[run][key] for p in per_seed)
+    layers = sorted({n for p in per_seed for n in p["reuse_layers"]})
+    layer_totals = {}
+    for n in layers:
+        es = sum(p["exact"]["layers"].get(n, {}).get("seconds", 0.0) for p in per_seed)
+        rs = sum(p["reuse"]["layers"].get(n, {}).get("seconds", 0.0) for p in per_seed)
+        layer_totals[n] = dict(exact_seconds=es, reuse_seconds=rs, ratio=_ratio(es, rs))
+    k = len(per_seed)
+    return dict(n_seeds=k,
+                diff_final_pts=spread(p["diff_final_pts"] for p in per_seed),
+                diff_best_pts=spread(p["diff_best_pts"] for p in per_seed),
+                mean_exact_final_acc=total("exact", "final_test_acc") / k,
+                mean_reuse_final_acc=total("reuse", "final_test_acc") / k,
+                mean_exact_best_acc=total("exact", "best_test_acc") / k,
+                mean_reuse_best_acc=total("reuse", "best_test_acc") / k,
+                train_seconds=dict(exact=total("exact", "train_seconds"), reuse=total("reuse", "train_seconds"),
+                                   ratio=_ratio(total("exact", "train_seconds"), total("reuse", "train_seconds"))),
+                layers=layer_totals)
+
+
+def _align(rows):
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-" * max(len(l) for l in lines))
+    return lines
+
+
+def format_table(result):
+    """The printed report: header, one row per seed, mean/spread rows, then the reuse stages."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    def pts(v):
+        return f"{v:+.2f}"
+
+    def sec(v):
+        return f"{v:.1f} s"
+
+    def ratio(v):
+        return "-" if v is None else f"{v:.2f}x"
+
+    def num(v, digits):
+        return "-" if v is None else f"{v:.{digits}f}"
+    per_seed, agg = result["per_seed"], result["aggregate"]
+    layers = sorted(agg["layers"])
+    n_test = result["test_images"]
+    test = ("unknown (data not loaded)" if n_test is None else str(n_test)) + \
+        (f" (--limit-test {result['limit_test']})" if result["limit_test"] else " (whole test set)")
+    k, n_ep = agg["n_seeds"], result["epochs"]
+    head = [f"parity: exact vs reuse ({result['strategy']}), {k} seed{'s' if k != 1 else ''} "
+            f"({', '.join(str(s) for s in result['seeds'])}), {n_ep} epoch{'s' if n_ep != 1 else ''} each; "
+            f"test images: {test}"]
+    if result["exact_from"]:
+        head.append(f"exact runs from {result['exact_from']}")
+    rows = [("seed", "exact final", "reuse final", "diff final", "exact best", "reuse best", "diff best",
+             "exact time", "reuse time", "time exact/reuse", *(f"{n} exact/reuse" for n in layers),
+             "runs exact/reuse")]
+    for p in per_seed:
+        rows.append((str(p["seed"]), pct(p["exact"]["final_test_acc"]), pct(p["reuse"]["final_test_acc"]),
+                     pts(p["diff_final_pts"]) + " pts", pct(p["exact"]["best_test_acc"]),
+                     pct(p["reuse"]["best_test_acc"]), pts(p["diff_best_pts"]) + " pts",
+                     sec(p["exact"]["train_seconds"]), sec(p["reuse"]["train_seconds"]), ratio(p["time_ratio"]),
+                     *(ratio(p["reuse_layers"][n]["ratio"]) if n in p["reuse_layers"] else "-" for n in layers),
+                     f"{p['exact_run']['source']}/{p['reuse_run']['source']}"))
+    df, db, ts = agg["diff_final_pts"], agg["diff_best_pts"], agg["train_seconds"]
+    rows.append(("mean +- std", pct(agg["mean_exact_final_acc"]), pct(agg["mean_reuse_final_acc"]),
+                 f"{pts(df['mean'])} +- {df['std']:.2f}", pct(agg["mean_exact_best_acc"]),
+                 pct(agg["mean_reuse_best_acc"]), f"{pts(db['mean'])} +- {db['std']:.2f}",
+                 "sum " + sec(ts["exact"]), "sum " + sec(ts["reuse"]), ratio(ts["ratio"]) + " (sums)",
+                 *(ratio(agg["layers"][n]["ratio"]) + " (sums)" for n in layers), ""))
+    rows.append(("min / max", "", "", f"{pts(df['min'])} / {pts(df['max'])}", "", "",
+                 f"{pts(db['min'])} / {pts(db['max'])}", "", "", "", *("" for _ in layers), ""))
+    lines = head + [""] + _align(rows)
+    stage_rows = []
+    with_cos = any(s["mean_dw_cos"] is not None for p in per_seed for st in p["stages"].values() for s in st)
+    for p in per_seed:
+        for n, stages in p["stages"].items():
+            for s in stages:
+                stage_rows.append((str(p["seed"]), n, s["label"], str(s["epochs"]), num(s["mean_r_c"], 4),
+                                   num(s["mean_rel_error"], 3), *((num(s["mean_dw_cos"], 3),) if with_cos else ())))
+    if stage_rows:
+        lines += ["", "reuse stages (epochs of the reuse run grouped by the layer's setting):"]
+        lines += _align([("seed", "layer", "stage", "epochs", "mean r_c", "mean sampled error",
+                          *(("mean dw_cos",) if with_cos else ()))] + stage_rows)
+    lines += ["", "diff = reuse - exact in accuracy points; time = training seconds (layers: forward + "
+              "backward) summed over epochs, ratios > 1 mean reuse was faster"]
+    return "\n".join(lines)
+
+
+def _check_strategy(cfg):
+    """Build the strategy and attach it to a fresh model, so that bad reuse settings
+    fail before the exact runs are trained."""
+    from .models import MODELS
+    from .reuse.adaptive import make_strategy
+    strategy = make_strategy(cfg["reuse"], cfg.get("reuse_layers"), cfg.get("reuse_options"))
+    if cfg.get("model") in MODELS:
+        strategy.attach(MODELS[cfg["model"]]())
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _count_test_images(cfg):
+    """Test images the runs were evaluated on, when no run had to load the data: read
+    the data (no download); None if they are not there."""
+    from .data import CorruptDataError, DataNotFoundError, load_cifar10
+    try:
+        n = len(load_cifar10(cfg["data"], download=False, progress=False)[2])
+    except (DataNotFoundError, CorruptDataError):
+        return None
+    return min(n, cfg["limit_test"]) if cfg.get("limit_test") else n
+
+
+def run(cfg, seeds, exact_from=None, quiet=False, data=None):
+    """The protocol for a train config (its "reuse" the strategy, "out" the parity
+    directory; any "seed" is replaced by each of ``seeds``). Returns the parity.json dict
+    (its "table" the printed report). Every run directory is checked before anything is
+    trained."""
+    seeds = parse_seeds(",".join(str(s) for s in seeds)) if not isinstance(seeds, str) else parse_seeds(seeds)
+    base = {**Trainer.DEFAULTS, **{k: v for k, v in cfg.items() if k != "seed"}}
+    strategy = base["reuse"]
+    if strategy == "off":
+        raise ParityError("parity needs a reuse strategy: --reuse fixed, schedule or adaptive")
+    _check_strategy(base)
+    out = base["out"]
+    plan = []
+    for s in seeds:
+        ecfg = dict(base, seed=s, reuse="off", reuse_layers=None, reuse_options=None,
+                    out=os.path.join(out, f"seed{s}", "exact"))
+        rcfg = dict(base, seed=s, out=os.path.join(out, f"seed{s}", "reuse"))
+        if exact_from:
+            path = os.path.join(exact_from, f"seed{s}", "exact")
+            est = inspect_run(path, dict(ecfg, out=path), ignore=REUSE_OPTION_SETTINGS)
+            if est.state != "complete":
+                raise ParityError(f"--exact-from: {path} is not a complete exact run "
+                                  f"({est.done} of {base['epochs']} epochs in its {HISTORY}); "
+                                  "finish it there first or leave --exact-from out")
+            esrc = "exact-from"
+        else:
+            est = inspect_run(ecfg["out"], ecfg)
+            esrc = None
+        plan.append((s, [(ecfg, est, esrc), (rcfg, inspect_run(rcfg["out"], rcfg), None)]))
+
+    per_seed = []
+    for s, runs in plan:
+        got = []
+        for (c, st, src), kind in zip(runs, ("exact", "reuse")):
+            if st.state == "complete":
+                src = src or "reused"
+                _log(f"seed {s} {kind}: using the complete run in {st.path}")
+                history = st.history
+            else:
+                trainer = Trainer(c, data=data, quiet=quiet)
+                data = trainer.data          # loaded once for all runs
+                if st.state == "partial":
+                    meta = trainer.resume(st.checkpoint)
+                    src = "resumed"
+                    _log(f"seed {s} {kind}: resuming {st.checkpoint} at epoch {meta['epoch'] + 1}, "
+                         f"step {meta['step']}")
+                else:
+                    src = "trained"
+                    _log(f"seed {s} {kind}: training into {st.path}")
+                history = trainer.fit()
+                if trainer.start_epoch >= c["epochs"]:
+                    trainer.write_history()  # the checkpoint was ahead of history.json
+            got.append((history, dict(dir=os.path.abspath(st.path), source=src)))
+        (eh, erun), (rh, rrun) = got
+        per_seed.append(seed_entry(s, eh, rh, erun, rrun))
+
+    n_test = len(data[2]) if data is not None else _count_test_images(base)
+    result = dict(strategy=strategy, seeds=seeds, epochs=base["epochs"], test_images=n_test,
+                  train_images=len(data[0]) if data is not None else None, limit_test=base["limit_test"],
+                  exact_from=os.path.abspath(exact_from) if exact_from else None,
+                  settings={k: v for k, v in base.items() if k not in ("out", "seed")},
+                  per_seed=per_seed, aggregate=aggregate(per_seed))
+    result["table"] = format_table(result)
+    atomic_write_json(os.path.join(out, RESULT), result)
+    return result
+
+
+__all__ = ["run", "parse_seeds", "settings_differences", "inspect_run", "stage_label", "reuse_stages",
+           "spread", "seed_entry", "aggregate", "format_table", "ParityError", "RESULT"]
