@@ -30,6 +30,7 @@ from .losses import SoftmaxCrossEntropy
 from .fileio import atomic_savez, atomic_write_json
 from .models import MODELS
 from .optim import SGD, Adam, make_schedule
+from .reuse.adaptive import make_strategy, stage_errors
 from .timing import LayerTimer
 
 CHECKPOINT = "checkpoint.npz"
@@ -162,12 +163,13 @@ class Trainer:
         self.data = data if data is not None else self._load_data()
         self.history = []
         self.start_epoch, self.start_step = 0, 0
-        from .reuse.adaptive import make_strategy
         self.strategy = make_strategy(c["reuse"], c["reuse_layers"], c["reuse_options"])
         if self.strategy is not None:
             self.strategy.attach(self.model)
+            self.strategy.configure(c["warmup_epochs"] / c["epochs"])
         self.timer = LayerTimer([l.name for l in self.model.reuse_layers()])
         self._measuring = False
+        self._harms = []            # (reuse loss, exact loss) device scalars of this epoch's sampled steps
         self._graphs = None
         self._replays_before = 0    # graph replays before this epoch
         self.totals = self.reader = None
@@ -210,12 +212,13 @@ class Trainer:
                              mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
     def train_step(self, xb, yb, lr):
-        """One eager step (forward, loss, backward, update) on a batch; returns (loss, logits)."""
-        # steps that sample the reuse error also run the exact product: not timed
-        timer = None if self._measuring else self.timer
+        """One eager step (forward, loss, backward, update) on a batch; returns (loss, logits).
+
+        Every step is timed per layer, those that sample the reuse error too: the exact
+        product they also compute is part of what reuse costs."""
         self.opt.lr = lr
         self.opt.prepare_step()
-        return self._step_body(xb, yb, timer)
+        return self._step_body(xb, yb, self.timer)
 
     def _step_body(self, xb, yb, timer=None):
         """The device part of a step, the part a CUDA graph records."""
@@ -255,15 +258,20 @@ class Trainer:
         for (epoch, step), then a graph replay or an eager step, added to ``self.totals``.
         Returns the learning rate used. Needs ``begin_run()`` and ``with self.stream():``."""
         c = self.cfg
-        reseed_dropout(self.model, (c["seed"], epoch, step))
         lr = self.schedule(epoch + step / steps)
+        exact_loss = None
         if self.strategy is not None:
-            self._before_step(xb, yb, epoch, step, steps)
+            # the strategy's probes run first: the step's dropout masks are drawn after them,
+            # so a reuse run draws the same randomness as the exact run of the same seed
+            exact_loss = self._before_step(xb, yb, epoch, step, steps)
+        reseed_dropout(self.model, (c["seed"], epoch, step))
         self.opt.lr = lr
         # eager steps are timed per layer; with graphs, one step in GRAPH_TIMING_EVERY runs eagerly
         if self._graphs is None or step % GRAPH_TIMING_EVERY == 0 or not self._graphs.run(xb, yb):
             loss, logits = self.train_step(xb, yb, lr)
             self.totals.add(loss, logits, yb)
+            if exact_loss is not None:
+                self._harms.append((loss, exact_loss))
         if self.strategy is not None:
             self._after_step()
         return lr
@@ -285,6 +293,7 @@ class Trainer:
             it = train_iter.epoch(start)
             self.totals.reset()
             self.reader.clear()
+            self._harms = []
             self._replays_before = self._graphs.replays if self._graphs is not None else 0
             seen = 0
             t0 = time.perf_counter()
@@ -317,7 +326,9 @@ class Trainer:
                           lr=lr, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
             record["layers"] = self._layer_records(step + 1 - start)
             if self.strategy is not None:
-                self.strategy.on_epoch_end((epoch + 1) / c["epochs"], record["train_loss"], record["layers"])
+                record["reuse_harm"] = self._epoch_harm()
+                self.strategy.on_epoch_end((epoch + 1) / c["epochs"], record["train_loss"], record["layers"],
+                                           harm=record["reuse_harm"])
                 new_events = [e for e in self.strategy.events if "epoch" not in e]
                 for e in new_events:
                     e["epoch"] = epoch + 1
@@ -334,17 +345,47 @@ class Trainer:
         return self.history
 
     def _before_step(self, xb, yb, epoch, step, steps):
-        """Let the strategy set this step's reuse settings (and sample the error)."""
+        """Let the strategy set this step's reuse settings. On a step that samples the reuse
+        error, also returns the loss of the exact forward on this batch (else None)."""
         st = self.strategy
         if getattr(st, "speed_guard", False) and not st.exact_ms and step == self.start_step:
             st.exact_ms = self.time_exact_layers(xb, yb, st.probe_steps)
         st.on_step((epoch + step / steps) / self.cfg["epochs"])
+        wanted = st.wants_ladder_order()
+        if wanted:
+            st.set_ladder_order({name: stage_errors(self.model, xb, name, st.ladders[name]) for name in wanted})
+            st.apply()
         self._measuring = st.measure_error_now(step)
-        if self._measuring:
-            for name in st.ladders:
-                layer = self.model.layer(name)
-                if layer.reuse is not None:
-                    layer.set_reuse(layer.reuse.replace(measure_error=True))
+        if not self._measuring:
+            return None
+        exact_loss = self.exact_loss(xb, yb, (self.cfg["seed"], epoch, step))
+        for name in st.ladders:
+            layer = self.model.layer(name)
+            if layer.reuse is not None:
+                layer.set_reuse(layer.reuse.replace(measure_error=True))
+        return exact_loss
+
+    def exact_loss(self, xb, yb, dropout_seed):
+        """Training-mode loss of the exact forward on a batch with the dropout masks of
+        ``dropout_seed`` (a device scalar); parameters are not changed. Timed per layer."""
+        layers = [l for l in self.model.reuse_layers() if l.reuse is not None]
+        saved = [l.reuse for l in layers]
+        for l in layers:
+            l.set_reuse(None)
+        reseed_dropout(self.model, dropout_seed)
+        loss = self.loss_fn.forward(self.model.forward(xb, train=True, timer=self.timer), yb)
+        for l, r in zip(layers, saved):
+            l.set_reuse(r)
+        return loss
+
+    def _epoch_harm(self):
+        """Mean relative loss increase of the reuse forward over the exact one on this epoch's
+        sampled steps (one read back per epoch), or None when no step was sampled."""
+        if not self._harms:
+            return None
+        pairs = [(float(backend.asnumpy(r)), float(backend.asnumpy(e))) for r, e in self._harms]
+        self._harms = []
+        return float(np.mean([r / e - 1.0 for r, e in pairs if e > 0]))
 
     def _after_step(self):
         if self._measuring:
@@ -402,7 +443,7 @@ class Trainer:
                 f, b = f / max(nf, 1) * steps_run, b / max(nb, 1) * steps_run
                 nf = nb = steps_run
             rec = dict(forward_s=f, backward_s=b, forward_ms=1e3 * f / max(nf, 1),
-                       backward_ms=1e3 * b / max(nb, 1), step_ms=1e3 * (f + b) / max(nf, 1),
+                       backward_ms=1e3 * b / max(nb, 1), step_ms=1e3 * (f + b) / max(nb, 1),
                        timed_calls=times.get((layer.name, "forward"), (0.0, 0))[1],
                        reuse=None if layer.reuse is None else layer.reuse.replace(measure_error=False).as_dict())
             if layer.reuse_state is not None:

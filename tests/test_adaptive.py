@@ -6,7 +6,7 @@ import pytest
 from minireuse.models import cifarnet
 from minireuse.reuse import ReuseConfig
 from minireuse.reuse.adaptive import (AdaptiveStrategy, FixedStrategy, ScheduleStrategy, load_settings,
-                                      make_strategy)
+                                      make_strategy, stage_errors)
 from minireuse.train import Trainer
 
 from test_train import config, learnable_data
@@ -40,60 +40,123 @@ def test_schedule_walks_the_ladder_then_exact():
         ScheduleStrategy(LADDER, boundaries=[0.0, 0.9, 0.5])
 
 
-def test_adaptive_error_bound_tightens_and_advances():
+def started(ladder=LADDER, **options):
+    """An adaptive strategy attached to a CifarNet that has already started reusing."""
     model = cifarnet()
-    s = AdaptiveStrategy(LADDER, error_start=0.5, error_end=0.1, exact_tail=0.2)
+    s = AdaptiveStrategy(ladder, start_after=0.0, steady_drop=None, **options)
     s.attach(model)
-    assert s.bound(0.0) == 0.5 and abs(s.bound(1.0) - 0.1) < 1e-12
-    s.on_epoch_end(0.1, 2.0, {"conv2": {"rel_error": 0.4}})         # 0.4 < bound 0.46: stay
+    s.on_step(0.0)
+    return model, s
+
+
+def test_adaptive_waits_for_the_warm_up_and_a_falling_loss():
+    model = cifarnet()
+    s = AdaptiveStrategy(LADDER, steady_drop=0.02)
+    s.configure(0.125)                                   # warm-up ends after 1 epoch of 8
+    s.attach(model)
+    s.on_step(0.0)
+    assert model.layer("conv2").reuse is None and "waiting" in s.describe()
+    assert not s.measure_error_now(0)
+    s.on_epoch_end(0.125, 2.0, {})                      # the warm-up epoch itself: never
+    assert model.layer("conv2").reuse is None
+    s.on_epoch_end(0.25, 1.99, {})                      # fell 0.5 % < 2 %: not steadily
+    assert model.layer("conv2").reuse is None
+    s.on_epoch_end(0.375, 1.80, {})                     # fell 9.5 %: reuse starts
+    assert model.layer("conv2").reuse == ReuseConfig(L=32, H=8)
+    assert "reuse starts" in s.events[-1]["reason"] and s.measure_error_now(0)
+
+
+def test_adaptive_harm_moves_the_layer_towards_exact():
+    model, s = started(harm_bound=0.03)
+    s.on_epoch_end(0.3, 1.5, {"conv2": {"rel_error": 0.2}}, harm=0.01)   # under the bound: stay
     assert s.stage["conv2"] == 0
-    s.on_epoch_end(0.5, 1.5, {"conv2": {"rel_error": 0.4}})         # 0.4 > bound 0.3: next stage
+    s.on_epoch_end(0.4, 1.4, {"conv2": {"rel_error": 0.2}}, harm=0.05)
     assert s.stage["conv2"] == 1 and model.layer("conv2").reuse.L == 16
-    assert "sampled error" in s.events[-1]["reason"]
-    s.on_step(0.85)                                                  # exact tail
+    assert "raised the sampled loss" in s.events[-1]["reason"]
+
+
+def test_a_loss_rising_under_reuse_moves_towards_exact_never_further():
+    model, s = started()
+    s.on_epoch_end(0.3, 1.5, {})
+    s.on_epoch_end(0.4, 1.6, {})                        # rose: less approximation, not more
+    assert s.stage["conv2"] == 1 and "loss rose" in s.events[-1]["reason"]
+    s.on_epoch_end(0.5, 1.7, {})
     assert model.layer("conv2").reuse is None
 
 
-def test_adaptive_loss_plateau_advances():
-    model = cifarnet()
-    s = AdaptiveStrategy(LADDER, plateau=0.05)
-    s.attach(model)
-    s.on_epoch_end(0.1, 2.0, {})
-    s.on_epoch_end(0.2, 1.5, {})      # fell 25%: stays
+def test_error_cap_is_off_by_default():
+    _, s = started()
+    s.on_epoch_end(0.5, 1.0, {"conv2": {"rel_error": 0.9}})
     assert s.stage["conv2"] == 0
-    s.on_epoch_end(0.3, 1.48, {})     # fell 1.3% < 5%: plateau
-    assert s.stage["conv2"] == 1 and "plateau" in s.events[-1]["reason"]
+    _, s = started(error_bound=0.3)
+    s.on_epoch_end(0.5, 1.0, {"conv2": {"rel_error": 0.4}})
+    assert s.stage["conv2"] == 1 and "sampled error" in s.events[-1]["reason"]
+
+
+def test_ladders_are_put_in_order_of_decreasing_error():
+    model, s = started()
+    assert s.wants_ladder_order() == ["conv2"]
+    s.set_ladder_order({"conv2": [0.1, 0.3]})           # the second stage is the rougher one
+    assert [c.L for c in s.ladders["conv2"]] == [16, 32] and s.wants_ladder_order() == []
+    s.apply()
+    assert model.layer("conv2").reuse.L == 16 and "ordered by measured error" in s.events[-1]["reason"]
+
+
+def test_stage_errors_fall_with_more_bits_and_leave_the_layer_alone():
+    import numpy as np
+    model = cifarnet()
+    conv2 = model.layer("conv2")
+    conv2.set_reuse(dict(L=16, H=6))
+    state = conv2.reuse_state
+    x = np.random.default_rng(1).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    errs = stage_errors(model, x, "conv2", [ReuseConfig(L=16, H=4), ReuseConfig(L=16, H=24)])
+    assert errs[0] > errs[1] > 0
+    assert conv2.reuse == ReuseConfig(L=16, H=6) and conv2.reuse_state is state and state.stats == []
+
+
+def test_describe_shows_a_disabled_stage_as_exact():
+    model = cifarnet()
+    s = ScheduleStrategy({"conv2": [dict(L=16, H=8, enabled=False), dict(L=64, H=32, dx_mode="cluster")]},
+                         boundaries=[0.0, 0.5, 0.9])
+    s.attach(model)
+    s.on_step(0.1)
+    assert s.describe() == "conv2:exact"
+    s.on_step(0.6)
+    assert s.describe() == "conv2:L64H32,dx=cluster"
 
 
 def test_adaptive_never_keeps_reuse_slower_than_exact():
-    model = cifarnet()
-    s = AdaptiveStrategy(LADDER)
-    s.attach(model)
+    model, s = started()
     s.exact_ms = {"conv2": 10.0}
     s.on_epoch_end(0.1, 2.0, {"conv2": {"step_ms": 12.0, "rel_error": 0.01}})
     assert model.layer("conv2").reuse is None and "slower than exact" in s.events[-1]["reason"]
 
 
 def test_strategy_state_round_trip():
-    a = AdaptiveStrategy(LADDER)
-    a.attach(cifarnet())
-    a.on_epoch_end(0.5, 1.0, {"conv2": {"rel_error": 0.9}})
+    _, a = started()
+    a.set_ladder_order({"conv2": [0.1, 0.3]})
+    a.on_epoch_end(0.5, 1.0, {"conv2": {"rel_error": 0.9}}, harm=0.5)
     b = AdaptiveStrategy(LADDER)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert b.stage == a.stage and b.prev_loss == a.prev_loss and b.events == a.events
+    assert b.started and b.ladders == a.ladders and b.wants_ladder_order() == []
 
 
 def test_settings_validation(tmp_path):
     with pytest.raises(ValueError, match="does not have"):
         make_strategy("fixed", {"conv9": dict(L=4)}).attach(cifarnet())
     with pytest.raises(ValueError, match="ReuseConfig.H"):
-        make_strategy("schedule", {"conv2": [dict(L=16, H=40)]})
+        make_strategy("schedule", {"conv2": [dict(L=16, H=80)]})
     with pytest.raises(ValueError, match="unknown reuse strategy"):
         make_strategy("sometimes")
+    with pytest.raises(ValueError, match=r"\['plateau'\] are not options of the 'adaptive' strategy"):
+        make_strategy("adaptive", None, {"plateau": 0.01})
+    with pytest.raises(ValueError, match="harm_bound"):
+        make_strategy("adaptive", None, {"harm_bound": float("nan")})
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({"layers": {"conv2": [{"L": 16, "H": 8}]}, "options": {"plateau": 0.02}}))
+    path.write_text(json.dumps({"layers": {"conv2": [{"L": 16, "H": 8}]}, "options": {"harm_bound": 0.02}}))
     layers, options = load_settings(str(path))
-    assert layers == {"conv2": [{"L": 16, "H": 8}]} and options == {"plateau": 0.02}
+    assert layers == {"conv2": [{"L": 16, "H": 8}]} and options == {"harm_bound": 0.02}
     path.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read reuse settings"):
         load_settings(str(path))
@@ -102,7 +165,8 @@ def test_settings_validation(tmp_path):
 def test_training_records_reuse_statistics_per_layer(tmp_path):
     cfg = config(tmp_path, epochs=2, reuse="adaptive",
                  reuse_layers={"conv2": [dict(L=16, H=10), dict(L=16, H=16)]},
-                 reuse_options=dict(error_every=2, exact_tail=0.5, speed_guard=False))
+                 reuse_options=dict(sample_every=2, exact_tail=0.5, speed_guard=False, start_after=0.0,
+                                    steady_drop=None))
     t = Trainer(cfg, data=learnable_data(), quiet=True)
     hist = t.fit()
     first, last = hist[0]["layers"]["conv2"], hist[1]["layers"]["conv2"]
@@ -112,6 +176,8 @@ def test_training_records_reuse_statistics_per_layer(tmp_path):
     assert last["reuse"] is None                          # exact tail: the second half is exact
     assert hist[0]["layers"]["conv1"]["reuse"] is None and hist[0]["layers"]["conv1"]["forward_ms"] > 0
     assert any(e["reason"] == "exact tail" for e in hist[1]["reuse_events"])
+    assert hist[0]["reuse_harm"] is not None and abs(hist[0]["reuse_harm"]) < 1.0
+    assert hist[1]["reuse_harm"] is None                 # exact: nothing sampled
     saved = json.load(open(tmp_path / "run" / "history.json"))
     assert saved["epochs"][0]["layers"]["conv2"]["r_c"] == first["r_c"]
 
@@ -142,3 +208,20 @@ def test_cli_compare_prints_side_by_side_table(tmp_path):
     assert saved["reuse"]["layers"]["conv2"]["reuse_epochs"] == 1
     assert 0 < saved["reuse"]["layers"]["conv2"]["mean_r_c"] < 1
     assert saved["exact"]["layers"]["conv2"]["mean_r_c"] is None
+
+
+def test_strategy_probes_draw_no_training_randomness(tmp_path):
+    """An adaptive run that never starts reusing (its speed probe and exact timing run on
+    step 0) trains bit for bit like the exact run: the comparison is paired."""
+    import numpy as np
+    from test_train import params
+    data = learnable_data()
+    exact = Trainer(config(tmp_path, out=str(tmp_path / "e")), data=data, quiet=True)
+    exact.fit()
+    waiting = Trainer(config(tmp_path, out=str(tmp_path / "w"), reuse="adaptive",
+                             reuse_layers={"conv2": dict(L=16, H=8)}, reuse_options=dict(steady_drop=0.99)),
+                      data=data, quiet=True)
+    waiting.fit()
+    assert waiting.strategy.exact_ms and not waiting.strategy.started
+    a, b = params(exact.model), params(waiting.model)
+    assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -1,52 +1,71 @@
 """Adaptive deep reuse: who decides each reuse layer's setting as training goes on.
 
-A *ladder* is a layer's list of stages, from aggressive to conservative; the
-stage after the last is exact computation (reuse off). A strategy moves every
-layer along its ladder, only forwards:
+A *ladder* is a layer's list of stages, from the most approximate to the least;
+the stage after the last is exact computation (reuse off). A strategy moves every
+layer along its ladder, only forwards, so "the next stage" always means less error:
 
     fixed      one setting for the whole run (a one-stage ladder, never left);
     schedule   stage k while the training progress t (0..1) is in
                [boundaries[k], boundaries[k+1]); exact from the last boundary on;
     adaptive   the controller below.
 
-The adaptive rule (checked once per epoch, from host numbers read once per epoch;
-the sampled error is measured on one step out of ``error_every``):
+The adaptive rule. Decisions are taken at the end of each epoch from numbers read
+back once per epoch; the harm and the error are sampled on one step in
+``sample_every``:
 
-1. accuracy: move a layer to its next stage when its sampled relative output
-   error exceeds a bound that tightens with progress,
-   ``bound(t) = error_start + (error_end - error_start) * t``; early training
-   tolerates approximation, late training does not;
-2. loss: move every layer one stage on when the epoch's training loss fell by
-   less than ``plateau`` (relative) against the previous epoch in the same stage:
-   the current approximation has stopped paying for itself;
-3. speed: a layer whose reuse forward+backward took longer per step than its exact
-   computation goes straight to exact, so reuse never makes training slower
-   than exact. Reuse is timed on every step that does not sample the error;
-   exact is timed on the first batch (``probe_steps`` forward+backward passes
-   with reuse off that change no parameter);
-4. parity: every layer is exact for the final ``exact_tail`` fraction of training.
+1. start: every layer is exact until the warm-up is over and the training loss
+   falls steadily (the first epoch ending after ``start_after``, default the end
+   of the learning-rate warm-up, lowered the loss by at least ``steady_drop``
+   against the epoch before). Reuse during warm-up and at the peak learning rate
+   is what damages training most (docs/adaptive.md). When reuse starts, each
+   ladder is measured on the current batch and put in order of decreasing
+   output error, so that moving on always reduces the error;
+2. harm: on a sampled step the loss of the reuse forward is compared with the
+   loss of the exact forward on the same batch (same dropout masks, same
+   weights). When the epoch's mean relative loss increase exceeds ``harm_bound``,
+   the reuse layer with the largest sampled error moves one stage towards exact;
+3. divergence: when the training loss of an epoch trained with reuse rose against
+   the epoch before, every reusing layer moves one stage towards exact;
+4. error cap (off unless ``error_bound`` is set): a layer whose sampled relative
+   output error exceeds ``error_bound`` moves one stage on;
+5. speed: a layer whose reuse forward+backward took longer per step than its
+   exact computation goes straight to exact, so reuse never makes training
+   slower (exact is timed on the first batch, ``probe_steps`` forward+backward
+   passes that change no parameter and draw no training randomness);
+6. end: every layer is exact for the final ``exact_tail`` fraction of training.
 
 All decisions are functions of the seed-determined run, so a resumed run makes
-the same ones (the strategy's state is saved in the checkpoint).
+the same ones (the strategy's state, the ladders' order included, is saved in
+the checkpoint).
 """
+import inspect
 import json
+import math
 
 from .config import ReuseConfig
 
 STRATEGIES = ("off", "fixed", "schedule", "adaptive")
 
-# CifarNet defaults. The layer benchmark (docs/reuse.md, 2-core CPU, batch 128,
-# real activations) found reuse paying only on conv2 (conv1 with K = 75 and the
-# dense layers with N = batch were slower with reuse), and there only on the
-# pixel-aligned path with the offset family. In training (docs/adaptive.md,
-# 10,000 CIFAR-10 images, 15 epochs) settings with a per-layer error near 0.2
-# or above (L=64 H=20) cost about 10 accuracy points; L=64 H=32 (error about
-# 0.17) cost 7 with cluster-mode dX at 1.56x the speed of exact training, 6
-# with exact dX at 1.17x. The cluster-mode ladder is the default.
+# CifarNet defaults (docs/adaptive.md has the runs behind them). Reuse pays on
+# the 2-core CPU only on conv2, pixel-aligned, offset family (docs/reuse.md).
+# The ladder is in order of decreasing error: L=64 H=32 (sampled error about
+# 0.17 on trained activations) before L=64 H=64 (about 0.05).
 DEFAULT_LADDERS = {
-    "conv2": [dict(L=64, H=32, dx_mode="cluster"), dict(L=32, H=32, dx_mode="cluster")],
+    "conv2": [dict(L=64, H=32, dx_mode="cluster")],
 }
 DEFAULT_FIXED = {"conv2": dict(L=64, H=32, dx_mode="cluster")}
+_DEFAULT_CONFIG = ReuseConfig()
+
+
+def stage_label(cfg):
+    """'L64H32' plus the fields that differ from ReuseConfig's defaults, e.g. 'L64H32 dx=cluster';
+    'exact' for None or a disabled setting."""
+    if cfg is None or not cfg.enabled:
+        return "exact"
+    extra = [f"{name}={getattr(cfg, name)}" for name in ("family", "dx_mode", "forward")
+             if hasattr(cfg, name) and getattr(cfg, name) != getattr(_DEFAULT_CONFIG, name)]
+    extra = [e.replace("dx_mode=", "dx=") for e in extra]
+    return " ".join([f"L{cfg.L}H{cfg.H}"] + extra)
 
 
 def _configs(stages, layer):
@@ -127,16 +146,7 @@ class ReuseStrategy:
 
     def describe(self):
         """A short text of every layer's stage, for the progress bar."""
-        parts = []
-        for name in self.ladders:
-            cfg = self.current(name)
-            parts.append(f"{name}:" + ("exact" if cfg is None else f"L{cfg.L}H{cfg.H}"))
-        return " ".join(parts)
-
-    def settings(self):
-        """{layer: setting dict or None} for history.json."""
-        return {name: (None if self.current(name) is None else self.current(name).as_dict())
-                for name in self.ladders}
+        return " ".join(f"{name}:" + stage_label(self.current(name)).replace(" ", ",") for name in self.ladders)
 
     # ----- hooks the trainer calls
     def on_step(self, progress):
@@ -147,11 +157,21 @@ class ReuseStrategy:
                     self.advance(layer, "exact tail", to_exact=True)
         return self.apply()
 
+    def configure(self, warmup_fraction):
+        """Told by the trainer where the learning-rate warm-up ends; only the adaptive rule uses it."""
+
     def measure_error_now(self, step):
+        """Whether this step samples the reuse error and harm."""
         return False
 
-    def on_epoch_end(self, progress, train_loss, layer_stats):
-        """layer_stats: {layer: dict(rel_error, step_ms, ...)}; returns True if settings changed."""
+    def wants_ladder_order(self):
+        """Layers whose ladders should be measured now (see AdaptiveStrategy)."""
+        return []
+
+    def on_epoch_end(self, progress, train_loss, layer_stats, harm=None):
+        """layer_stats: {layer: dict(rel_error, step_ms, ...)}; harm: the epoch's mean relative
+        loss increase of the reuse forward over the exact one on sampled steps (or None).
+        Returns True if settings changed."""
         return self.apply()
 
     def state_dict(self):
@@ -200,53 +220,143 @@ class AdaptiveStrategy(ReuseStrategy):
 
     name = "adaptive"
 
-    def __init__(self, ladders, error_start=0.4, error_end=0.1, plateau=0.01, exact_tail=0.2,
-                 error_every=20, probe_steps=2, speed_guard=True):
+    def __init__(self, ladders, start_after=None, steady_drop=0.02, harm_bound=0.02, error_bound=None,
+                 exact_tail=0.1, sample_every=20, probe_steps=2, speed_guard=True, order_ladders=True):
         super().__init__(ladders, exact_tail)
-        self.speed_guard = speed_guard
-        self.error_start, self.error_end = error_start, error_end
-        self.plateau, self.error_every, self.probe_steps = plateau, error_every, probe_steps
+        for name, v, lo, hi in (("start_after", start_after, 0.0, 1.0), ("steady_drop", steady_drop, 0.0, 1.0),
+                                ("harm_bound", harm_bound, 0.0, None), ("error_bound", error_bound, 0.0, None)):
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= lo
+                                      and (hi is None or v < hi)):
+                raise ValueError(f"adaptive option {name}: got {v!r}, expected a number >= {lo}"
+                                 + (f" and < {hi}" if hi is not None else "") + " (or null)")
+        if not isinstance(sample_every, int) or sample_every < 1:
+            raise ValueError(f"adaptive option sample_every: got {sample_every!r}, expected an int >= 1")
+        self.start_after, self.steady_drop = start_after, steady_drop
+        self.harm_bound, self.error_bound = harm_bound, error_bound
+        self.sample_every, self.probe_steps = sample_every, probe_steps
+        self.speed_guard, self.order_ladders = speed_guard, order_ladders
+        self.started = False
+        self.ordered = not order_ladders
         self.prev_loss = None
         self.exact_ms = {}
 
-    def bound(self, progress):
-        return self.error_start + (self.error_end - self.error_start) * min(max(progress, 0.0), 1.0)
+    def configure(self, warmup_fraction):
+        """The trainer tells the strategy where the learning-rate warm-up ends (a fraction of training)."""
+        if self.start_after is None:
+            self.start_after = warmup_fraction
+
+    def current(self, layer):
+        return super().current(layer) if self.started else None
+
+    def describe(self):
+        return super().describe() if self.started else "waiting: exact until the loss falls steadily"
 
     def measure_error_now(self, step):
-        return step % self.error_every == 0
+        return self.started and step % self.sample_every == 0 and any(
+            self.current(l) is not None for l in self.ladders)
 
-    def on_epoch_end(self, progress, train_loss, layer_stats):
-        changed_stage = False
+    def on_step(self, progress):
+        if not self.started and self.steady_drop is None and progress >= (self.start_after or 0.0):
+            self._start(f"progress {progress:.2f} >= start_after")
+        return super().on_step(progress)
+
+    def _start(self, reason):
+        self.started = True
         for layer in self.ladders:
-            if self.current(layer) is None:
-                continue
+            self.events.append(dict(layer=layer, stage=self.stage[layer], reason=f"reuse starts: {reason}"))
+
+    def wants_ladder_order(self):
+        """Layers whose ladder still has to be measured and put in order (at the first reuse step)."""
+        if self.ordered or not self.started:
+            return []
+        return [l for l in self.ladders if len(self.ladders[l]) > 1]
+
+    def set_ladder_order(self, errors):
+        """errors: {layer: [relative output error of each stage on one batch]}; sorts each ladder
+        by decreasing error (stable). Called when reuse starts: a reusing layer starts again
+        from the first stage of its ordered ladder."""
+        for layer, errs in errors.items():
+            ladder = self.ladders[layer]
+            order = sorted(range(len(ladder)), key=lambda k: -errs[k])
+            self.ladders[layer] = [ladder[k] for k in order]
+            if self.stage[layer] < len(ladder):
+                self.stage[layer] = 0
+            self.events.append(dict(layer=layer, stage=self.stage[layer], reason="ladder ordered by measured "
+                                    "error: " + ", ".join(f"{stage_label(ladder[k])} {errs[k]:.3f}" for k in order)))
+        self.ordered = True
+
+    def on_epoch_end(self, progress, train_loss, layer_stats, harm=None):
+        prev, self.prev_loss = self.prev_loss, train_loss
+        if not self.started:
+            after = progress > (self.start_after or 0.0) + 1e-9
+            falling = (self.steady_drop is None or (prev is not None and train_loss is not None
+                                                    and train_loss <= prev * (1 - self.steady_drop)))
+            if after and falling and progress < 1.0 - self.exact_tail:
+                self._start(f"loss fell {prev:.4f} -> {train_loss:.4f} after warm-up" if prev is not None
+                            else f"progress {progress:.2f}")
+            return self.apply()
+        reusing = [l for l in self.ladders if self.current(l) is not None]
+        moved = set()
+        for layer in reusing:
             st = layer_stats.get(layer, {})
-            err = st.get("rel_error")
-            exact_ms, reuse_ms = self.exact_ms.get(layer), st.get("step_ms")
+            exact_ms, reuse_ms, err = self.exact_ms.get(layer), st.get("step_ms"), st.get("rel_error")
             if self.speed_guard and exact_ms is not None and reuse_ms is not None and reuse_ms > exact_ms:
                 self.advance(layer, f"reuse {reuse_ms:.1f} ms/step slower than exact {exact_ms:.1f}", to_exact=True)
-                changed_stage = True
-            elif err is not None and err > self.bound(progress):
-                self.advance(layer, f"sampled error {err:.3f} > bound {self.bound(progress):.3f}")
-                changed_stage = True
-        if not changed_stage and self.prev_loss is not None and train_loss is not None:
-            if train_loss > self.prev_loss * (1 - self.plateau):
-                for layer in self.ladders:
-                    if self.current(layer) is not None:
-                        self.advance(layer, f"loss plateau ({self.prev_loss:.4f} -> {train_loss:.4f})")
-                        changed_stage = True
-        self.prev_loss = None if changed_stage else train_loss
+                moved.add(layer)
+            elif self.error_bound is not None and err is not None and err > self.error_bound:
+                self.advance(layer, f"sampled error {err:.3f} > bound {self.error_bound:.3f}")
+                moved.add(layer)
+        left = [l for l in reusing if l not in moved]
+        if left and prev is not None and train_loss is not None and train_loss > prev:
+            for layer in left:
+                self.advance(layer, f"loss rose under reuse ({prev:.4f} -> {train_loss:.4f})")
+        elif left and harm is not None and self.harm_bound is not None and harm > self.harm_bound:
+            worst = max(left, key=lambda l: layer_stats.get(l, {}).get("rel_error") or 0.0)
+            self.advance(worst, f"reuse raised the sampled loss by {100 * harm:.1f} % > "
+                                f"{100 * self.harm_bound:.1f} %")
         return self.apply()
 
     def state_dict(self):
         d = super().state_dict()
-        d.update(prev_loss=self.prev_loss, exact_ms=dict(self.exact_ms))
+        d.update(prev_loss=self.prev_loss, exact_ms=dict(self.exact_ms), started=self.started,
+                 ordered=self.ordered, start_after=self.start_after,
+                 ladders={k: [c.as_dict() for c in v] for k, v in self.ladders.items()})
         return d
 
     def load_state_dict(self, d):
         super().load_state_dict(d)
         self.prev_loss = d.get("prev_loss")
         self.exact_ms = dict(d.get("exact_ms", {}))
+        self.started, self.ordered = bool(d.get("started", False)), bool(d.get("ordered", self.ordered))
+        self.start_after = d.get("start_after", self.start_after)
+        for layer, stages in d.get("ladders", {}).items():
+            if layer in self.ladders:
+                self.ladders[layer] = _configs(stages, layer)
+
+
+def stage_errors(model, x, layer_name, configs):
+    """Relative output error of layer ``layer_name`` under each config, on the input that the
+    exact model gives it for the batch x (train=False: no dropout drawn, nothing cached).
+    A fresh ReuseState is used so the layer's statistics are not touched."""
+    from .config import ReuseState
+    from .matmul import relative_error
+    layer = model.layer(layer_name)
+    for l in model.layers:
+        if l is layer:
+            break
+        x = l.forward(x, train=False)
+    saved_cfg, saved_state = layer.reuse, layer.reuse_state
+    try:
+        layer.set_reuse(None)
+        y_exact = layer.forward(x, train=False)
+        errors = []
+        for cfg in configs:
+            layer.set_reuse(cfg.replace(measure_error=False))
+            layer.reuse_state = ReuseState()
+            errors.append(float(relative_error(layer.forward(x, train=False), y_exact)))
+    finally:
+        layer.reuse, layer.reuse_state = saved_cfg, saved_state
+    return errors
 
 
 def make_strategy(kind, layers=None, options=None):
@@ -256,8 +366,11 @@ def make_strategy(kind, layers=None, options=None):
         raise ValueError(f"unknown reuse strategy {kind!r}; expected one of {STRATEGIES}")
     if kind == "off":
         return None
-    if kind == "fixed":
-        return FixedStrategy(layers or DEFAULT_FIXED, **options)
-    if kind == "schedule":
-        return ScheduleStrategy(layers or DEFAULT_LADDERS, **options)
-    return AdaptiveStrategy(layers or DEFAULT_LADDERS, **options)
+    cls, default = {"fixed": (FixedStrategy, DEFAULT_FIXED), "schedule": (ScheduleStrategy, DEFAULT_LADDERS),
+                    "adaptive": (AdaptiveStrategy, DEFAULT_LADDERS)}[kind]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ladders", "settings")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"reuse options {unknown} are not options of the {kind!r} strategy; "
+                         f"it takes {allowed}")
+    return cls(layers or default, **options)
