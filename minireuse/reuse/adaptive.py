@@ -220,7 +220,7 @@ class AdaptiveStrategy(ReuseStrategy):
 
     name = "adaptive"
 
-    def __init__(self, ladders, start_after=None, steady_drop=0.02, harm_bound=0.02, error_bound=None,
+    def __init__(self, ladders, start_after=None, steady_drop=0.02, harm_bound=0.05, error_bound=None,
                  exact_tail=0.1, sample_every=20, probe_steps=2, speed_guard=True, order_ladders=True):
         super().__init__(ladders, exact_tail)
         for name, v, lo, hi in (("start_after", start_after, 0.0, 1.0), ("steady_drop", steady_drop, 0.0, 1.0),
