@@ -39,6 +39,7 @@ import sys
 import numpy as np
 
 from .compare import summarise
+from .reuse.adaptive import stage_label
 from .fileio import atomic_write_json
 from .train import CHECKPOINT, HISTORY, Trainer
 
@@ -146,23 +147,6 @@ def inspect_run(path, wanted, ignore=()):
         raise ParityError(f"{path} has {done} of {wanted['epochs']} epochs in {HISTORY} but no {CHECKPOINT} "
                           "to resume from; remove that directory or use another --out")
     return RunState(path, "new")
-
-
-def stage_label(setting):
-    """A reuse setting in a few words: 'L64H32 offset dx=cluster' (L, H, the family,
-    then only the fields that differ from ReuseConfig's defaults); None is 'exact'."""
-    if setting is None:
-        return "exact"
-    from .reuse.config import ReuseConfig
-    defaults = {f.name: f.default for f in dataclasses.fields(ReuseConfig)}
-    short = {"dx_mode": "dx", "shared_planes": "shared", "pixel_aligned": "pixel"}
-    s = {k: v for k, v in setting.items() if k != "measure_error"}
-    parts = [f"L{s.pop('L', defaults['L'])}H{s.pop('H', defaults['H'])}", str(s.pop("family", defaults["family"]))]
-    for k, v in s.items():
-        if k in defaults and v == defaults[k]:
-            continue
-        parts.append(f"{short.get(k, k)}={str(v).lower() if isinstance(v, bool) else v}")
-    return " ".join(parts)
 
 
 def _mean(values):

@@ -122,7 +122,7 @@ def test_describe_shows_a_disabled_stage_as_exact():
     s.on_step(0.1)
     assert s.describe() == "conv2:exact"
     s.on_step(0.6)
-    assert s.describe() == "conv2:L64H32,dx=cluster"
+    assert s.describe() == "conv2:L64H32,offset,dx=cluster"
 
 
 def test_adaptive_never_keeps_reuse_slower_than_exact():
@@ -225,3 +225,15 @@ def test_strategy_probes_draw_no_training_randomness(tmp_path):
     assert waiting.strategy.exact_ms and not waiting.strategy.started
     a, b = params(exact.model), params(waiting.model)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_default_ladder_trains_with_reuse_in_conv2s_backward(tmp_path):
+    """The ladder `make cifar` uses, end to end: conv2 hashed and clustered, its output exact."""
+    cfg = config(tmp_path, epochs=1, reuse="adaptive",
+                 reuse_options=dict(start_after=0.0, steady_drop=None, speed_guard=False, exact_tail=0.0,
+                                    sample_every=2))
+    t = Trainer(cfg, data=learnable_data(), quiet=True)
+    rec = t.fit()[0]["layers"]["conv2"]
+    assert rec["reuse"]["forward"] == "exact" and rec["reuse"]["dx_mode"] == "cluster"
+    assert 0 < rec["r_c"] < 1 and rec["pixel_aligned"] == 1.0
+    assert rec["rel_error"] == 0.0 and 0 < rec["dw_cos"] < 1
