@@ -7,8 +7,10 @@ DEVICE ?= auto
 SHARED_CIFAR ?= ../shared/data/make_cifar10.py
 REUSE ?= adaptive
 TRAIN_FLAGS ?=
+# the accuracy-parity protocol's budget (docs/adaptive.md): a CPU session's worth
+PARITY_FLAGS ?= --seeds 0,1,2 --epochs 8 --limit-train 5000
 
-.PHONY: install test cifar cifar-exact bench data gpu-check clean
+.PHONY: install test cifar cifar-exact bench parity data gpu-check clean
 
 install:
 	$(PYTHON) -m pip install -q -e '.[test]'
@@ -30,6 +32,11 @@ cifar: install data
 cifar-exact: install data
 	$(PYTHON) -m minireuse train --model cifarnet --data $(DATA) --epochs $(EPOCHS) --device $(DEVICE) \
 		--out $(OUT)-exact --reuse off $(TRAIN_FLAGS)
+
+# exact and reuse on each seed; differences as mean +- spread (OUT-parity/parity.json)
+parity: install data
+	$(PYTHON) -m minireuse parity --data $(DATA) --device $(DEVICE) --out $(OUT)-parity --reuse $(REUSE) \
+		$(PARITY_FLAGS) $(TRAIN_FLAGS)
 
 bench: install
 	$(PYTHON) -m minireuse bench --data $(DATA) --json bench.json
