@@ -233,7 +233,9 @@ def test_default_ladder_trains_with_reuse_in_conv2s_backward(tmp_path):
                  reuse_options=dict(start_after=0.0, steady_drop=None, speed_guard=False, exact_tail=0.0,
                                     sample_every=2))
     t = Trainer(cfg, data=learnable_data(), quiet=True)
-    rec = t.fit()[0]["layers"]["conv2"]
+    epoch = t.fit()[0]
+    rec = epoch["layers"]["conv2"]
     assert rec["reuse"]["forward"] == "exact" and rec["reuse"]["dx_mode"] == "cluster"
+    assert epoch["reuse_harm"] is None              # the forward is exact: no exact forward to compare
     assert 0 < rec["r_c"] < 1 and rec["pixel_aligned"] == 1.0
     assert rec["rel_error"] == 0.0 and 0 < rec["dw_cos"] < 1
