@@ -368,8 +368,8 @@ class Trainer:
         return exact_loss
 
     def exact_loss(self, xb, yb, dropout_seed):
-        """Training-mode loss of the exact forward on a batch with the dropout masks of
-        ``dropout_seed`` (a device scalar); parameters are not changed. Timed per layer."""
+        """Training-mode loss (a device scalar) of the exact forward on a batch, with the
+        dropout masks of ``dropout_seed``; parameters are not changed. Timed per layer."""
         layers = [l for l in self.model.reuse_layers() if l.reuse is not None]
         saved = [l.reuse for l in layers]
         for l in layers:
