@@ -28,8 +28,6 @@ from . import backend
 
 LAYERS = ("conv1", "conv2", "fc3")
 # what feeds each layer in CifarNet (layer names of minireuse.models.cifarnet)
-PRECEDING = {"conv1": [], "conv2": ["conv1", "relu1", "pool1", "norm1"],
-             "fc3": ["conv1", "relu1", "pool1", "norm1", "conv2", "relu2", "norm2", "pool2", "flatten"]}
 # default sub-vector lengths per layer (K = 75, 1600, 4096; c_in = 3, 64, -)
 DEFAULT_L = {"conv1": [3, 15], "conv2": [16, 64], "fc3": [16, 64]}
 
@@ -91,13 +89,7 @@ def layer_inputs(images, layers, seed):
     from .models.cifarnet import cifarnet
     model = cifarnet(seed=seed)
     x = normalize(backend.to_device(images), CIFAR10_MEAN, CIFAR10_STD)
-    out = {}
-    for name in layers:
-        h = x
-        for prev in PRECEDING[name]:
-            h = model.layer(prev).forward(h, train=False)
-        out[name] = (model.layer(name), h)
-    return out
+    return {name: (model.layer(name), model.input_of(name, x)) for name in layers}
 
 
 def modes(name, layer, args):

@@ -30,6 +30,15 @@ def summarise(history):
                 layers=per_layer)
 
 
+def align_rows(rows):
+    """Text lines of a table of string rows: columns padded to their widest cell, a rule
+    under the first (header) row."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-" * max(len(l) for l in lines))
+    return lines
+
+
 def format_table(exact, reuse, strategy):
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
@@ -55,10 +64,7 @@ def format_table(exact, reuse, strategy):
                      f"reuse in {rec['reuse_epochs']} epochs"))
         if rec["mean_rel_error"] is not None:
             rows.append((f"{name} sampled error", "0", f"{rec['mean_rel_error']:.3f}", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return "\n".join(align_rows(rows))
 
 
 def run(cfg, strategy, quiet=False, data=None):

@@ -38,7 +38,7 @@ import sys
 
 import numpy as np
 
-from .compare import summarise
+from .compare import align_rows, summarise
 from .reuse.adaptive import stage_label
 from .fileio import atomic_write_json
 from .train import CHECKPOINT, HISTORY, Trainer
@@ -188,14 +188,16 @@ def _ratio(a, b):
     return a / b if b > 0 else None
 
 
+def _seconds(exact_s, reuse_s):
+    return dict(exact_seconds=exact_s, reuse_seconds=reuse_s, ratio=_ratio(exact_s, reuse_s))
+
+
 def seed_entry(seed, exact_history, reuse_history, exact_run, reuse_run):
     """One seed's numbers from the two runs' histories (see the module docstring)."""
     ex, re_ = summarise(exact_history), summarise(reuse_history)
     layers = [n for n, rec in re_["layers"].items() if rec["reuse_epochs"] > 0]
-    layer_times = {}
-    for n in layers:
-        es, rs = ex["layers"].get(n, {}).get("seconds", 0.0), re_["layers"][n]["seconds"]
-        layer_times[n] = dict(exact_seconds=es, reuse_seconds=rs, ratio=_ratio(es, rs))
+    layer_times = {n: _seconds(ex["layers"].get(n, {}).get("seconds", 0.0), re_["layers"][n]["seconds"])
+                   for n in layers}
     return dict(seed=seed, exact_run=exact_run, reuse_run=reuse_run, exact=ex, reuse=re_,
                 diff_final_pts=100 * (re_["final_test_acc"] - ex["final_test_acc"]),
                 diff_best_pts=100 * (re_["best_test_acc"] - ex["best_test_acc"]),
@@ -209,11 +211,9 @@ def aggregate(per_seed):
     def total(run, key):
         return sum(p[run][key] for p in per_seed)
     layers = sorted({n for p in per_seed for n in p["reuse_layers"]})
-    layer_totals = {}
-    for n in layers:
-        es = sum(p["exact"]["layers"].get(n, {}).get("seconds", 0.0) for p in per_seed)
-        rs = sum(p["reuse"]["layers"].get(n, {}).get("seconds", 0.0) for p in per_seed)
-        layer_totals[n] = dict(exact_seconds=es, reuse_seconds=rs, ratio=_ratio(es, rs))
+    layer_totals = {n: _seconds(*(sum(p[run]["layers"].get(n, {}).get("seconds", 0.0) for p in per_seed)
+                                  for run in ("exact", "reuse")))
+                    for n in layers}
     k = len(per_seed)
     return dict(n_seeds=k,
                 diff_final_pts=spread(p["diff_final_pts"] for p in per_seed),
@@ -225,13 +225,6 @@ def aggregate(per_seed):
                 train_seconds=dict(exact=total("exact", "train_seconds"), reuse=total("reuse", "train_seconds"),
                                    ratio=_ratio(total("exact", "train_seconds"), total("reuse", "train_seconds"))),
                 layers=layer_totals)
-
-
-def _align(rows):
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "-" * max(len(l) for l in lines))
-    return lines
 
 
 def format_table(result):
@@ -279,7 +272,7 @@ def format_table(result):
                  *(ratio(agg["layers"][n]["ratio"]) + " (sums)" for n in layers), ""))
     rows.append(("min / max", "", "", f"{pts(df['min'])} / {pts(df['max'])}", "", "",
                  f"{pts(db['min'])} / {pts(db['max'])}", "", "", "", *("" for _ in layers), ""))
-    lines = head + [""] + _align(rows)
+    lines = head + [""] + align_rows(rows)
     stage_rows = []
     with_cos = any(s["mean_dw_cos"] is not None for p in per_seed for st in p["stages"].values() for s in st)
     for p in per_seed:
@@ -289,7 +282,7 @@ def format_table(result):
                                    num(s["mean_rel_error"], 3), *((num(s["mean_dw_cos"], 3),) if with_cos else ())))
     if stage_rows:
         lines += ["", "reuse stages (epochs of the reuse run grouped by the layer's setting):"]
-        lines += _align([("seed", "layer", "stage", "epochs", "mean r_c", "mean sampled error",
+        lines += align_rows([("seed", "layer", "stage", "epochs", "mean r_c", "mean sampled error",
                           *(("mean dw_cos",) if with_cos else ()))] + stage_rows)
     lines += ["", "diff = reuse - exact in accuracy points; time = training seconds (layers: forward + "
               "backward) summed over epochs, ratios > 1 mean reuse was faster"]

@@ -62,3 +62,15 @@ def test_duplicate_layer_names_refused():
     from minireuse.layers import ReLU
     with pytest.raises(ValueError, match="unique"):
         Sequential([ReLU(name="r"), ReLU(name="r")])
+
+
+def test_input_of_applies_the_layers_before_the_named_one():
+    model = cifarnet(seed=0)
+    x = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    h = x
+    for layer in model.layers[:4]:            # conv1, relu1, pool1, norm1
+        h = layer.forward(h, train=False)
+    np.testing.assert_array_equal(model.input_of("conv2", x), h)
+    assert model.input_of("conv1", x) is x
+    with pytest.raises(KeyError, match="no layer named"):
+        model.input_of("conv9", x)

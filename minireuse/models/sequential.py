@@ -45,6 +45,14 @@ class Sequential:
             for name in layer.params:
                 yield f"{layer.name}.{name}", layer, name
 
+    def input_of(self, name, x, train=False):
+        """What layer ``name`` receives when the model is applied to x: the layers before it, in order."""
+        target = self.layer(name)
+        for layer in self.layers:
+            if layer is target:
+                return x
+            x = layer.forward(x, train)
+
     def reuse_layers(self):
         return [l for l in self.layers if isinstance(l, ReusableLayer)]
 

@@ -67,13 +67,15 @@ def stage_label(cfg):
     cfg: a ReuseConfig or a dict of its fields (as history.json stores it)."""
     if cfg is None:
         return "exact"
-    cfg = ReuseConfig.coerce({k: v for k, v in cfg.items()} if isinstance(cfg, dict) else cfg)
+    cfg = ReuseConfig.coerce(cfg)
     if not cfg.enabled:
         return "exact"
     short = {"dx_mode": "dx", "shared_planes": "shared", "pixel_aligned": "pixel"}
-    extra = [f"{short.get(f.name, f.name)}={str(getattr(cfg, f.name)).lower() if isinstance(getattr(cfg, f.name), bool) else getattr(cfg, f.name)}"
-             for f in dataclasses.fields(cfg) if f.name not in ("L", "H", "family", "measure_error")
-             and getattr(cfg, f.name) != getattr(_DEFAULT_CONFIG, f.name)]
+    extra = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name not in ("L", "H", "family", "measure_error") and value != getattr(_DEFAULT_CONFIG, f.name):
+            extra.append(f"{short.get(f.name, f.name)}={str(value).lower() if isinstance(value, bool) else value}")
     return " ".join([f"L{cfg.L}H{cfg.H}", cfg.family] + extra)
 
 
@@ -350,10 +352,7 @@ def stage_errors(model, x, layer_name, configs):
     from .config import ReuseState
     from .matmul import relative_error
     layer = model.layer(layer_name)
-    for l in model.layers:
-        if l is layer:
-            break
-        x = l.forward(x, train=False)
+    x = model.input_of(layer_name, x)
     saved_cfg, saved_state = layer.reuse, layer.reuse_state
     try:
         layer.set_reuse(None)
