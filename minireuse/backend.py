@@ -236,6 +236,11 @@ class AsyncReader:
     has: a progress bar reading it lags by one request instead of stalling the step.
     ``wait()`` blocks for the newest request (epoch ends, errors). On NumPy a request
     is read at once.
+
+    Inside a CUDA graph capture, ``request`` copies into a capture slot of its own
+    (the copy becomes a node of the graph; no event is recorded, since events
+    recorded in a capture cannot be polled): after each replay, ``replayed(tag)``
+    records the event that makes the slot's values the newest request once they land.
     """
 
     def __init__(self, n, dtype=np.float64, xp=np, slots=4):
@@ -243,10 +248,13 @@ class AsyncReader:
         self.gpu = xp is not np
         self._latest = None
         if self.gpu:
-            self._host, self._mem = _pinned_slots(slots, self.n, self.dtype)
-            self._events = [None] * slots
+            # slots + 1 rows: the last is the capture slot (allocated up front: no
+            # pinned allocation ever happens during a capture)
+            self._host, self._mem = _pinned_slots(slots + 1, self.n, self.dtype)
+            self._events = [None] * (slots + 1)
             self._pending = []     # (slot, event, tag), oldest first
             self._next = 0
+            self._capture = slots
 
     def request(self, a, tag=None):
         if not self.gpu:
@@ -256,18 +264,34 @@ class AsyncReader:
         if a.dtype != self.dtype or a.size != self.n or not a.flags.c_contiguous:
             raise ValueError(f"AsyncReader reads {self.n} contiguous {self.dtype} values, "
                              f"got {a.dtype} array of shape {a.shape}")
+        stream = cp.cuda.get_current_stream()
+        if stream.is_capturing():
+            cp.cuda.runtime.memcpyAsync(self._host[self._capture].ctypes.data, a.data.ptr,
+                                        self.n * self.dtype.itemsize, cp.cuda.runtime.memcpyDeviceToHost,
+                                        stream.ptr)
+            return
         k = self._next
-        self._next = (k + 1) % len(self._events)
+        self._next = (k + 1) % self._capture
+        self._mark(k, tag, stream, a)
+
+    def _mark(self, k, tag, stream, a=None):
+        cp = require_gpu()
         # a slot still in flight is overwritten by this later copy: forget its request
         self._pending = [p for p in self._pending if p[0] != k]
-        stream = cp.cuda.get_current_stream()
-        cp.cuda.runtime.memcpyAsync(self._host[k].ctypes.data, a.data.ptr, self.n * self.dtype.itemsize,
-                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        if a is not None:
+            cp.cuda.runtime.memcpyAsync(self._host[k].ctypes.data, a.data.ptr, self.n * self.dtype.itemsize,
+                                        cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
         event = self._events[k]
         if event is None:
             event = self._events[k] = cp.cuda.Event(disable_timing=True)
         event.record(stream)
         self._pending.append((k, event, tag))
+
+    def replayed(self, tag=None):
+        """A graph whose capture called ``request`` was launched on the current stream:
+        its copy into the capture slot counts as the newest request (with ``tag``)."""
+        if self.gpu:
+            self._mark(self._capture, tag, require_gpu().cuda.get_current_stream())
 
     def clear(self):
         """Forget every request and answer (a new epoch)."""

@@ -19,26 +19,21 @@ code it replaces, which stays in the layer (or optimizer) and still runs on NumP
 The layers call these only on CuPy arrays; NumPy arrays take the array code.
 
 All kernels are grid-stride loops over independent outputs (gathers: no atomics,
-except for the two sums of accumulate_step), so the same source also builds as host
-C++ with a one-thread shim (``host_library``): tests check the index arithmetic of
-every kernel on machines without a GPU, through the same argument marshalling the
-GPU launch uses. The module is compiled without fused multiply-add, so elementwise
-kernels round exactly like the NumPy expressions they replace.
+except for the two sums of accumulate_step). They load, are checked against their
+signatures and launch through minireuse.runtime, like the deep-reuse kernels, so
+the same source also runs as its host build on NumPy arrays: tests check every
+kernel on machines without a GPU through the launch the GPU uses. The module is
+compiled without fused multiply-add (and the host build without contraction), so
+elementwise kernels round exactly like the NumPy expressions they replace.
 
 Values that change every step (learning rate, Adam's bias corrections, dropout
 keys) are read from device memory (``backend.DeviceScalars``), never passed as
 launch arguments, so a step recorded in a CUDA graph (graph.py) stays correct when
 replayed.
 """
-import ctypes
-import os
-import shutil
-import subprocess
-import tempfile
-
 import numpy as np
 
-from . import backend
+from . import backend, runtime
 
 _KERNELS = r"""
 // Every kernel: a grid-stride loop over independent outputs; scalars arrive as double
@@ -316,21 +311,11 @@ def _entry_points():
 
 CUDA_SOURCE = _KERNELS + "\n// ---- entry points\n" + _entry_points()
 
-# The host build: one thread (blockIdx 0 of a 1x1 grid) runs every grid-stride loop.
-HOST_SHIM = r"""
-#include <cmath>
-struct HostDim3 { unsigned int x, y, z; };
-static const HostDim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
-#define __global__
-#define __device__
-#define __forceinline__ inline
-static inline double atomicAdd(double* p, double v) { double old = *p; *p += v; return old; }
-"""
+MODULE = runtime.KernelModule("minireuse/fused.py", CUDA_SOURCE, gpu_options=("--std=c++14", "--fmad=false"))
 
 THREADS = 256
 MAX_BLOCKS = 1 << 16
 _DTYPES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
-_cache = {}
 
 
 # ---------------------------------------------------------------- launching
@@ -341,28 +326,14 @@ def supports(*arrays):
     return all(backend.is_cupy_array(a) and a.dtype in _DTYPES for a in arrays)
 
 
-def _kernel(name):
-    """The compiled kernel ``name`` (the module is compiled once per process, on first use)."""
-    kernels = _cache.setdefault("kernels", {})
-    if name not in kernels:
-        if "module" not in _cache:
-            cp = backend.require_gpu()
-            _cache["module"] = cp.RawModule(code=CUDA_SOURCE, options=("--std=c++14", "--fmad=false"))
-        kernels[name] = _cache["module"].get_function(name)
-    return kernels[name]
-
-
 def _launch(name, a, size, args):
     """Run kernel ``name`` for a's dtype over ``size`` outputs: on the GPU for CuPy
-    arrays, through ``host_library()`` for NumPy arrays (tests only)."""
-    kernel_name = f"{name}_{_DTYPES[np.dtype(a.dtype)]}"
+    arrays, on the host build for NumPy arrays (tests)."""
     if size == 0:
         return
-    if backend.is_cupy_array(a):
-        blocks = min(-(-size // THREADS), MAX_BLOCKS)
-        _kernel(kernel_name)((blocks,), (THREADS,), args)
-    else:
-        host_library().call(kernel_name, args)
+    runner = MODULE.runner_for(a)
+    blocks = runtime.grid_blocks(runner, -(-size // THREADS), MAX_BLOCKS)
+    runner.launch(f"{name}_{_DTYPES[np.dtype(a.dtype)]}", (blocks,), (THREADS,), args)
 
 
 def _empty_like(a):
@@ -508,57 +479,3 @@ def col2im(cols, x_shape, kh, kw, stride, pads):
     x = backend.get_array_module(cols).empty(x_shape, dtype=cols.dtype)
     _launch("col2im", cols, x.size, (cols, x, np.int64(x.size)) + geometry)
     return x
-
-
-# ---------------------------------------------------------------- the host build (tests)
-
-_CTYPES = {np.int64: ctypes.c_int64, np.int32: ctypes.c_int32, np.float64: ctypes.c_double,
-           np.float32: ctypes.c_float}
-
-
-class HostKernels:
-    """CUDA_SOURCE built as a host shared library; ``call`` takes the GPU launch's arguments."""
-
-    def __init__(self, path):
-        self.lib = ctypes.CDLL(path)
-
-    def call(self, name, args):
-        converted = []
-        for a in args:
-            if isinstance(a, np.ndarray):
-                if not a.flags.c_contiguous:
-                    raise ValueError(f"{name}: host kernels need contiguous arrays")
-                converted.append(ctypes.c_void_p(a.ctypes.data))
-            else:
-                converted.append(_CTYPES[type(a)](a))
-        getattr(self.lib, name)(*converted)
-
-
-def host_compiler():
-    """A C++ compiler on PATH (c++, g++ or clang++), or None."""
-    for name in ("c++", "g++", "clang++"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-def host_library():
-    """HostKernels of CUDA_SOURCE built once per process with the host C++ compiler."""
-    if "host" not in _cache:
-        cxx = host_compiler()
-        if cxx is None:
-            raise RuntimeError("fused kernels on NumPy arrays need a host C++ compiler (c++, g++ or clang++)")
-        d = tempfile.mkdtemp(prefix="minireuse-fused-")
-        try:
-            src, lib = os.path.join(d, "fused.cpp"), os.path.join(d, "fused.so")
-            with open(src, "w") as f:
-                f.write(HOST_SHIM + CUDA_SOURCE)
-            r = subprocess.run([cxx, "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-o", lib, src],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"building the host build of the fused kernels failed:\n{r.stderr}")
-            _cache["host"] = HostKernels(lib)
-        finally:
-            shutil.rmtree(d, ignore_errors=True)     # a loaded library needs no file
-    return _cache["host"]

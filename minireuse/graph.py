@@ -26,10 +26,13 @@ What keeps a replay correct:
   are summed inside the graph and handed to the layers by ``flush_stats``.
 
 When it records again: the key of a graph is (input shapes and dtypes, every
-conv/dense layer's reuse setting, ``measure_error`` included). A strategy that
-changes a setting, or a step that toggles error measurement, selects another key:
-its graph is recorded after its warm-up and kept, so alternating settings (an
-error-sampling step every n steps) replay both graphs instead of re-recording.
+conv/dense layer's reuse setting, ``measure_error`` included, and the table sizes
+of that batch size's training call sites). A strategy that changes a setting, a
+step that toggles error measurement, or a capacity the replays' statistics moved,
+selects another key: its graph is recorded after its warm-up and kept, so
+alternating settings (an error-sampling step every n steps) replay both graphs
+instead of re-recording. At most ``max_graphs`` recordings live at once (each
+holds its own memory pool); the least recently replayed one goes first.
 
 What may be recorded: exact layers always; a deep-reuse layer when its step is free
 of host synchronisation (``reuse_capturable``: the CUDA fast path is, the reference
@@ -93,13 +96,15 @@ def uncapturable_layers(model):
     return out
 
 
-def settings_key(model):
+def settings_key(model, batch=None):
     """What a recorded step depends on besides input shapes: each conv/dense layer's reuse
-    setting and its ReuseState's ``capture_key()`` (e.g. the fast path's table sizes)."""
+    setting and its ReuseState's ``capture_key(batch)`` (e.g. the fast path's table sizes
+    of the training call sites of this batch size: other batch sizes and evaluation
+    calls do not change the key)."""
     key = []
     for layer in model.reuse_layers():
         state = layer.reuse_state if layer.reuse is not None else None
-        extra = state.capture_key() if state is not None else None
+        extra = state.capture_key(batch) if state is not None else None
         key.append((layer.name, layer.reuse, extra))
     return tuple(key)
 
@@ -130,9 +135,14 @@ class StepGraphs:
     ``self.stream`` (``with graphs.stream:``).
     """
 
-    def __init__(self, body, model, prepare, mode="auto", warmup=1):
+    MAX_GRAPHS = 4
+
+    def __init__(self, body, model, prepare, mode="auto", warmup=1, max_graphs=MAX_GRAPHS):
         if mode not in ("auto", "on"):
             raise ValueError(f"StepGraphs mode must be 'auto' or 'on', got {mode!r}")
+        if max_graphs < 1:
+            raise ValueError(f"StepGraphs max_graphs must be at least 1, got {max_graphs}")
+        self.max_graphs = max_graphs
         self.cp = backend.require_gpu()
         self.body, self.model, self.prepare = body, model, prepare
         self.mode, self.warmup = mode, warmup
@@ -143,10 +153,10 @@ class StepGraphs:
         self.warm = {}
         self.failed = {}
         self._failed_pools = []     # arrays of a failed recording may still point into them
-        self.recordings = self.replays = 0
+        self.recordings = self.replays = self.evictions = 0
 
     def key(self, xb, yb):
-        return (xb.shape, xb.dtype.str, yb.shape, yb.dtype.str, settings_key(self.model))
+        return (xb.shape, xb.dtype.str, yb.shape, yb.dtype.str, settings_key(self.model, xb.shape[0]))
 
     def run(self, xb, yb):
         """Replay the step for this batch (recording it first when due); False: run it eagerly."""
@@ -167,16 +177,32 @@ class StepGraphs:
             rec = self._record(key, xb, yb)
             if rec is None:
                 return False
+        else:
+            self.graphs[key] = self.graphs.pop(key)      # most recently used last
         with self.stream:
             rec.copy_in(xb, yb, self.stream)
             self.prepare()
             rec.graph.launch(self.stream)
+            for layer in self.model.reuse_layers():      # statistics the replay copies back
+                if layer.reuse_state is not None:
+                    layer.reuse_state.after_replay(xb.shape[0])
         rec.unflushed += 1
         self.replays += 1
         return True
 
+    def _evict(self):
+        """Drop the least recently used recordings beyond max_graphs - 1 (their statistics
+        are handed over first; each recording holds its memory pool)."""
+        while len(self.graphs) >= self.max_graphs:
+            self.flush_stats()
+            oldest = next(iter(self.graphs))
+            del self.graphs[oldest]
+            self.warm.pop(oldest, None)
+            self.evictions += 1
+
     def _record(self, key, xb, yb):
         cp = self.cp
+        self._evict()
         rec = _Recorded(cp, xb, yb)
         states = [l.reuse_state for l in self.model.reuse_layers() if l.reuse_state is not None]
         before = [len(s.stats) for s in states]

@@ -4,6 +4,7 @@ Runs on machines without a GPU: nvcc alone (skipped when it is missing). Also
 checks, without any CUDA, that cuda.py imports, names only kernels that exist
 and validates launch arguments against the kernels' signatures.
 """
+import glob
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from minireuse import runtime
 from minireuse.reuse import cuda
 
 ARCHS = ("sm_80", "sm_90")
@@ -65,9 +67,11 @@ def test_kernel_sources_are_listed():
 
 
 def test_every_launched_kernel_is_defined():
-    with open(cuda.__file__) as f:
-        text = f.read()
-    launched = set(re.findall(r'_launch\("(\w+)"', text))
+    text = ""
+    for path in glob.glob(os.path.join(os.path.dirname(cuda.__file__), "*.py")):
+        with open(path) as f:
+            text += f.read()
+    launched = set(re.findall(r'\blaunch\("(\w+)"', text))
     launched |= {f"hash_rows_h{hb}" for hb in (8, 16, 32)}
     defined = set(cuda.kernel_signatures())
     assert launched <= defined, f"launched but not defined: {sorted(launched - defined)}"
@@ -75,11 +79,25 @@ def test_every_launched_kernel_is_defined():
 
 
 def test_signatures_use_known_types():
-    for name, params in cuda.kernel_signatures().items():
-        for ctype, pname in params:
-            base = ctype[:-1] if ctype.endswith("*") else ctype
-            table = cuda._POINTEE if ctype.endswith("*") else cuda._SCALAR
-            assert base in table, f"{name}({pname}): unsupported parameter type {ctype!r}"
+    """Every parameter parses to a pointee/scalar dtype (runtime.Param raises otherwise);
+    the kernels with fixed-size shared arrays declare the block size they hold."""
+    sigs = cuda.kernel_signatures()
+    for name, sig in sigs.items():
+        for p in sig.params:
+            assert p.dtype.kind in "iuf", f"{name}({p.name}): {p.ctype}"
+    assert sigs["input_rms"].max_threads == 256 and sigs["centroid_sums"].max_threads == 256
+    assert all(sigs[f"hash_rows_h{hb}"].max_threads == 128 for hb in (8, 16, 32))
+
+
+def test_launch_bounds_are_checked():
+    with pytest.raises(ValueError, match=r"input_rms: block \(512,\) has 512 threads, more than its "
+                                         r"__launch_bounds__\(256\)"):
+        cuda.check_launch_args("input_rms", (None, np.int64(3), None, None, None), block=(512,))
+
+
+def test_unknown_parameter_types_are_refused():
+    with pytest.raises(ValueError, match="type 'short' is not one of"):
+        runtime.parse_signatures('extern "C" __global__ void k(short* x) {}')
 
 
 def test_launch_args_checked_by_count_and_type():
@@ -95,20 +113,22 @@ def test_launch_args_checked_by_count_and_type():
 
 
 def test_capacity_rounding_and_table_size():
-    assert cuda._round_capacity(1, 10 ** 6) == 32
-    assert cuda._round_capacity(1000, 10 ** 6) == 1024
-    assert cuda._round_capacity(1025, 10 ** 6) == 1280
-    assert cuda._round_capacity(5000, 300) == 300
+    assert cuda.round_capacity(1, 10 ** 6) == 32
+    assert cuda.round_capacity(1000, 10 ** 6) == 1024
+    assert cuda.round_capacity(1025, 10 ** 6) == 1280
+    assert cuda.round_capacity(5000, 300) == 300
     for cap in (1, 31, 32, 100, 4096, 5000):
         t = cuda.table_size(cap)
         assert t >= 2 * cap and t & (t - 1) == 0
     stats = np.zeros(cuda.STAT_COUNT, np.int32)
     stats[cuda.STAT_MAX_DISTINCT] = 900
     assert cuda.CapacityTracker.next_capacity(stats, 1024, 10 ** 6) == 1280   # within the 1.25 margin: grow
-    stats[cuda.STAT_MAX_DISTINCT] = 500
-    assert cuda.CapacityTracker.next_capacity(stats, 1024, 10 ** 6) == 1024   # fits: keep
+    stats[cuda.STAT_MAX_DISTINCT] = 520
+    assert cuda.CapacityTracker.next_capacity(stats, 1024, 10 ** 6) == 1024   # fits, under 2x: keep
+    stats[cuda.STAT_MAX_DISTINCT] = 480
+    assert cuda.CapacityTracker.next_capacity(stats, 1024, 10 ** 6) == 640    # 2x too large: shrink
     stats[cuda.STAT_MAX_DISTINCT] = 100
-    assert cuda.CapacityTracker.next_capacity(stats, 1024, 10 ** 6) == 128    # 4x too large: shrink
+    assert cuda.CapacityTracker.next_capacity(stats, 1024, 10 ** 6) == 128
     stats[cuda.STAT_TABLE_FULL] = 1
     assert cuda.CapacityTracker.next_capacity(stats, 1024, 10 ** 6) == 2560   # table full: at least double
 
@@ -117,17 +137,21 @@ def test_header_constants_match_python():
     with open(cuda.kernel_header()) as f:
         header = f.read()
     defines = {k: int(v) for k, v in re.findall(r"#define (STAT_\w+|REUSE_RUN) (\d+)", header)}
-    assert defines["REUSE_RUN"] == cuda.RUN
+    assert defines["REUSE_RUN"] == cuda.runtime.RUN
     for name in ("STAT_MAX_DISTINCT", "STAT_SUM_DISTINCT", "STAT_OVERFLOW", "STAT_TABLE_FULL", "STAT_COUNT"):
         assert defines[name] == getattr(cuda, name), name
 
 
-def test_capture_key_lists_capacities():
+def test_capture_key_lists_the_training_capacities_of_one_batch_size():
     cs = cuda.CudaState()
     assert cs.capture_key() == ()
-    cs.tracker(("rows", 100, 4, 8, 12), 100, 12).capacity = 64
-    cs.tracker(("pixels", 400, 1, 64, 20), 400, 20)
-    assert cs.capture_key() == ((("pixels", 400, 1, 64, 20), 400), (("rows", 100, 4, 8, 12), 64))
+    cs.tracker(("rows", 100, 4, 8, 12), 100, 12, batch=100).capacity = 64
+    cs.tracker(("pixels", 400, 1, 64, 20), 400, 20, batch=4).capacity = 320
+    cs.tracker(("pixels", 300, 1, 64, 20), 300, 20, batch=3).capacity = 256          # the last, smaller batch
+    cs.tracker(("pixels", 400, 1, 64, 20), 400, 20, batch=4, train=False).capacity = 96   # evaluation
+    assert cs.capture_key(4) == ((("pixels", 400, 1, 64, 20, "train"), 320),)
+    assert cs.capture_key(3) == ((("pixels", 300, 1, 64, 20, "train"), 256),)
+    assert len(cs.capture_key()) == 3
 
 
 def test_hash_bits_bucket():

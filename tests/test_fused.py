@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from minireuse import backend, fused
+from minireuse import backend, fused, runtime
 from minireuse.layers import Dense, Dropout, LocalResponseNorm, MaxPool2D, ReLU, col2im, im2col
 from minireuse.layers.simple import call_key
 from minireuse.models import Sequential
@@ -22,7 +22,7 @@ from minireuse.train import StepTotals
 
 def _runners():
     return [pytest.param("host", marks=pytest.mark.skipif(
-                fused.host_compiler() is None, reason="no host C++ compiler for the kernels' host build")),
+                runtime.host_compiler() is None, reason="no host C++ compiler for the kernels' host build")),
             pytest.param("gpu", marks=pytest.mark.skipif(
                 not backend.gpu_available(), reason="no usable GPU/cupy on this machine"))]
 

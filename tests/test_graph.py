@@ -73,7 +73,7 @@ def test_graph_keys_follow_settings_and_error_sampling():
     sampling = settings_key(model)
     conv2.set_reuse(conv2.reuse.replace(measure_error=True))
     assert len({exact, sampling, settings_key(model)}) == 3
-    conv2.reuse_state.capture_key = lambda: ("capacity", 4096)
+    conv2.reuse_state.capture_key = lambda batch=None: ("capacity", 4096)
     assert settings_key(model) != sampling
 
 

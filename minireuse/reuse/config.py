@@ -111,7 +111,8 @@ class ReuseState:
 
     Every forward implementation (reference or CUDA) calls ``record`` once per call;
     with measure_error the reference backward adds 'dw_cos' to the entry its
-    forward recorded. r_c is clusters per hashed vector: im2col neuron vectors on
+    forward recorded. Training calls and evaluation calls (``train=False``) are kept
+    apart: ``stats`` / ``pop_stats()`` and ``eval_stats`` / ``pop_stats(train=False)``. r_c is clusters per hashed vector: im2col neuron vectors on
     the general path, pixel slices on the pixel-aligned path.
     Statistics stay on the device as they are recorded (no host synchronisation in
     a training step); ``pop_stats`` converts them to floats and clears the list.
@@ -120,8 +121,9 @@ class ReuseState:
     def __init__(self):
         self._hash_params = {}
         self.capacity = None      # owned by the CUDA fast path (table sizes from the last step)
-        self.stats = []           # one dict per call since the last pop_stats()
-        self.last = None          # the most recent of them
+        self.stats = []           # one dict per training call since the last pop_stats()
+        self.eval_stats = []      # the same for evaluation calls (train=False)
+        self.last = None          # the most recent entry of either
 
     def hash_params(self, L, H, G, family, seed, shared, xp, dtype):
         """(planes (Gp, L, H), unit offsets (Gp, H)) as xp arrays of dtype, drawn once per key."""
@@ -131,28 +133,39 @@ class ReuseState:
             self._hash_params[key] = (xp.asarray(planes, dtype=dtype), xp.asarray(unit_offsets, dtype=dtype))
         return self._hash_params[key]
 
-    def capture_key(self):
-        """What a captured CUDA graph freezes besides the setting (the fast path's table
-        sizes), or None when this layer has not run the fast path."""
+    def capture_key(self, batch=None):
+        """What a captured training step of this batch size freezes besides the setting (the
+        fast path's table sizes), or None when this layer has not run the fast path."""
         key = getattr(self.capacity, "capture_key", None)
-        return key() if key is not None else None
+        return key(batch) if key is not None else None
 
-    def record(self, r_c, n_clusters, impl, pixel_aligned=False, rel_error=None, **extra):
+    def after_replay(self, batch=None):
+        """A recorded training step of this batch size was replayed (the fast path reads the
+        statistics the replay copies back and adapts its table sizes)."""
+        hook = getattr(self.capacity, "after_replay", None)
+        if hook is not None:
+            hook(batch)
+
+    def record(self, r_c, n_clusters, impl, pixel_aligned=False, rel_error=None, train=True, **extra):
         """Store one call's statistics; r_c and rel_error may be device scalars."""
         entry = dict(r_c=r_c, n_clusters=n_clusters, rel_error=rel_error,
                      pixel_aligned=bool(pixel_aligned), impl=impl, **extra)
-        self.stats.append(entry)
+        (self.stats if train else self.eval_stats).append(entry)
         self.last = entry
         return entry
 
-    def pop_stats(self):
-        """Means over the calls since the last pop (host floats), then forget them.
+    def pop_stats(self, train=True):
+        """Means over the training (or, train=False, evaluation) calls since the last pop
+        (host floats), then forget them.
 
         Returns {} when nothing was recorded, else calls, r_c, clusters_per_group
         (mean n_g), rel_error and dw_cos (means over the calls that measured them,
         or None), pixel_aligned (fraction of calls) and impl (the last one).
         """
-        entries, self.stats = self.stats, []
+        if train:
+            entries, self.stats = self.stats, []
+        else:
+            entries, self.eval_stats = self.eval_stats, []
         if not entries:
             return {}
         return dict(

@@ -202,7 +202,7 @@ def pixel_conv_forward(x, W, b, stride, pads, config, state, train=True):
         # forward 'exact': y is the exact conv, its own reference (rel_error 0)
         rel_error = relative_error(y, y if config.forward == "exact" else exact_conv(x, W, b, stride, pads))
     entry = state.record(r_c=n_clusters.sum() / pixel_ids.size, n_clusters=n_clusters, impl=impl_label(xp),
-                         pixel_aligned=True, rel_error=rel_error)
+                         pixel_aligned=True, rel_error=rel_error, train=train)
     if not train:
         return y, None
     if config.measure_error:

@@ -64,17 +64,24 @@ def resolve_impl(config, *arrays):
 
     'auto' picks the CUDA kernels for float32 CuPy arrays when minireuse.reuse.cuda
     imports and implements config, the reference path otherwise (NumPy, other
-    dtypes, options the kernels lack, import failure).
+    dtypes, options the kernels lack, import failure). 'cuda' on NumPy arrays runs
+    the kernels' host build while ``cuda.using_device(cuda.HostDevice())`` is active
+    (how the fast path is tested without a GPU), and is refused otherwise.
     """
     xp = backend.get_array_module(*arrays)
     if config.impl == "reference":
         return "reference"
+    unsupported = cuda_unsupported(config)
     if xp is np:
         if config.impl == "cuda":
-            raise ValueError("ReuseConfig.impl: got 'cuda' with NumPy arrays, expected CuPy arrays "
-                             "(move the model to the GPU) or impl 'auto'/'reference'")
-        return "reference"
-    unsupported = cuda_unsupported(config)
+            module, _ = cuda_module()
+            if module is None or module.device().kind != "host":
+                raise ValueError("ReuseConfig.impl: got 'cuda' with NumPy arrays, expected CuPy arrays "
+                                 "(move the model to the GPU) or impl 'auto'/'reference'")
+            if not unsupported:
+                return "cuda"        # the fast path on its host build (cuda.using_device(HostDevice()))
+        else:
+            return "reference"
     if unsupported:
         if config.impl == "cuda":
             raise ValueError(f"ReuseConfig.impl: got 'cuda' with {', '.join(unsupported)}, which the CUDA "
@@ -198,7 +205,7 @@ def reuse_matmul_forward(X, W, b, config, state, train=True, scale_source=None):
         exact = y if config.forward == "exact" else (X @ W if b is None else X @ W + b)
         rel_error = relative_error(y, exact)
     entry = state.record(r_c=n_clusters.sum() / ids.size, n_clusters=n_clusters, impl=impl_label(xp),
-                         rel_error=rel_error)
+                         rel_error=rel_error, train=train)
     if not train:
         return y, None
     if config.measure_error:

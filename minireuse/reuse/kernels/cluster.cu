@@ -36,8 +36,9 @@ __device__ __forceinline__ void flush_run(int id, float acc, int members, int g,
 // Block 0 also reduces distinct (G,) into stats[STAT_MAX_DISTINCT/SUM_DISTINCT]
 // and r_c = sum_g distinct[g] / (rows * G); distinct is final here because the
 // table insertion finished in the previous launch.
-// Launch: 256 threads per block; rows * K < 2^31 (checked by the host).
-extern "C" __global__ void
+// Launch: 256 threads per block (a power of two; the shared arrays hold 256);
+// rows * K < 2^31 (checked by the host).
+extern "C" __global__ void __launch_bounds__(256)
 centroid_sums(const float* __restrict__ x, int rows, int K, int L, int G,
               int hp, int wp, int h, int w, int top, int left,
               const int* __restrict__ slots, const int* __restrict__ vals, int table_size,

@@ -43,7 +43,9 @@ __device__ __forceinline__ void add_overflow_dw(const float* __restrict__ xs, in
 // member lists (sort or scan: more launches); here each warp's atomics go to
 // one contiguous row of S, and zeros of dy (after ReLU) are skipped. Sums
 // depend on the atomics' order.
-// Launch: block (32, 8); grid (ceil(M / 32), any) with runs grid-strided.
+// Launch: block (32, 8) exactly (add_block_column_sums' shared array; the host
+// launches cuda.runtime.ROW_BLOCK); grid (ceil(M / 32), any) with runs grid-strided.
+// (No __launch_bounds__: with one, nvcc 13 spills 12 bytes on sm_80.)
 extern "C" __global__ void
 cluster_sums_rows(const float* __restrict__ dy, const int* __restrict__ ids,
                   const int* __restrict__ counts, int capacity, const float* __restrict__ x,
@@ -116,7 +118,9 @@ cluster_sums_rows(const float* __restrict__ dy, const int* __restrict__ ids,
 // batched dW GEMM's output) and db must be zero on entry. One thread per
 // column m of a run of REUSE_RUN consecutive outputs; outputs of the run whose
 // pixels share a cluster are summed first (one atomic per run of equal ids).
-// Launch: block (32, 8); grid (ceil(M / 32), any) with runs grid-strided.
+// Launch: block (32, 8) exactly (add_block_column_sums' shared array; the host
+// launches cuda.runtime.ROW_BLOCK); grid (ceil(M / 32), any) with runs grid-strided.
+// (No __launch_bounds__: with one, nvcc 13 spills 12 bytes on sm_80.)
 extern "C" __global__ void
 cluster_sums_pixels(const float* __restrict__ dy, const int* __restrict__ ids,
                     const int* __restrict__ counts, int capacity, const float* __restrict__ x,

@@ -1,21 +1,17 @@
 // Backward to the input: the 'cluster' dX (every member gets its cluster's
-// row of D = (S / count) @ W_g^T) and col2im as a gather.
-// Python twins: matmul.py (reuse_matmul_backward), conv.py (pixel_conv_backward),
-// minireuse/layers/conv.py (col2im).
+// row of D = (S / count) @ W_g^T). The general conv path carries it to the
+// input with the one col2im kernel (minireuse/fused.py).
+// Python twins: matmul.py (reuse_matmul_backward), conv.py (pixel_conv_backward).
 #include "reuse_common.cuh"
 
 // dX[n, k] of the general path. g = k / L:
 //   ids[n, g] = c >= 0: D[g, c, k - g*L]           (D (G, capacity, L))
 //   c == -1 (overflow, a singleton cluster): the exact dy[n, :] . W[k, :]
-// Exact mode (dcols non-null): dcols[n, k] itself.
-__device__ __forceinline__ float dcol_value(int n, int k, const float* __restrict__ dcols,
-                                            const float* __restrict__ D, const int* __restrict__ ids,
-                                            int capacity, const float* __restrict__ dy,
-                                            const float* __restrict__ W, int K, int L, int G, int M)
+__device__ __forceinline__ float dcol_value(int n, int k, const float* __restrict__ D,
+                                            const int* __restrict__ ids, int capacity,
+                                            const float* __restrict__ dy, const float* __restrict__ W,
+                                            int L, int G, int M)
 {
-    if (dcols != nullptr) {
-        return dcols[(long long)n * K + k];
-    }
     const int g = k / L;
     const int id = ids[(long long)n * G + g];
     if (id >= 0) {
@@ -42,53 +38,7 @@ dx_cluster_rows(const float* __restrict__ D, const int* __restrict__ ids, int ca
          i += (long long)gridDim.x * blockDim.x) {
         const int n = (int)i / K;          // N * K < 2^31 (checked by the host)
         const int k = (int)i - n * K;
-        dx[i] = dcol_value(n, k, nullptr, D, ids, capacity, dy, W, K, L, G, M);
-    }
-}
-
-// col2im as a gather: one thread per input element (b, y, x, c) sums the
-// im2col columns that read it, dx[b, y, x, c] = sum_{i, j} dcols[n, (i, j, c)]
-// over the outputs n = (b, oy, ox) with oy*stride + i = y + top (same for x).
-// The columns are dcols (N, K) (exact dX = dY @ W^T), or, when dcols is null,
-// the general path's cluster dX computed on the fly (dcol_value), which never
-// materialises the (N, K) matrix. Deterministic (no atomics), unlike a scatter.
-// Launch: 256 threads per block, elements grid-strided.
-extern "C" __global__ void
-col2im_gather(const float* __restrict__ dcols, const float* __restrict__ D,
-              const int* __restrict__ ids, int capacity, const float* __restrict__ dy,
-              const float* __restrict__ W, float* __restrict__ dx,
-              int B, int h, int w, int C, int kh, int kw, int stride, int top, int left,
-              int oh, int ow, int L, int G, int M)
-{
-    const int K = kh * kw * C;
-    const long long total = (long long)B * h * w * C;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
-        const int c = (int)e % C;          // the input has < 2^31 elements (checked by the host)
-        const int pix = (int)e / C;
-        const int x0 = pix % w;
-        const int y0 = (pix / w) % h;
-        const int b = pix / (w * h);
-        const int py = y0 + top;
-        const int px = x0 + left;
-        float acc = 0.0f;
-        for (int i = 0; i < kh; ++i) {
-            const int ny = py - i;
-            if (ny < 0 || ny % stride != 0 || ny / stride >= oh) {
-                continue;
-            }
-            const int oy = ny / stride;
-            for (int j = 0; j < kw; ++j) {
-                const int nx = px - j;
-                if (nx < 0 || nx % stride != 0 || nx / stride >= ow) {
-                    continue;
-                }
-                const int n = (b * oh + oy) * ow + nx / stride;
-                const int k = (i * kw + j) * C + c;
-                acc += dcol_value(n, k, dcols, D, ids, capacity, dy, W, K, L, G, M);
-            }
-        }
-        dx[e] = acc;
+        dx[i] = dcol_value(n, k, D, ids, capacity, dy, W, L, G, M);
     }
 }
 

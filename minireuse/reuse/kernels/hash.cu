@@ -8,8 +8,9 @@
 // the device. Each block reduces its grid-stride share; the last block to
 // finish (ticket) adds the per-block partials in a fixed order, so the result
 // does not depend on block timing. ticket must be zero on entry.
-// Launch: 256 threads per block, at most 1024 blocks.
-extern "C" __global__ void
+// Launch: 256 threads per block (a power of two; the shared arrays hold 256),
+// at most 1024 blocks.
+extern "C" __global__ void __launch_bounds__(256)
 input_rms(const float* __restrict__ x, long long n, float* __restrict__ partials,
           unsigned int* __restrict__ ticket, float* __restrict__ scale)
 {
@@ -40,6 +41,7 @@ input_rms(const float* __restrict__ x, long long n, float* __restrict__ partials
     if (!is_last) {
         return;
     }
+    __threadfence();    // the reading side of the ticket: see every block's partial
     double total = 0.0;
     for (int i = tid; i < (int)gridDim.x; i += blockDim.x) {
         total += ((volatile float*)partials)[i];
@@ -100,7 +102,9 @@ __device__ __forceinline__ void hash_rows_impl(
     const int k0 = g * L;
     const int len = min(L, K - k0);
 
-    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += gridDim.x * blockDim.x) {
+    for (long long rr = (long long)blockIdx.x * blockDim.x + threadIdx.x; rr < rows;
+         rr += (long long)gridDim.x * blockDim.x) {
+        const int r = (int)rr;             // rows < 2^31; the step may not be
         float acc[HB];
 #pragma unroll
         for (int j = 0; j < HB; ++j) {

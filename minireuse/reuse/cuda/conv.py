@@ -1,0 +1,197 @@
+"""The deep-reuse convolution on the fast path; twin: reuse/conv.py.
+
+General path (L does not divide the channels): fused im2col, then the product of
+matmul.py on the im2col rows; dX goes back through the one col2im kernel
+(fused.col2im), from dY @ W^T ('exact') or from the cluster rows ('cluster').
+
+Pixel-aligned path (L divides the channels), forward:
+    input_rms, hash_rows_h*, centroid_sums   clustering.cluster on the padded pixels
+    cuBLAS     P_q = sums_q @ W'_q, W'_q[l, (t, m)] = W[t, q*L + l, m]: every offset at once
+    reconstruct_pixels   y[n] = sum_{t, q} P[q, id(pixel(n, t)), t] / count (+ b)
+backward:
+    cluster_sums_pixels  S = per-cluster sums of dY / count per offset, db, overflow dW
+    cuBLAS     dW'_q += sums_q^T @ S_q
+    dX 'exact'   cuBLAS dY @ W^T, fused.col2im;  'cluster'  cuBLAS D = S @ W'_q^T, dx_cluster_pixels
+"""
+import dataclasses
+
+import numpy as np
+
+from ... import fused
+from .. import conv as reference
+from .. import matmul as reference_matmul
+from .clustering import cluster, dx_cluster_rows
+from .lsh import Rows
+from .matmul import batched_gemm, cluster_D, matmul_backward_params, matmul_forward, record, take
+from .runtime import (ROW_BLOCK, Arena, as_f32, check, check_index_range, cuda_state, device, grid_1d, i32,
+                      launch, padded_hash_params, row_grid)
+
+
+@dataclasses.dataclass
+class ConvGeometry:
+    """Sizes of one convolution, as the pixel kernels take them."""
+
+    B: int
+    h: int
+    w: int
+    C: int
+    kh: int
+    kw: int
+    stride: int
+    top: int
+    left: int
+    hp: int
+    wp: int
+    oh: int
+    ow: int
+    M: int
+
+    @classmethod
+    def of(cls, x_shape, w_shape, stride, pads):
+        B, h, w, C = x_shape
+        kh, kw, _, M = w_shape
+        hp, wp = h + pads[0] + pads[1], w + pads[2] + pads[3]
+        return cls(B, h, w, C, kh, kw, stride, pads[0], pads[2], hp, wp,
+                   (hp - kh) // stride + 1, (wp - kw) // stride + 1, M)
+
+    @property
+    def outputs(self):
+        return self.B * self.oh * self.ow
+
+    @property
+    def pads(self):
+        return (self.top, self.hp - self.h - self.top, self.left, self.wp - self.w - self.left)
+
+    def pixel_args(self, L, Q):
+        return tuple(i32(v) for v in (self.B, self.h, self.w, self.C, L, Q, self.kh, self.kw, self.stride,
+                                       self.top, self.left, self.hp, self.wp, self.oh, self.ow, self.M))
+
+
+def col2im(dcols, geo):
+    """dx (B, H, W, C) from im2col-shaped columns (N, kh*kw*C): the one col2im kernel (fused.col2im)."""
+    check_index_range("input", geo.B * geo.h * geo.w * geo.C)
+    return fused.col2im(dcols, (geo.B, geo.h, geo.w, geo.C), geo.kh, geo.kw, geo.stride, geo.pads)
+
+
+def dx_cluster_pixels(D, ids, dY, W, geo, L):
+    """dx (B, H, W, C) of the pixel path's 'cluster' mode (kernel dx_cluster_pixels).
+
+    D (Q, capacity, L) = (S_q / count) @ W'_q^T; ids (B*Hp*Wp, Q).
+    """
+    Q = D.shape[0]
+    check("D", D, np.float32, (Q, None, L))
+    check("ids", ids, np.int32, (geo.B * geo.hp * geo.wp, Q))
+    check("dY", dY, np.float32, (geo.outputs, geo.M))
+    check("W", W, np.float32, (geo.kh, geo.kw, geo.C, geo.M))
+    check_index_range("x", geo.B * geo.h * geo.w * geo.C)
+    dx = device().xp.empty((geo.B, geo.h, geo.w, geo.C), dtype=np.float32)
+    launch("dx_cluster_pixels", grid_1d(dx.size), (256,), (
+        D, ids, i32(D.shape[1]), dY, W, dx, *geo.pixel_args(L, Q)))
+    return dx
+
+
+@dataclasses.dataclass
+class CudaConvCache:
+    """What the backward of a CUDA reuse conv needs."""
+
+    kind: str            # 'general' (im2col rows) or 'pixel'
+    x: object            # the input (B, H, W, C)
+    W: object            # (kh, kw, C, M)
+    geo: ConvGeometry
+    matmul: object = None    # general: CudaMatmulCache of the im2col product
+    Wq: object = None        # pixel: (Q, L, kh*kw*M)
+    ids: object = None       # pixel: (B*Hp*Wp, Q)
+    counts: object = None    # pixel: (Q, capacity)
+    sums: object = None      # pixel: (Q, capacity, L)
+    has_bias: bool = False
+    L: int = 0
+    dx_mode: str = "exact"
+    used: bool = False
+
+
+def cuda_reuse_conv_forward(x, W, b, stride, pads, config, state, train=True):
+    """(y (B, OH, OW, M), cache) of the deep-reuse conv on the fast path: pixel-aligned or general path."""
+    x, W, b = as_f32("x", x), as_f32("W", W), as_f32("b", b)
+    check("x", x, np.float32, (None, None, None, None))
+    check("W", W, np.float32, (None, None, x.shape[3], None))
+    if b is not None:
+        check("b", b, np.float32, (W.shape[3],))
+    pixel = reference.use_pixel_aligned(config, x.shape[3])
+    geo = ConvGeometry.of(x.shape, W.shape, stride, pads)
+    if pixel:
+        y, cache, run = _pixel_forward(x, W, b, geo, config, state, train)
+    else:
+        check_index_range("im2col columns", geo.outputs * geo.kh * geo.kw * geo.C)
+        cols, _ = fused.im2col(x, geo.kh, geo.kw, stride, geo.pads)
+        y, mcache, run = matmul_forward(cols, W.reshape(-1, geo.M), b, config, state, train, x, geo.B)
+        cache = CudaConvCache("general", x, W, geo, matmul=mcache) if train else None
+    y = y.reshape(geo.B, geo.oh, geo.ow, geo.M)
+    rel_error = None
+    if config.measure_error:
+        rel_error = reference_matmul.relative_error(y, reference.exact_conv(x, W, b, stride, pads))
+    record(state, run, {"pixel_aligned": pixel}, rel_error, train)
+    return y, cache
+
+
+def _pixel_forward(x, W, b, geo, config, state, train):
+    L, H = config.L, config.H
+    Q = geo.C // L
+    T = geo.kh * geo.kw
+    rows = Rows.pixels(x, geo.pads)
+    planes, offsets = padded_hash_params(state, config, Q)
+    tracker = cuda_state(state).tracker(("pixels", rows.rows, Q, L, H), rows.rows, H, batch=geo.B, train=train)
+
+    def extra(cap):
+        check_index_range("Q x capacity x kh*kw x M", Q * cap * T * geo.M)
+        return ()
+
+    run = cluster(rows, L, Q, planes, offsets, H, config.family, tracker, x, extra)
+    cap = run["capacity"]
+    # W'_q[l, (t, m)] = W[t, q*L + l, m]: one small transpose so one GEMM serves every offset
+    Wq = device().xp.ascontiguousarray(W.reshape(T, Q, L, geo.M).transpose(1, 2, 0, 3)).reshape(Q, L, T * geo.M)
+    P = batched_gemm(run["sums"], Wq)                                   # (Q, cap, T*M)
+    y = device().xp.empty((geo.outputs, geo.M), dtype=np.float32)
+    check_index_range("outputs x M", geo.outputs * geo.M)
+    launch("reconstruct_pixels", row_grid(geo.outputs, geo.M), ROW_BLOCK, (
+        P, run["ids"], run["counts"], i32(cap), x, W, b, y, *geo.pixel_args(L, Q)))
+    cache = None
+    if train:
+        cache = CudaConvCache("pixel", x, W, geo, Wq=Wq, ids=run["ids"], counts=run["counts"], sums=run["sums"],
+                              has_bias=b is not None, L=L, dx_mode=config.dx_mode)
+    return y, cache, run
+
+
+def cuda_reuse_conv_backward(dy, cache):
+    """(dx (B, H, W, C), dW (kh, kw, C, M), db (M,) or None) with the forward's cluster assignment."""
+    c = take(cache)
+    geo = c.geo
+    dy = as_f32("dy", dy)
+    check("dy", dy, np.float32, (geo.B, geo.oh, geo.ow, geo.M))
+    dy2 = dy.reshape(geo.outputs, geo.M)
+    if c.kind == "general":
+        mc = take(c.matmul)
+        dW, db, S = matmul_backward_params(dy2, mc)
+        if mc.dx_mode == "exact":
+            dcols = dy2 @ mc.W.T
+        else:
+            dcols = dx_cluster_rows(cluster_D(S, mc.Wg), mc.ids, dy2, mc.W, mc.L)
+        return col2im(dcols, geo), dW.reshape(c.W.shape), db
+    Q, cap = c.counts.shape
+    T = geo.kh * geo.kw
+    ws = Arena().add("S", (Q, cap, T, geo.M), np.float32).add("dWq", (Q, c.L, T * geo.M), np.float32)
+    if c.has_bias:
+        ws.add("db", (geo.M,), np.float32)
+    ws = ws.allocate(0)
+    check_index_range("S", Q * cap * T * geo.M)
+    launch("cluster_sums_pixels", row_grid(geo.outputs, geo.M), ROW_BLOCK, (
+        dy2, c.ids, c.counts, i32(cap), c.x, ws["S"], ws["dWq"], ws.get("db"), *geo.pixel_args(c.L, Q)))
+    S = ws["S"].reshape(Q, cap, T * geo.M)
+    batched_gemm(c.sums, S, out=ws["dWq"], trans_a=True, beta=1.0)       # += sums_q^T (S_q / count)
+    dW = device().xp.ascontiguousarray(ws["dWq"].reshape(Q, c.L, T, geo.M).transpose(2, 0, 1, 3))
+    dW = dW.reshape(c.W.shape)
+    if c.dx_mode == "exact":
+        dx = col2im(dy2 @ c.W.reshape(-1, geo.M).T, geo)
+    else:
+        D = batched_gemm(S, c.Wq, trans_b=True)                            # (Q, cap, L)
+        dx = dx_cluster_pixels(D, c.ids, dy2, c.W, geo, c.L)
+    return dx, dW, ws.get("db")
