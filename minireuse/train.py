@@ -450,6 +450,9 @@ class Trainer:
                        reuse=None if layer.reuse is None else layer.reuse.replace(measure_error=False).as_dict())
             if layer.reuse_state is not None:
                 rec.update({k: v for k, v in layer.reuse_state.pop_stats().items()})
+                evaluation = layer.reuse_state.pop_stats(train=False)
+                if evaluation:                 # the test-set forwards, kept apart from training
+                    rec["eval"] = evaluation
             out[layer.name] = rec
         return out
 

@@ -28,6 +28,7 @@ from minireuse import backend, bench  # noqa: E402
 from minireuse.reuse import ReuseConfig, ReuseState, cuda  # noqa: E402
 
 SETTINGS = [
+    ("pixel L=64 H=32 offset dx=cluster (the default)", dict(L=64, H=32, dx_mode="cluster")),
     ("pixel L=64 H=20 offset dx=cluster", dict(L=64, H=20, dx_mode="cluster")),
     ("pixel L=16 H=12 offset dx=cluster", dict(L=16, H=12, dx_mode="cluster")),
     ("pixel L=64 H=20 offset dx=exact", dict(L=64, H=20, dx_mode="exact")),
@@ -64,11 +65,6 @@ class TimedDevice(cuda.CupyDevice):
         self._timed(f"cuBLAS {batch}x({n}x{k} @ {k}x{m})",
                     lambda: super(TimedDevice, self).gemm_strided_batched(*args))
 
-    def copy_to_host_async(self, host, dev):
-        out = []
-        self._timed("stats D2H (async)", lambda: out.append(super(TimedDevice, self).copy_to_host_async(host, dev)))
-        return out[0]
-
     def collect(self):
         """[(label, ms)] of the logged operations (waits for them), then clears the log."""
         cp = backend.require_gpu()
@@ -95,33 +91,33 @@ def time_setting(x, W, b, dy, pads, fields, repeats):
     for _ in range(4):                           # compile, then let the capacity settle
         reuse_step(x, W, b, dy, pads, config, state)
         cp.cuda.Stream.null.synchronize()
-    plain = cuda.device_layer()
-    timed = TimedDevice()
-    timed._module, timed._functions = plain.module(), plain._functions
-    cuda._device = timed
-    try:
+    with cuda.using_device(TimedDevice()) as timed:
         per_op = []
         for _ in range(repeats):
             y, cache = cuda.cuda_reuse_conv_forward(x, W, b, 1, pads, config, state)
             fwd_ops = timed.collect()
             cuda.cuda_reuse_conv_backward(dy, cache)
             per_op.append([("fwd " + k, v) for k, v in fwd_ops] + [("bwd " + k, v) for k, v in timed.collect()])
-    finally:
-        cuda._device = plain
     ops = [(label, float(np.median([run[i][1] for run in per_op]))) for i, (label, _) in enumerate(per_op[0])]
     fwd, bwd = [], []
     for _ in range(repeats):
         t, (y, cache) = bench.timed(lambda: cuda.cuda_reuse_conv_forward(x, W, b, 1, pads, config, state))
         fwd.append(t)
         bwd.append(bench.timed(lambda: cuda.cuda_reuse_conv_backward(dy, cache))[0])
+    # everything the capture allocates comes from a pool of its own, kept while the graph
+    # replays (as graph.py does): later eager work cannot reuse the addresses it writes
+    pool = cp.cuda.MemoryPool()
     stream = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Stream.null.synchronize()
     with stream:
-        stream.begin_capture()
-        try:
-            reuse_step(x, W, b, dy, pads, config, state)
-        finally:
-            graph = stream.end_capture()
+        with cp.cuda.using_allocator(pool.malloc):
+            stream.begin_capture()
+            try:
+                reuse_step(x, W, b, dy, pads, config, state)
+            finally:
+                graph = stream.end_capture()
         graph_ms = median_ms(lambda: (graph.launch(stream), stream.synchronize()), repeats)
+    del graph, pool
     last = state.last
     return dict(config=config.as_dict(), ops=ops, op_count=len(ops), fwd_ms=float(np.median(fwd)),
                 bwd_ms=float(np.median(bwd)), graph_fwd_bwd_ms=graph_ms,
@@ -168,10 +164,15 @@ def time_cudnn(x, W, b, dy, repeats):
         e.synchronize()
         return s.elapsed_time(e), out
 
+    def clear_grads():             # .grad accumulates across backward calls otherwise
+        xt.grad = wt.grad = bt.grad = None
+
     for _ in range(3):
         fwd().backward(dyt)
+        clear_grads()
     f, bw = [], []
     for _ in range(repeats):
+        clear_grads()
         t, y = tms(fwd)
         f.append(t)
         bw.append(tms(lambda: y.backward(dyt))[0])

@@ -362,10 +362,14 @@ def _dense_data(config, n=203, k=30, m=11, bias=True, kind="protos"):
     return untied(make, lambda d: (lsh.split_groups(d[0], config.L), d[0]), config, distinct=kind == "distinct")
 
 
-def _check_grads(got, want, what):
+def _check_grads(got, want, what, scaled=False):
+    """scaled: tolerances relative to the largest |value| (long float32 sums, e.g. dW over
+    32k outputs, round at that scale)."""
     for name, g, w in zip(("dX", "dW", "db"), got, want):
         if w is None:
             assert g is None, f"{what} {name}: expected None"
+        elif scaled:
+            close(g, w, f"{what} {name}", atol=2e-5 * float(np.abs(w).max()), rtol=1e-4)
         else:
             close(g, w, f"{what} {name}")
 
@@ -590,3 +594,253 @@ def test_forward_backward_capture_into_cuda_graph(xp, path):
         stream.synchronize()
     for name, got, want in zip(("y", "dx", "dW", "db"), outputs, eager):
         close(got, want, f"graph {name}")
+
+
+# ---------------------------------------------------------------- settings, grids, schedules, capacity
+
+def _conv_case(xp, config, **geometry):
+    (x, W, b, dy), stride, pads = _conv_data(config, **geometry)
+    return (x, W, b, dy), stride, pads, tuple(None if a is None else dev(xp, a) for a in (x, W, b, dy))
+
+
+def _check_conv_against_reference(xp, config, data, stride, pads, on_device, what):
+    x, W, b, dy = data
+    want_y, want_cache = ref_conv.conv2d_forward(x, W, b, stride, pads, config, ReuseState())
+    y, cache = cuda.cuda_reuse_conv_forward(*on_device[:3], stride, pads, config, ReuseState())
+    close(y, want_y, f"{what} y")
+    _check_grads(cuda.cuda_reuse_conv_backward(on_device[3], cache),
+                 ref_conv.conv2d_backward(dy, want_cache), what)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
+def test_production_setting_against_the_reference(xp, dx_mode):
+    """conv2 of CifarNet as trained: batch 128, 16x16x64 input, 5x5, 64 out, L=64 H=32, pixel path."""
+    config = ReuseConfig(L=64, H=32, dx_mode=dx_mode, seed=0)
+    (x, W, b, dy), stride, pads = _conv_data(config, b=128, h=16, w=16, c=64, m=64, kh=5, kw=5,
+                                             pads=(2, 2, 2, 2))
+    dy[:, ::3] = 0.0                                      # ReLU-like zeros after the layer
+    state = ReuseState()
+    y, cache = cuda.cuda_reuse_conv_forward(dev(xp, x), dev(xp, W), dev(xp, b), stride, pads, config, state)
+    assert cache.kind == "pixel"
+    want_y, want_cache = ref_conv.conv2d_forward(x, W, b, stride, pads, config, ReuseState())
+    close(y, want_y, "y")
+    assert same_partition(cache.ids, want_cache[1].pixel_ids)
+    _check_grads(cuda.cuda_reuse_conv_backward(dev(xp, dy), cache), ref_conv.conv2d_backward(dy, want_cache),
+                 "production conv", scaled=True)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("path", ["pixel", "general", "dense"])
+def test_grid_stride_loops_with_one_or_two_blocks(xp, layer, blocks, path):
+    """Every grid-stride launch limited to 1 or 2 blocks: each thread's loop runs many times."""
+    runner = layer.runner
+    saved = runner.max_blocks
+    runner.max_blocks = blocks
+    try:
+        if path == "dense":
+            config = ReuseConfig(L=4, H=10, dx_mode="cluster", seed=5)
+            X, W, b, dy = _dense_data(config, n=517)
+            want_y, want_cache = ref_matmul.reuse_matmul_forward(X, W, b, config, ReuseState())
+            y, cache = cuda.cuda_reuse_matmul_forward(dev(xp, X), dev(xp, W), dev(xp, b), config, ReuseState())
+            close(y, want_y, "dense y")
+            _check_grads(cuda.cuda_reuse_matmul_backward(dev(xp, dy), cache),
+                         ref_matmul.reuse_matmul_backward(dy, want_cache), "dense")
+            return
+        config = ReuseConfig(L=4 if path == "pixel" else 5, H=12, dx_mode="cluster", seed=4)
+        data, stride, pads, on_device = _conv_case(xp, config, b=5, h=11, w=9)
+        _check_conv_against_reference(xp, config, data, stride, pads, on_device, f"{path} ({blocks} blocks)")
+    finally:
+        runner.max_blocks = saved
+
+
+@pytest.mark.parametrize("schedule,reverse_blocks", [("forward", False), ("reverse", True), ("concurrent", True)])
+def test_results_do_not_depend_on_thread_or_block_order(xp, host_runner, schedule, reverse_blocks):
+    """Host runner only: serial thread orders and blocks run last to first give the same products."""
+    if host_runner is None:
+        pytest.skip("thread and block order are chosen on the host runner only")
+    host_runner.schedule, host_runner.reverse_blocks = schedule, reverse_blocks
+    for path, fields in (("pixel", dict(L=4, H=10)), ("general", dict(L=5, H=20))):
+        config = ReuseConfig(dx_mode="cluster", seed=4, **fields)
+        data, stride, pads, on_device = _conv_case(xp, config)
+        _check_conv_against_reference(xp, config, data, stride, pads, on_device, f"{path} {schedule}")
+
+
+def test_evaluation_forward(xp):
+    """train=False: no cache, the same y, statistics recorded as evaluation, its own capacity."""
+    config = ReuseConfig(L=4, H=10, seed=4)
+    data, stride, pads, on_device = _conv_case(xp, config)
+    state = ReuseState()
+    y_train, cache = cuda.cuda_reuse_conv_forward(*on_device[:3], stride, pads, config, state)
+    y_eval, none = cuda.cuda_reuse_conv_forward(*on_device[:3], stride, pads, config, state, train=False)
+    assert none is None and cache is not None
+    close(y_eval, host(y_train), "eval y", atol=1e-6, rtol=1e-6)
+    assert len(state.stats) == 1 and len(state.eval_stats) == 1
+    trackers = cuda.cuda_state(state).trackers
+    assert sorted(k[-1] for k in trackers) == ["eval", "train"]
+    assert state.pop_stats(train=False)["calls"] == 1 and state.pop_stats()["calls"] == 1
+
+
+def test_measure_error_matches_the_reference(xp):
+    config = ReuseConfig(L=4, H=8, seed=4, measure_error=True)
+    data, stride, pads, on_device = _conv_case(xp, config)
+    ref_state, state = ReuseState(), ReuseState()
+    ref_conv.conv2d_forward(*data[:3], stride, pads, config, ref_state)
+    cuda.cuda_reuse_conv_forward(*on_device[:3], stride, pads, config, state)
+    err = float(host(state.last["rel_error"]))
+    assert 0 < err < 1
+    assert err == pytest.approx(float(ref_state.last["rel_error"]), rel=1e-4)
+
+
+@pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
+def test_all_zero_dy(xp, dx_mode):
+    config = ReuseConfig(L=4, H=10, dx_mode=dx_mode, seed=4)
+    data, stride, pads, on_device = _conv_case(xp, config)
+    _, cache = cuda.cuda_reuse_conv_forward(*on_device[:3], stride, pads, config, ReuseState())
+    dx, dW, db = cuda.cuda_reuse_conv_backward(xp.zeros_like(on_device[3]), cache)
+    for name, g in (("dx", dx), ("dW", dW), ("db", db)):
+        assert not host(g).any(), f"{name} of a zero dy is not zero"
+
+
+@pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
+def test_pixel_overflow_with_stride_two(xp, dx_mode):
+    """Overflow on the pixel path where outputs skip pixels (stride 2, uneven padding)."""
+    config = ReuseConfig(L=4, H=16, dx_mode=dx_mode, seed=3)
+    (x, W, b, dy), stride, pads = _conv_data(config, stride=2, pads=(0, 1, 1, 1))
+    state = ReuseState()
+    B, h, w, c = x.shape
+    rows = B * (h + 1) * (w + 2)
+    _force_capacity(state, ("pixels", rows, c // 4, 4, 16), rows, 16, 2)
+    y, cache = cuda.cuda_reuse_conv_forward(dev(xp, x), dev(xp, W), dev(xp, b), stride, pads, config, state)
+    assert int(host(state.last["overflow"])) > 0
+    ids, n_clusters = as_singletons(cache.ids)
+    want_y, inner = ref_conv.pixel_conv_forward_assigned(x, W, b, stride, pads, ids, n_clusters, 4, dx_mode)
+    close(y, want_y, "stride-2 overflow y")
+    _check_grads(cuda.cuda_reuse_conv_backward(dev(xp, dy), cache),
+                 ref_conv.conv2d_backward(dy, ("pixel", inner)), "stride-2 overflow")
+
+
+def test_full_tables_compute_their_rows_exactly(xp, monkeypatch):
+    """A code that finds no free slot within the probe limit gets no cluster (id -1): its rows
+    are computed exactly, the statistics count them, and the next capacity at least doubles."""
+    monkeypatch.setattr(cuda.lsh, "PROBE_LIMIT", 1)
+    config = ReuseConfig(L=4, H=12, dx_mode="cluster", seed=1)
+    X, W, b, dy = _dense_data(config, n=211, kind="random")
+    state = ReuseState()
+    G = -(-X.shape[1] // 4)
+    tracker = _force_capacity(state, ("rows", X.shape[0], G, 4, 12), X.shape[0], 12, 256)   # > the rows
+    y, cache = cuda.cuda_reuse_matmul_forward(dev(xp, X), dev(xp, W), dev(xp, b), config, state)
+    exact_pairs = int(host(state.last["overflow"]))
+    synchronize(xp)
+    tracker.poll()
+    full = int(tracker.last[cuda.STAT_TABLE_FULL])
+    assert full > 0 and tracker.capacity == min(cuda.round_capacity(2 * 256 * 1.25, 10 ** 9), tracker.limit)
+    # no capacity overflow is possible here: every pair computed exactly found its table full
+    assert exact_pairs == full == int((host(cache.ids) == -1).sum())
+    ids, n_clusters = as_singletons(cache.ids)
+    want_y, want_cache = ref_matmul.reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, 4, "cluster")
+    close(y, want_y, "table-full y")
+    _check_grads(cuda.cuda_reuse_matmul_backward(dev(xp, dy), cache),
+                 ref_matmul.reuse_matmul_backward(dy, want_cache), "table-full")
+
+
+def test_first_call_calibrates_the_capacity(xp):
+    config = ReuseConfig(L=4, H=12, seed=1)
+    X, W, b, _ = _dense_data(config, n=211, kind="random")
+    state = ReuseState()
+    _, cache = cuda.cuda_reuse_matmul_forward(dev(xp, X), dev(xp, W), dev(xp, b), config, state)
+    need = int(host(state.last["n_clusters"]).max())
+    assert cache.counts.shape[1] == cuda.round_capacity(need * cuda.CapacityTracker.HEADROOM, X.shape[0])
+    assert int(host(state.last["overflow"])) == 0
+
+
+@pytest.mark.parametrize("lag", [1, 3])
+def test_capacity_adapts_while_the_device_runs_behind(lag):
+    """Host runner with statistics landing `lag` calls late: capacity still grows (it used to
+    poll only the newest call's copy, which is never done while the device lags)."""
+    if runtime.host_compiler() is None:
+        pytest.skip("no host C++ compiler")
+    config = ReuseConfig(L=4, H=12, seed=1)
+    X, W, b, _ = _dense_data(config, n=211, kind="random")
+    with cuda.using_device(cuda.HostDevice(lag=lag)):
+        state = ReuseState()
+        tracker = _force_capacity(state, ("rows", X.shape[0], -(-X.shape[1] // 4), 4, 12), X.shape[0], 12, 3)
+        capacities = []
+        for _ in range(lag + 3):
+            _, cache = cuda.cuda_reuse_matmul_forward(X, W, b, config, state)
+            capacities.append(cache.counts.shape[1])
+    assert capacities[:lag + 1] == [3] * (lag + 1)          # nothing has landed yet
+    assert capacities[lag + 1] > 3 and int(state.last["overflow"]) == 0
+    assert tracker.capacity == capacities[-1]
+
+
+def _capture(xp, fn):
+    """(graph, outputs, pool) of fn() captured on a new stream; everything it allocates comes
+    from a private pool kept with the graph (as graph.py does), so eager work cannot reuse
+    addresses the graph writes."""
+    pool = xp.cuda.MemoryPool()
+    stream = xp.cuda.Stream(non_blocking=True)
+    xp.cuda.Stream.null.synchronize()
+    with stream, xp.cuda.using_allocator(pool.malloc):
+        stream.begin_capture()
+        try:
+            outputs = fn()
+        finally:
+            graph = stream.end_capture()
+    return graph, outputs, pool, stream
+
+
+def test_captured_graph_replayed_on_new_inputs(xp):
+    """GPU: a captured forward + backward (error measured inside) replayed twice on new inputs
+    equals eager calls on those inputs."""
+    if not hasattr(xp, "cuda"):
+        pytest.skip("CUDA graphs exist on the GPU only")
+    config = ReuseConfig(L=4, H=12, dx_mode="cluster", seed=6, measure_error=True)
+    (x, W, b, dy), stride, pads = _conv_data(config)
+    W_d, b_d, dy_d = dev(xp, W), dev(xp, b), dev(xp, dy)
+    x_static = dev(xp, x)
+    state = ReuseState()
+    cuda.cuda_reuse_conv_forward(x_static, W_d, b_d, stride, pads, config, state)       # calibrate
+
+    def step():
+        y, cache = cuda.cuda_reuse_conv_forward(x_static, W_d, b_d, stride, pads, config, state)
+        return (y,) + cuda.cuda_reuse_conv_backward(dy_d, cache) + (state.last["rel_error"],)
+
+    graph, outputs, pool, stream = _capture(xp, step)
+    for k in (1, 2):
+        xk = (x * (1 + 0.25 * k)).astype(np.float32)      # thresholds scale with the RMS: same clusters
+        x_static[...] = dev(xp, xk)
+        xp.cuda.Stream.null.synchronize()               # the capture stream does not wait for it
+        with stream:
+            graph.launch(stream)
+        stream.synchronize()
+        y, cache = cuda.cuda_reuse_conv_forward(dev(xp, xk), W_d, b_d, stride, pads, config, ReuseState())
+        eager = (y,) + cuda.cuda_reuse_conv_backward(dy_d, cache)
+        for name, got, want in zip(("y", "dx", "dW", "db"), outputs, eager):
+            close(got, host(want), f"replay {k} {name}")
+        assert 0 < float(host(outputs[-1])) < 1
+
+
+def test_replays_feed_their_statistics_back(xp):
+    """GPU: a graph captured with too small a capacity overflows on every replay; after_replay
+    reads the statistics the replay copied back and the capacity grows (it used to stay frozen
+    until an eager step)."""
+    if not hasattr(xp, "cuda"):
+        pytest.skip("CUDA graphs exist on the GPU only")
+    config = ReuseConfig(L=4, H=12, seed=6)
+    X, W, b, _ = (dev(xp, a) for a in _dense_data(config, n=211, kind="random"))
+    state = ReuseState()
+    cuda.cuda_reuse_matmul_forward(X, W, b, config, state)
+    tracker = next(iter(cuda.cuda_state(state).trackers.values()))
+    tracker.capacity = 32
+    xp.cuda.Stream.null.synchronize()
+    tracker.poll()                                      # nothing new: the eager call's stats are applied
+    tracker.capacity = 32
+    graph, outputs, pool, stream = _capture(xp, lambda: cuda.cuda_reuse_matmul_forward(X, W, b, config, state))
+    assert tracker.captured and tracker.capacity == 32
+    with stream:
+        graph.launch(stream)
+        state.after_replay(X.shape[0])
+    stream.synchronize()
+    tracker.poll()
+    assert tracker.last[cuda.STAT_OVERFLOW] > 0 and tracker.capacity > 32

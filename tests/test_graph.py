@@ -48,6 +48,16 @@ def test_auto_on_the_cpu_runs_eagerly(tmp_path):
     assert t._graphs is None
 
 
+def test_evaluation_statistics_stay_apart_from_training(tmp_path):
+    """Test-set forwards (train=False) record into their own statistics: a training epoch
+    reports one call per step, and the evaluation apart ('eval')."""
+    cfg = config(tmp_path, epochs=1, reuse="fixed", reuse_layers={"conv2": dict(L=16, H=12)})
+    hist = Trainer(cfg, data=learnable_data(), quiet=True).fit()
+    rec = hist[0]["layers"]["conv2"]
+    assert rec["calls"] == 192 // 32
+    assert rec["eval"]["calls"] == 64 // 32 and 0 < rec["eval"]["r_c"] <= 1
+
+
 def test_what_may_be_recorded():
     model = cifarnet()
     assert uncapturable_layers(model) == []
