@@ -844,3 +844,22 @@ def test_replays_feed_their_statistics_back(xp):
     stream.synchronize()
     tracker.poll()
     assert tracker.last[cuda.STAT_OVERFLOW] > 0 and tracker.capacity > 32
+
+
+def test_conv_layer_runs_the_fast_path(xp):
+    """Conv2D with impl 'cuda' runs the fast path (on the host build inside using_device) and
+    trains like the reference path on the same data."""
+    from minireuse.layers import Conv2D
+    config = ReuseConfig(L=4, H=10, dx_mode="cluster", seed=4)
+    (x, W, b, dy), stride, pads = _conv_data(config, pads=(1, 1, 1, 1))
+    outs = {}
+    for impl in ("reference", "cuda"):
+        layer = Conv2D(8, 13, 3, padding="same", rng=np.random.default_rng(0))
+        layer.params["W"], layer.params["b"] = dev(xp, W), dev(xp, b)
+        layer.set_reuse(config.replace(impl=impl))
+        y = layer.forward(dev(xp, x))
+        dx = layer.backward(dev(xp, dy))
+        outs[impl] = (y, dx, layer.grads["W"], layer.grads["b"])
+        assert (layer.reuse_state.last["impl"] == "cuda") == (impl == "cuda")
+    for name, got, want in zip(("y", "dx", "dW", "db"), outs["cuda"], outs["reference"]):
+        close(got, host(want), f"layer {name}")
