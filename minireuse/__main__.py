@@ -5,7 +5,42 @@ line starting with 'error:' and exit with status 2; Ctrl-C during training saves
 a checkpoint and exits with status 130.
 """
 import argparse
+import math
 import sys
+
+from . import __version__
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows every default (arguments without a help text get one that does)."""
+
+    def add_argument(self, action):
+        if not action.help and action.option_strings and action.default not in (None, argparse.SUPPRESS) \
+                and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            action.help = "default: %(default)s"
+        super().add_argument(action)
+
+
+def number(low=None, high=None, open_low=False, open_high=False, kind=float):
+    """An argparse type: a finite number in a range (low/high None: unbounded)."""
+    lo = "" if low is None else ("(" if open_low else "[") + f"{low}"
+    hi = "" if high is None else f"{high}" + (")" if open_high else "]")
+    what = f"a finite number in {lo or '(-inf'}, {hi or 'inf)'}" if kind is float else "an integer >= 0"
+
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        ok = math.isfinite(v)
+        if ok and low is not None:
+            ok = v > low if open_low else v >= low
+        if ok and high is not None:
+            ok = v < high if open_high else v <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return v
+    return parse
 
 
 def positive_int(s):
@@ -23,12 +58,12 @@ def positive_float(s):
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s!r}")
     return v
 
 
-def add_train_arguments(p):
+def add_train_arguments(p, resume=True, reuse_default="off"):
     from .train import Trainer
     d = Trainer.DEFAULTS
     p.add_argument("--model", default=d["model"], choices=["cifarnet"])
@@ -38,29 +73,37 @@ def add_train_arguments(p):
     p.add_argument("--batch-size", type=positive_int, default=d["batch_size"])
     p.add_argument("--lr", type=positive_float, default=d["lr"], help="peak learning rate")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=d["optimizer"])
-    p.add_argument("--momentum", type=float, default=d["momentum"])
+    p.add_argument("--momentum", type=number(0, 1, open_high=True), default=d["momentum"],
+                   help="SGD momentum, in [0, 1)")
     p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--weight-decay", type=number(0), default=d["weight_decay"], help=">= 0")
     p.add_argument("--decay-layers", default=",".join(d["decay_layers"]),
                    help="comma-separated layer names that get weight decay ('all' for every weight)")
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default=d["schedule"])
-    p.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"])
+    p.add_argument("--warmup-epochs", type=number(0), default=d["warmup_epochs"],
+                   help="epochs of linear warm-up of the learning rate, >= 0")
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d["device"])
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--seed", type=number(0, kind=int), default=d["seed"])
     p.add_argument("--out", default=d["out"], help="output directory (history.json, checkpoint.npz, model.npz)")
     p.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=positive_int, default=None, help="use only the first N test images")
-    p.add_argument("--resume", metavar="CKPT", default=None, help="continue from a checkpoint.npz")
-    p.add_argument("--reuse", choices=["off", "fixed", "schedule", "adaptive"], default="off",
-                   help="deep-reuse strategy for the conv/dense layers (default off: exact)")
+    if resume:
+        p.add_argument("--resume", metavar="CKPT", default=None,
+                       help="continue the run saved in a checkpoint.npz with its own settings; flags given "
+                            "with it may only change " + ", ".join(f"--{k.replace('_', '-')}" for k in
+                                                                  ("epochs", "data", "device", "graph", "out",
+                                                                   "limit_test")))
+    p.add_argument("--reuse", choices=["off", "fixed", "schedule", "adaptive"], default=reuse_default,
+                   help="deep-reuse strategy for the conv/dense layers (off: exact)")
     p.add_argument("--reuse-config", metavar="FILE", default=None,
                    help="JSON file: {\"layers\": {\"conv2\": {\"L\": 16, \"H\": 16} or [stages...]}, "
                         "\"options\": {...}}; without it, CifarNet defaults (docs/adaptive.md)")
     p.add_argument("--graph", choices=["auto", "on", "off"], default=d["graph"],
                    help="record the training step as a CUDA graph and replay it (auto: on the GPU when "
                         "every layer can be recorded; docs/speed.md)")
-    p.add_argument("--no-download", dest="download", action="store_false")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="never download CIFAR-10 when it is missing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -85,9 +128,40 @@ def train_config(a):
     return cfg
 
 
+def given_flags(argv):
+    """The train settings that argv names explicitly (dests), by parsing it again with every
+    default suppressed."""
+    parser = build_parser()
+    for action in _subparser(parser, "train")._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _subparser(parser, name):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def resumed_config(a, argv):
+    """The checkpoint's settings, with the flags given explicitly on top (Trainer.resume
+    refuses those that contradict it, except Trainer.SAFE_TO_CHANGE)."""
+    from .train import Trainer, checkpoint_config
+    saved = {k: v for k, v in checkpoint_config(a.resume).items() if k in Trainer.DEFAULTS}
+    cfg = train_config(a)
+    given = given_flags(argv)
+    if "decay_layers" in cfg and "decay_layers" not in given:
+        given.discard("decay_layers")
+    explicit = {k: v for k, v in cfg.items() if k in given or (k in ("reuse_layers", "reuse_options")
+                                                              and "reuse_config" in given)}
+    return {**saved, **explicit}
+
+
 def cmd_train(a):
     from .train import Trainer
-    trainer = Trainer(train_config(a), quiet=a.quiet)
+    cfg = resumed_config(a, a.argv) if a.resume else train_config(a)
+    trainer = Trainer(cfg, quiet=a.quiet)
     if a.resume:
         meta = trainer.resume(a.resume)
         print(f"resuming from {a.resume}: epoch {meta['epoch'] + 1}, step {meta['step']}", file=sys.stderr)
@@ -107,8 +181,6 @@ def cmd_compare(a):
     from . import compare
     if a.reuse == "off":
         raise ValueError("compare needs a reuse strategy: --reuse fixed, schedule or adaptive")
-    if a.resume:
-        raise ValueError("compare starts both runs afresh; --resume is for train")
     cfg = train_config(a)
     _, _, table = compare.run(cfg, a.reuse, quiet=a.quiet)
     print(table)
@@ -119,9 +191,6 @@ def cmd_parity(a):
     from . import parity
     if a.reuse == "off":
         raise ValueError("parity needs a reuse strategy: --reuse fixed, schedule or adaptive")
-    if a.resume:
-        raise ValueError("parity resumes its own runs (from OUT/seedS/{exact,reuse}/checkpoint.npz); "
-                         "--resume is for train")
     if a.seed is not None:
         raise ValueError("parity trains one pair of runs per seed of --seeds; --seed is for train and compare")
     cfg = train_config(a)
@@ -140,24 +209,27 @@ def cmd_summary(a):
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m minireuse",
                                      description="minireuse: deep learning with adaptive deep reuse")
+    parser.add_argument("--version", action="version", version=f"minireuse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a model on CIFAR-10")
+    p = sub.add_parser("train", help="train a model on CIFAR-10", formatter_class=Formatter)
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("compare", help="train exact and with reuse from the same seed; print a table")
-    add_train_arguments(p)
-    p.set_defaults(func=cmd_compare, reuse="adaptive", out="runs/compare")
+    p = sub.add_parser("compare", help="train exact and with reuse from the same seed; print a table",
+                       formatter_class=Formatter)
+    add_train_arguments(p, resume=False, reuse_default="adaptive")
+    p.set_defaults(func=cmd_compare, out="runs/compare")
     p = sub.add_parser("parity", help="exact and reuse runs over several seeds: accuracy differences "
-                       "with their spread, and the time ratios (resumable)")
-    add_train_arguments(p)
+                       "with their spread, and the time ratios (resumable)", formatter_class=Formatter)
+    add_train_arguments(p, resume=False, reuse_default="adaptive")
     p.add_argument("--seeds", type=seed_list, default="0,1,2",
                    help="comma-separated distinct non-negative seeds, one exact and one reuse run each "
                         "(default 0,1,2)")
     p.add_argument("--exact-from", metavar="DIR", default=None,
                    help="take each seed's exact run from DIR/seedS/exact (an earlier parity OUT) "
                         "instead of training it")
-    p.set_defaults(func=cmd_parity, reuse="adaptive", out="runs/parity", seed=None)
-    p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts")
+    p.set_defaults(func=cmd_parity, out="runs/parity", seed=None)
+    p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts",
+                       formatter_class=Formatter)
     p.add_argument("--model", default="cifarnet", choices=["cifarnet"])
     p.set_defaults(func=cmd_summary)
     from . import bench
@@ -183,16 +255,19 @@ def parse(argv):
 
 
 def main(argv=None):
-    a = parse(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse(argv)
+    a.argv = argv
     from .backend import BackendMismatchError, DeviceError
     from .data import CorruptDataError, DataNotFoundError
     from .graph import GraphError
+    from .outdir import OutputError
     from .train import TrainingError
-    user_errors = (DataNotFoundError, CorruptDataError, GraphError)
+    user_errors = (DataNotFoundError, CorruptDataError, GraphError, OutputError)
     try:
         return a.func(a)
     except KeyboardInterrupt as e:
-        print(f"\n{e or 'interrupted'}", file=sys.stderr)
+        print(f"\n{e or 'interrupted before training started: nothing was saved'}", file=sys.stderr)
         return 130
     except user_errors + (DeviceError, TrainingError, BackendMismatchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

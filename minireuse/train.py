@@ -30,6 +30,7 @@ from .losses import SoftmaxCrossEntropy
 from .fileio import atomic_savez, atomic_write_json
 from .models import MODELS
 from .optim import SGD, Adam, make_schedule
+from .outdir import OutLock, OutputError, check_unlocked, check_writable
 from .reuse.adaptive import make_strategy, stage_errors
 from .timing import LayerTimer
 
@@ -44,6 +45,20 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, bad checkpoint, ...)."""
 
 
+def check_number(name, value, low=None, high=None, open_low=False, open_high=False):
+    """Raise ValueError unless value is a finite number in its range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if open_low else value >= low
+    if ok and high is not None:
+        ok = value < high if open_high else value <= high
+    if not ok:
+        lo = "" if low is None else ("(" if open_low else "[") + str(low)
+        hi = "" if high is None else str(high) + (")" if open_high else "]")
+        rng = f"in {lo}, {hi}" if lo and hi else (f"{'>' if open_low else '>='} {low}" if lo else f"<= {high}")
+        raise ValueError(f"{name} must be a finite number {rng}, got {value!r}")
+
+
 def build_optimizer(model, cfg):
     decay_layers = cfg.get("decay_layers")
     if cfg["optimizer"] == "sgd":
@@ -54,8 +69,11 @@ def build_optimizer(model, cfg):
     raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; expected sgd or adam")
 
 
-def save_checkpoint(path, model, opt, epoch, step, history, cfg, strategy=None):
-    """Parameters, optimizer state, position (epoch, step) and history in one .npz, atomically."""
+def save_checkpoint(path, model, opt, epoch, step, history, cfg, strategy=None, epoch_totals=None):
+    """Parameters, optimizer state, position (epoch, step) and history in one .npz, atomically.
+
+    epoch_totals: for a save inside an epoch, the sums of its steps so far
+    (loss_sum, correct, seen, seconds), so the resumed epoch reports all of them."""
     arrays = {f"param/{k}": v for k, v in model.state_dict().items()}
     opt_state = opt.state_dict()
     for key, slots in opt_state["state"].items():
@@ -63,24 +81,51 @@ def save_checkpoint(path, model, opt, epoch, step, history, cfg, strategy=None):
             arrays[f"opt/{key}/{slot}"] = v
     meta = {"epoch": epoch, "step": step, "opt_steps": opt_state["steps"], "lr": opt_state["lr"],
             "history": history, "config": cfg, "format": 1,
-            "strategy": strategy.state_dict() if strategy is not None else None}
+            "strategy": strategy.state_dict() if strategy is not None else None,
+            "epoch_totals": epoch_totals}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     atomic_savez(path, arrays)
 
 
-def load_checkpoint(path, model, opt):
-    """Restore model and optimizer from ``path``; returns its meta dict."""
+def read_checkpoint(path):
+    """(meta dict, {name: array}) of a checkpoint written by save_checkpoint; TrainingError otherwise."""
     if not os.path.exists(path):
         raise TrainingError(f"checkpoint {os.path.abspath(path)} does not exist")
     try:
         with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise ValueError("a single array")
             data = {k: f[k] for k in f.files}
     except Exception as e:
-        raise TrainingError(f"cannot read checkpoint {path}: {e}") from e
+        raise TrainingError(f"{path} is not a minireuse checkpoint (expected the checkpoint.npz that train "
+                            f"writes; could not read it as one: {type(e).__name__})") from e
     if "meta" not in data:
         raise TrainingError(f"{path} is not a minireuse training checkpoint (no meta record)")
-    meta = json.loads(bytes(data["meta"]).decode())
-    model.load_state_dict({k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")})
+    try:
+        meta = json.loads(bytes(data["meta"]).decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise TrainingError(f"{path} is not a minireuse training checkpoint (unreadable meta record)") from e
+    return meta, data
+
+
+def checkpoint_config(path):
+    """The training settings a checkpoint was saved with."""
+    return read_checkpoint(path)[0].get("config") or {}
+
+
+def load_checkpoint(path, model, opt):
+    """Restore model and optimizer from ``path``; returns its meta dict."""
+    meta, data = read_checkpoint(path)
+    params = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
+    own = [k for k, _, _ in model.named_parameters()]
+    saved_model = (meta.get("config") or {}).get("model", "?")
+    try:
+        model.load_state_dict(params)
+    except ValueError as e:
+        raise TrainingError(f"checkpoint {path} was saved for model {saved_model!r} with parameters "
+                            f"{', '.join(sorted(params)[:6])}{', ...' if len(params) > 6 else ''}; this run builds "
+                            f"{getattr(model, 'name', type(model).__name__)!r} with "
+                            f"{', '.join(sorted(own)[:6])}{', ...' if len(own) > 6 else ''} ({e})") from e
     state = {}
     for k, v in data.items():
         if k.startswith("opt/"):
@@ -88,6 +133,21 @@ def load_checkpoint(path, model, opt):
             state.setdefault(key, {})[slot] = v
     opt.load_state_dict({"steps": meta["opt_steps"], "lr": meta["lr"], "state": state})
     return meta
+
+
+def _json_value(v):
+    return json.loads(json.dumps(v))
+
+
+def resume_conflicts(saved, cfg):
+    """[(setting, saved value, given value)] where cfg changes what a resumed run must keep."""
+    out = []
+    for key in sorted(set(saved) & set(cfg)):
+        if key in Trainer.SAFE_TO_CHANGE:
+            continue
+        if _json_value(saved[key]) != _json_value(cfg[key]):
+            out.append((key, saved[key], cfg[key]))
+    return out
 
 
 def reseed_dropout(model, seed):
@@ -121,10 +181,14 @@ class StepTotals:
         return float(loss_sum), float(correct)
 
 
-def evaluate(model, loss_fn, iterator):
-    """Mean loss and accuracy over an iterator; accumulates on the device, reads back once."""
+def evaluate(model, loss_fn, iterator, stop=None):
+    """Mean loss and accuracy over an iterator; accumulates on the device, reads back once.
+
+    stop: checked before every batch; when it returns True, None is returned at once."""
     totals, n = StepTotals(backend.xp()), 0
     for xb, yb in iterator:
+        if stop is not None and stop():
+            return None
         logits = model.forward(xb, train=False)
         totals.add(loss_fn.forward(logits, yb), logits, yb)
         n += len(yb)
@@ -141,6 +205,8 @@ class Trainer:
                     augment=True, seed=0, out="runs/cifarnet", limit_train=None, limit_test=None,
                     device="auto", log_every=25, download=True,
                     reuse="off", reuse_layers=None, reuse_options=None, graph="off")
+    # what a resumed run may change: where things are, how long it goes on, how it executes
+    SAFE_TO_CHANGE = ("epochs", "data", "device", "graph", "download", "out", "limit_test", "log_every")
 
     def __init__(self, cfg, data=None, model=None, quiet=False):
         unknown = set(cfg) - set(self.DEFAULTS)
@@ -151,7 +217,12 @@ class Trainer:
         for key in ("epochs", "batch_size"):
             if not isinstance(c[key], int) or c[key] < 1:
                 raise ValueError(f"{key} must be a positive integer, got {c[key]!r}")
+        for key, low, high in (("lr", 0, None), ("momentum", 0, 1), ("weight_decay", 0, None),
+                               ("warmup_epochs", 0, None)):
+            check_number(key, c[key], low, high, open_low=key == "lr", open_high=key == "momentum")
         self.quiet = quiet
+        check_writable(c["out"])           # before any data is loaded or any step runs
+        check_unlocked(c["out"])
         self.device = backend.set_device(c["device"])
         from .graph import resolve_mode
         self.graph_mode = resolve_mode(c["graph"], self.device)
@@ -172,6 +243,7 @@ class Trainer:
         self._harms = []            # (reuse loss, exact loss) device scalars of this epoch's sampled steps
         self._graphs = None
         self._replays_before = 0    # graph replays before this epoch
+        self._resume_totals = None  # the sums of the resumed epoch's steps before the checkpoint
         self.totals = self.reader = None
 
     def _build_model(self):
@@ -195,12 +267,33 @@ class Trainer:
         return self.cfg["out"]
 
     def resume(self, path):
+        """Continue the run saved in ``path``. The settings must be the checkpoint's, except
+        SAFE_TO_CHANGE (e.g. more epochs); anything else that differs is refused, naming both
+        values (the CLI takes the checkpoint's settings unless a flag is given)."""
+        saved = checkpoint_config(path)
+        if saved.get("model", self.cfg["model"]) != self.cfg["model"]:
+            raise TrainingError(f"checkpoint {path} was saved for model {saved['model']!r}; this run builds "
+                                f"{self.cfg['model']!r}")
+        conflicts = resume_conflicts(saved, self.cfg)
+        if conflicts:
+            listed = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, a, b in conflicts)
+            raise TrainingError(f"cannot resume {path} with other settings ({listed}); resume with the "
+                                f"checkpoint's settings (only {', '.join(self.SAFE_TO_CHANGE)} may change) or "
+                                "start a new run with another --out")
         meta = load_checkpoint(path, self.model, self.opt)
+        steps = -(-len(self.data[0]) // self.cfg["batch_size"])
+        if not 0 <= meta["step"] <= steps:
+            raise TrainingError(f"checkpoint {path} is at step {meta['step']} of an epoch, but an epoch of this "
+                                f"run has {steps} steps (the training data changed?)")
+        if meta["epoch"] >= self.cfg["epochs"] and meta["step"] == 0:
+            raise TrainingError(f"checkpoint {path} is at the end of epoch {meta['epoch']}: nothing left to do "
+                                f"with --epochs {self.cfg['epochs']}; give more epochs to extend the run")
         if self.strategy is not None and meta.get("strategy"):
             self.strategy.load_state_dict(meta["strategy"])
             self.strategy.apply()
         self.history = meta["history"]
         self.start_epoch, self.start_step = meta["epoch"], meta["step"]
+        self._resume_totals = meta.get("epoch_totals") if meta["step"] > 0 else None
         return meta
 
     def _batches(self, x, y, train):
@@ -277,11 +370,46 @@ class Trainer:
         return lr
 
     def fit(self):
-        """Train from (start_epoch, start_step) to the last epoch. Returns the history list."""
+        """Train from (start_epoch, start_step) to the last epoch. Returns the history list.
+
+        The run holds OUT/.lock throughout. A first Ctrl-C (during a step, the evaluation or a
+        save) stops at the next safe point with a resumable checkpoint and KeyboardInterrupt
+        naming it; a second one stops at once and says what the last checkpoint is. A write
+        that fails (disk full) stops with TrainingError; the last good checkpoint stays."""
+        ckpt = os.path.join(self.out, CHECKPOINT)
+        with OutLock(self.out), InterruptFlag(lambda: self._resume_hint(ckpt)) as interrupted:
+            try:
+                return self._fit(ckpt, interrupted)
+            except OSError as e:
+                raise TrainingError(f"writing to {os.path.abspath(self.out)} failed ({e.strerror or e}); "
+                                    f"stopped. {self._resume_hint(ckpt)}") from e
+
+    def _resume_hint(self, ckpt):
+        """What a stopped run leaves to resume from, as a sentence."""
+        if os.path.exists(ckpt):
+            try:
+                meta = read_checkpoint(ckpt)[0]
+                where = (f"epoch {meta['epoch'] + 1}, step {meta['step']}" if meta["step"]
+                         else f"the end of epoch {meta['epoch']}")
+            except TrainingError:
+                where = "an unreadable state"
+            return (f"The last checkpoint is {os.path.abspath(ckpt)} ({where}): continue with "
+                    f"python -m minireuse train --resume {ckpt}")
+        return "Nothing was saved yet (no checkpoint): start the run again."
+
+    def _interrupt(self, ckpt, epoch, step, seen, t0, where):
+        loss_sum, correct = self.totals.read()
+        self._check_finite(loss_sum / max(seen, 1), epoch, step, ckpt)
+        totals = dict(loss_sum=loss_sum, correct=correct, seen=seen, seconds=time.perf_counter() - t0)
+        save_checkpoint(ckpt, self.model, self.opt, epoch, step + 1, self.history, self.cfg, self.strategy,
+                        epoch_totals=totals)
+        raise KeyboardInterrupt(
+            f"interrupted in epoch {epoch + 1} {where}; state saved to {os.path.abspath(ckpt)} "
+            f"(continue with python -m minireuse train --resume {ckpt})")
+
+    def _fit(self, ckpt, interrupted):
         c = self.cfg
         xtr, ytr, xte, yte = self.data
-        os.makedirs(self.out, exist_ok=True)
-        ckpt = os.path.join(self.out, CHECKPOINT)
         train_iter = self._batches(xtr, ytr, train=True)
         test_iter = self._batches(xte, yte, train=False)
         steps = len(train_iter)
@@ -295,12 +423,17 @@ class Trainer:
             self.reader.clear()
             self._harms = []
             self._replays_before = self._graphs.replays if self._graphs is not None else 0
-            seen = 0
-            t0 = time.perf_counter()
+            seen, earlier_s = 0, 0.0
+            if start > 0 and self._resume_totals:        # the steps of this epoch before the checkpoint
+                r = self._resume_totals
+                self.totals.sums[...] = backend.xp().asarray([r["loss_sum"], r["correct"]], dtype=np.float64)
+                seen, earlier_s = int(r["seen"]), float(r["seconds"])
+            self._resume_totals = None
+            t0 = time.perf_counter() - earlier_s
             bar = tqdm(it, total=steps, initial=start, desc=f"epoch {epoch + 1}/{c['epochs']}", unit="batch",
                        disable=self.quiet, leave=True, dynamic_ncols=True)
             step = start - 1
-            with self.stream(), InterruptFlag() as interrupted:
+            with self.stream():
                 for step, (xb, yb) in enumerate(bar, start=start):
                     lr = self.run_step(xb, yb, epoch, step, steps)
                     seen += len(yb)
@@ -310,17 +443,16 @@ class Trainer:
                         self._show_progress(bar, epoch, lr, seen, t0, ckpt)
                     if interrupted:
                         bar.close()
-                        loss_sum, _ = self.totals.read()
-                        self._check_finite(loss_sum / seen, epoch, step, ckpt)
-                        save_checkpoint(ckpt, self.model, self.opt, epoch, step + 1, self.history, c, self.strategy)
-                        raise KeyboardInterrupt(
-                            f"interrupted in epoch {epoch + 1} after step {step + 1}; state saved to "
-                            f"{os.path.abspath(ckpt)} (continue with --resume {ckpt})")
+                        self._interrupt(ckpt, epoch, step, seen, t0, f"after step {step + 1}")
                 bar.close()
                 loss_sum, correct = self.totals.read()   # the one wait of the epoch
                 seconds = time.perf_counter() - t0
                 self._check_finite(loss_sum / max(seen, 1), epoch, step, ckpt)
-                test_loss, test_acc = evaluate(self.model, self.loss_fn, test_iter)
+                lr = self.schedule(epoch + (steps - 1) / steps) if start >= steps else lr
+                evaluated = evaluate(self.model, self.loss_fn, test_iter, stop=lambda: bool(interrupted))
+                if evaluated is None:    # Ctrl-C during the evaluation: the epoch's steps are kept
+                    self._interrupt(ckpt, epoch, steps - 1, seen, t0, "during its evaluation")
+                test_loss, test_acc = evaluated
             record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1),
                           train_acc=correct / max(seen, 1), test_loss=test_loss, test_acc=test_acc,
                           lr=lr, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
@@ -341,6 +473,10 @@ class Trainer:
                 tqdm.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
                            f"test loss {test_loss:.4f} acc {test_acc:.4f} | {seconds:.1f} s, "
                            f"{record['images_per_s']:.0f} img/s")
+            if interrupted and epoch + 1 < c["epochs"]:
+                raise KeyboardInterrupt(f"interrupted after epoch {epoch + 1}; state saved to "
+                                        f"{os.path.abspath(ckpt)} (continue with python -m minireuse train "
+                                        f"--resume {ckpt})")
         self.model.save(os.path.join(self.out, "model.npz"))
         return self.history
 
@@ -459,9 +595,13 @@ class Trainer:
     @staticmethod
     def _check_finite(mean_loss, epoch, step, ckpt):
         if not math.isfinite(mean_loss):
-            raise TrainingError(
-                f"non-finite training loss ({mean_loss}) in epoch {epoch + 1} by step {step + 1}; stopped. "
-                f"The last good checkpoint is {os.path.abspath(ckpt)} (lower --lr and --resume from it).")
+            where = f"non-finite training loss ({mean_loss}) in epoch {epoch + 1} by step {step + 1}; stopped."
+            if os.path.exists(ckpt):
+                raise TrainingError(f"{where} The last good checkpoint is {os.path.abspath(ckpt)} (its settings "
+                                    "are kept on resume: start a new run with a lower --lr, or resume it as "
+                                    "it is).")
+            raise TrainingError(f"{where} Nothing to resume from (no checkpoint yet): lower --lr and start "
+                                "again.")
 
     def write_history(self):
         settings = {k: v for k, v in self.cfg.items()}
@@ -471,17 +611,20 @@ class Trainer:
 
 class InterruptFlag:
     """Within the block, a first Ctrl-C only sets the flag (the loop saves and stops
-    at the end of the current step); a second one interrupts at once."""
+    at the next safe point); a second one interrupts at once, with ``hint()`` (what is
+    left to resume from) as its message."""
 
-    def __init__(self):
+    def __init__(self, hint=None):
         self.set = False
+        self.hint = hint
 
     def __bool__(self):
         return self.set
 
     def _handler(self, signum, frame):
         if self.set:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("interrupted again: stopped at once without saving. "
+                                    + (self.hint() if self.hint else ""))
         self.set = True
 
     def __enter__(self):
