@@ -1,7 +1,7 @@
 """The CUDA sources compile for the GPUs we target, without register spills.
 
 Runs on machines without a GPU: nvcc alone (skipped when it is missing). Also
-checks, without any CUDA, that cuda.py imports, names only kernels that exist
+checks, without any CUDA, that the cuda package imports, names only kernels that exist
 and validates launch arguments against the kernels' signatures.
 """
 import glob

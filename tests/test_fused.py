@@ -1,9 +1,9 @@
 """Fused kernels (minireuse.fused) against their twins, the layers' and optimizers' array code.
 
 Each test body runs twice: on the GPU (CuPy arrays, the real kernels), and on the
-kernels' host build (the same CUDA source compiled as C++ with one thread, fed
-NumPy arrays through the same argument marshalling), so the index arithmetic is
-checked on machines without a GPU too. Data is asymmetric and random, with ties
+kernels' host build (the same CUDA source run by minireuse.runtime's host runner:
+blocks of real threads, fed NumPy arrays through the launch the GPU uses), so the
+kernels are checked on machines without a GPU too. Data is asymmetric and random, with ties
 where ties matter (pooling, argmax).
 """
 import shutil

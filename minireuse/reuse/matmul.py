@@ -60,7 +60,8 @@ def cuda_unsupported(config):
 
 
 def resolve_impl(config, *arrays):
-    """'cuda' or 'reference' for these arrays under config.impl (the CPU never imports cuda.py).
+    """'cuda' or 'reference' for these arrays under config.impl (NumPy arrays import the fast path only
+    for impl 'cuda').
 
     'auto' picks the CUDA kernels for float32 CuPy arrays when minireuse.reuse.cuda
     imports and implements config, the reference path otherwise (NumPy, other

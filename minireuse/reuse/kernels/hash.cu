@@ -143,7 +143,7 @@ __device__ __forceinline__ void hash_rows_impl(
     }
 }
 
-// The three compiled bit widths (cuda.py picks the smallest that holds H).
+// The three compiled bit widths (cuda/runtime.py hash_bits_bucket picks the smallest that holds H).
 extern "C" __global__ void __launch_bounds__(128)
 hash_rows_h8(const float* __restrict__ x, int rows, int K, int L, int G,
              int hp, int wp, int h, int w, int top, int left,

@@ -1,5 +1,5 @@
-// Shared by every kernel of the deep-reuse fast path (minireuse/reuse/cuda.py).
-// cuda.py pastes this file in place of the #include line, so NVRTC needs no
+// Shared by every kernel of the deep-reuse fast path (minireuse/reuse/cuda/).
+// cuda/runtime.py pastes this file in place of the #include line, so NVRTC needs no
 // include path and the compile cache key covers it; nvcc (tests) uses -I.
 #ifndef MINIREUSE_REUSE_COMMON_CUH
 #define MINIREUSE_REUSE_COMMON_CUH
@@ -9,7 +9,7 @@
 #define REUSE_EMPTY_KEY 0xFFFFFFFFFFFFFFFFull
 
 // Layout of the small per-call statistics vector (int32), read by the host one
-// call later (see cuda.py, CapacityTracker).
+// call later (see cuda/runtime.py, CapacityTracker).
 #define STAT_MAX_DISTINCT 0   // max over groups of the distinct codes seen
 #define STAT_SUM_DISTINCT 1   // sum over groups of the distinct codes seen
 #define STAT_OVERFLOW 2       // (row, group) pairs computed exactly: cluster beyond capacity
@@ -21,7 +21,7 @@
 // borders) often fall into the same cluster: the thread merges them in
 // registers, one atomic (or one gathered load) per run of equal ids instead
 // of one per row. 4 keeps the run kernels near 64-80 registers (8: up to 128).
-// Must match cuda.RUN.
+// Must match cuda/runtime.py RUN.
 #define REUSE_RUN 4
 
 // A "row" of the hashing and accumulation passes is either a row of X (N, K)
