@@ -1,5 +1,28 @@
 # minireuse: common tasks. PYTHON picks the interpreter; DATA the CIFAR-10 directory.
-PYTHON ?= python3
+#
+# The interpreter: PYTHON=... when given; else, inside an active virtual environment
+# ($VIRTUAL_ENV set), its python3, as it is (`make cifar` pip-installs into it, `make
+# test` does not); else the project's own virtual environment .venv, created with
+# $(VENV_PYTHON) on first use and `pip install -e '.[test]'`-ed only when that install
+# is missing or setup.cfg / pyproject.toml is newer than it (the stamp .venv/.installed).
+VENV ?= .venv
+VENV_PYTHON ?= python3
+ifeq ($(origin PYTHON),undefined)
+ifdef VIRTUAL_ENV
+PYTHON := python3
+else
+PYTHON := $(VENV)/bin/python
+OWN_VENV := 1
+endif
+endif
+ifdef OWN_VENV
+INSTALLED := $(VENV)/.installed
+# an install removed since the stamp (pip uninstall) counts as missing
+INSTALL_GONE := $(if $(wildcard $(VENV)/lib/python*/site-packages/minireuse-*.dist-info),,reinstall-missing)
+else
+INSTALLED := install
+endif
+TESTS ?= tests
 DATA ?= data
 OUT ?= runs/cifarnet
 EPOCHS ?= 30
@@ -7,38 +30,57 @@ DEVICE ?= auto
 SHARED_CIFAR ?= ../shared/data/make_cifar10.py
 REUSE ?= adaptive
 TRAIN_FLAGS ?=
+# RESUME=1: continue the interrupted run in OUT (its checkpoint keeps its settings)
+RESUME ?=
+RESUME_FLAG = $(if $(RESUME),--resume $(OUT)/checkpoint.npz)
 # the accuracy-parity protocol's budget (docs/adaptive.md): a CPU session's worth
 PARITY_FLAGS ?= --seeds 0,1,2 --epochs 8 --limit-train 5000
 
 .PHONY: install test cifar cifar-exact bench parity data gpu-check clean
 
+ifdef OWN_VENV
+install: $(INSTALLED)
+
+$(VENV)/bin/python:
+	@echo "creating the virtual environment $(VENV) (PYTHON=... or an active one to use another)"
+	$(VENV_PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "could not create $(VENV) with $(VENV_PYTHON) -m venv"; exit 1; }
+	$@ -m pip install -q --upgrade pip || { rm -rf $(VENV); echo "could not upgrade pip in $(VENV)"; exit 1; }
+
+$(INSTALLED): setup.cfg pyproject.toml $(INSTALL_GONE) | $(VENV)/bin/python
+	$(PYTHON) -m pip install -q -e '.[test]'
+	@touch $@
+
+.PHONY: reinstall-missing
+reinstall-missing:
+else
 install:
 	$(PYTHON) -m pip install -q -e '.[test]'
+endif
 
-test:
-	$(PYTHON) -m pytest -q tests
+test: $(if $(OWN_VENV),$(INSTALLED))
+	$(PYTHON) -m pytest -q $(TESTS)
 
 # Builds the official CIFAR-10 layout from this repository's shared JPEG copy when
 # the data is missing and that copy exists; elsewhere the loader downloads it.
-data:
+data: $(if $(OWN_VENV),| $(VENV)/bin/python)
 	@if [ ! -d "$(DATA)/cifar-10-batches-py" ] && [ ! -f "$(DATA)/cifar-10-python.tar.gz" ] && [ -f "$(SHARED_CIFAR)" ]; then \
 		$(PYTHON) -m pip install -q pillow && $(PYTHON) $(SHARED_CIFAR) $(DATA); fi
 
-cifar: install data
+cifar: $(INSTALLED) data
 	$(PYTHON) -m minireuse train --model cifarnet --data $(DATA) --epochs $(EPOCHS) --device $(DEVICE) \
-		--out $(OUT) --reuse $(REUSE) $(TRAIN_FLAGS)
+		--out $(OUT) --reuse $(REUSE) $(TRAIN_FLAGS) $(RESUME_FLAG)
 
 # the same recipe with every layer exact
-cifar-exact: install data
+cifar-exact: $(INSTALLED) data
 	$(PYTHON) -m minireuse train --model cifarnet --data $(DATA) --epochs $(EPOCHS) --device $(DEVICE) \
 		--out $(OUT)-exact --reuse off $(TRAIN_FLAGS)
 
 # exact and reuse on each seed; differences as mean +- spread (OUT-parity/parity.json)
-parity: install data
+parity: $(INSTALLED) data
 	$(PYTHON) -m minireuse parity --data $(DATA) --device $(DEVICE) --out $(OUT)-parity --reuse $(REUSE) \
 		$(PARITY_FLAGS) $(TRAIN_FLAGS)
 
-bench: install
+bench: $(INSTALLED)
 	$(PYTHON) -m minireuse bench --data $(DATA) --json bench.json
 
 gpu-check:

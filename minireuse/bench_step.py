@@ -16,13 +16,16 @@ loads, else a fixed random fixture, and the report says which), cycled. Rows:
     minireuse reuse + graph    (GPU only; reported as not capturable when its
                                implementation is not)
     pytorch eager              the same network in PyTorch (cuDNN on the GPU, all
-                               CPU threads on the CPU) when ``import torch`` works
+                               CPU threads on the CPU) when ``import torch`` works;
+                               PyTorch is optional (pip install -e '.[compare]'):
+                               without it the row says it was skipped and why
     data pipeline              BatchIterator's gather + crop/flip + normalise, per batch
 
 Each time is the median of --steps steps after --warmup steps (CUDA events on the
 GPU, perf_counter on the CPU), also given as seconds per 50,000-image epoch and as
 ratios against PyTorch and against minireuse exact eager, all from the same run.
 """
+import importlib.util
 import json
 import math
 import os
@@ -35,6 +38,8 @@ from . import backend
 from .bench import git_commit
 
 EPOCH_IMAGES = 50_000
+# how to get the PyTorch row: the optional extra of setup.cfg, or torch itself
+TORCH_INSTALL_HINT = "pip install -e '.[compare]' (or pip install torch)"
 
 
 def add_arguments(parser):
@@ -252,6 +257,26 @@ def time_torch(batches, steps, warmup, gpu, threads):
     return dict(summary(times), implementation=impl)
 
 
+def skipped_row(name, reason):
+    """A row that was not timed: ``ms`` None, ``skipped`` True and the reason."""
+    return dict(name=name, ms=None, skipped=True, reason=reason, note=f"skipped: {reason}")
+
+
+def pytorch_row(batches, steps, warmup, gpu, threads, say):
+    """The PyTorch row: timed when torch imports (and sees the device), else skipped with the reason."""
+    name = "pytorch eager"
+    if importlib.util.find_spec("torch") is None:
+        return skipped_row(name, f"PyTorch is not installed; for this row: {TORCH_INSTALL_HINT}")
+    say("timing pytorch eager ...")
+    try:
+        return dict(name=name, **time_torch(batches, steps, warmup, gpu, threads))
+    except ImportError as e:
+        return skipped_row(name, f"torch is installed but does not import ({e}); "
+                                 f"reinstall it: {TORCH_INSTALL_HINT}")
+    except RuntimeError as e:
+        return skipped_row(name, str(e))
+
+
 # ---------------------------------------------------------------- the report
 
 def reuse_label(layers):
@@ -263,12 +288,14 @@ def reuse_label(layers):
 def format_table(report):
     rows = report["rows"]
     exact = next((r for r in rows if r["name"] == "minireuse exact"), None)
-    torch_row = next((r for r in rows if r["name"].startswith("pytorch")), None)
+    # a skipped PyTorch row (ms None) gives no 'vs pytorch' ratios
+    torch_row = next((r for r in rows if r["name"].startswith("pytorch") and r.get("ms") is not None), None)
     head = ["step", "implementation", "ms/step", "p10-p90", "s/epoch", "vs pytorch", "vs exact"]
     body = []
     for r in rows:
-        if r.get("ms") is None:
-            body.append([r["name"], r.get("note", ""), "-", "-", "-", "-", "-"])
+        if r.get("ms") is None:     # not timed: a skipped row's reason is printed under the table
+            body.append([r["name"], "skipped (see below)" if r.get("skipped") else r.get("note", ""),
+                         "-", "-", "-", "-", "-"])
             continue
         is_data = r["name"] == "data pipeline"
         body.append([r["name"], r["implementation"] + (f" [{r['note']}]" if r.get("note") else ""),
@@ -279,6 +306,7 @@ def format_table(report):
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in [head] + body]
     lines.insert(1, "-" * len(lines[0]))
+    lines += [f"{r['name']}: skipped: {r['reason']}" for r in rows if r.get("skipped")]
     notes = [f"device: {report['device']}   commit: {report['commit']}",
              f"data: {report['data']}",
              f"batch {report['batch']}, median of {report['steps']} steps after {report['warmup']} warm-up steps; "
@@ -332,21 +360,16 @@ def run_step_bench(args):
         say(f"timing {name} ...")
         rows.append(dict(name=name, **time_minireuse(batches, cfg, steps, warmup, gpu)))
     if args.torch != "off":
-        say("timing pytorch eager ...")
-        try:
-            rows.append(dict(name="pytorch eager", **time_torch(batches, steps, warmup, gpu, args.threads)))
-        except ImportError as e:
-            rows.append(dict(name="pytorch eager", ms=None, note=f"not timed: torch does not import ({e})"))
-        except RuntimeError as e:
-            rows.append(dict(name="pytorch eager", ms=None, note=f"not timed: {e}"))
+        rows.append(pytorch_row(batches, steps, warmup, gpu, args.threads, say))
     say("timing the data pipeline ...")
     rows.append(dict(name="data pipeline", **time_data_pipeline(iterator, steps, warmup, gpu)))
     per_epoch = math.ceil(EPOCH_IMAGES / args.batch)
     for r in rows:
         if r.get("ms") is not None:
             r["epoch_s"] = r["ms"] * per_epoch / 1e3
+    skipped = {r["name"]: r["reason"] for r in rows if r.get("skipped")}
     return dict(device=backend.describe_device(), commit=git_commit(), data=source, batch=args.batch,
-                steps=steps, warmup=warmup, steps_per_epoch=per_epoch, rows=rows)
+                steps=steps, warmup=warmup, steps_per_epoch=per_epoch, rows=rows, skipped=skipped)
 
 
 def run(args):

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check: every test (GPU ones included), the layer bench, and per-kernel
 # times of conv2 (with cuDNN for a ratio when PyTorch imports), and the whole
-# training step against PyTorch eager; writes
+# training step against PyTorch eager (PyTorch is optional: pip install -e '.[compare]';
+# without it the step stage still times every minireuse row and its table says the
+# PyTorch row was skipped and why); writes
 # $OUT_DIR/<date>-<device>.md and .json with the device name, the commit and the numbers.
 #
 #   bash scripts/gpu_check.sh            (make gpu-check)

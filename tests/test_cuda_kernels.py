@@ -20,7 +20,7 @@ import pytest
 
 from minireuse import backend, runtime
 from minireuse.layers.conv import im2col as ref_im2col
-from minireuse.reuse import ReuseConfig, ReuseState, clustering, lsh
+from minireuse.reuse import ReuseConfig, ReuseState, clustering, conv2d_backward, conv2d_forward, lsh
 from minireuse.reuse import conv as ref_conv
 from minireuse.reuse import cuda
 from minireuse.reuse import matmul as ref_matmul
@@ -451,7 +451,7 @@ CONV_CASES = [
 def test_conv_forward_backward(xp, path, fields, geometry, dx_mode):
     config = ReuseConfig(dx_mode=dx_mode, seed=4, **fields)
     (x, W, b, dy), stride, pads = _conv_data(config, **geometry)
-    want_y, want_cache = ref_conv.conv2d_forward(x, W, b, stride, pads, config, ReuseState())
+    want_y, want_cache = conv2d_forward(x, W, b, stride, pads, config, ReuseState())
     state = ReuseState()
     y, cache = cuda.cuda_reuse_conv_forward(dev(xp, x), dev(xp, W), None if b is None else dev(xp, b),
                                             stride, pads, config, state)
@@ -461,7 +461,7 @@ def test_conv_forward_backward(xp, path, fields, geometry, dx_mode):
     want_ids = want_cache[1].pixel_ids if path == "pixel" else want_cache[1][4].ids
     assert same_partition(ids, want_ids)
     _check_grads(cuda.cuda_reuse_conv_backward(dev(xp, dy), cache),
-                 ref_conv.conv2d_backward(dy, want_cache), f"{path} conv")
+                 conv2d_backward(dy, want_cache), f"{path} conv")
 
 
 def _force_capacity(state, key, rows, H, capacity):
@@ -517,7 +517,7 @@ def test_conv_overflow_is_exact(xp, path, dx_mode):
         want_cache = ("general", (x.shape, W.shape, stride, pads, inner))
     close(y, want_y, f"{path} overflow y")
     _check_grads(cuda.cuda_reuse_conv_backward(dev(xp, dy), cache),
-                 ref_conv.conv2d_backward(dy, want_cache), f"{path} overflow")
+                 conv2d_backward(dy, want_cache), f"{path} overflow")
 
 
 def test_capacity_grows_after_overflow(xp):
@@ -605,11 +605,11 @@ def _conv_case(xp, config, **geometry):
 
 def _check_conv_against_reference(xp, config, data, stride, pads, on_device, what):
     x, W, b, dy = data
-    want_y, want_cache = ref_conv.conv2d_forward(x, W, b, stride, pads, config, ReuseState())
+    want_y, want_cache = conv2d_forward(x, W, b, stride, pads, config, ReuseState())
     y, cache = cuda.cuda_reuse_conv_forward(*on_device[:3], stride, pads, config, ReuseState())
     close(y, want_y, f"{what} y")
     _check_grads(cuda.cuda_reuse_conv_backward(on_device[3], cache),
-                 ref_conv.conv2d_backward(dy, want_cache), what)
+                 conv2d_backward(dy, want_cache), what)
 
 
 @pytest.mark.slow
@@ -623,10 +623,10 @@ def test_production_setting_against_the_reference(xp, dx_mode):
     state = ReuseState()
     y, cache = cuda.cuda_reuse_conv_forward(dev(xp, x), dev(xp, W), dev(xp, b), stride, pads, config, state)
     assert cache.kind == "pixel"
-    want_y, want_cache = ref_conv.conv2d_forward(x, W, b, stride, pads, config, ReuseState())
+    want_y, want_cache = conv2d_forward(x, W, b, stride, pads, config, ReuseState())
     close(y, want_y, "y")
     assert same_partition(cache.ids, want_cache[1].pixel_ids)
-    _check_grads(cuda.cuda_reuse_conv_backward(dev(xp, dy), cache), ref_conv.conv2d_backward(dy, want_cache),
+    _check_grads(cuda.cuda_reuse_conv_backward(dev(xp, dy), cache), conv2d_backward(dy, want_cache),
                  "production conv", scaled=True)
 
 
@@ -685,7 +685,7 @@ def test_measure_error_matches_the_reference(xp):
     config = ReuseConfig(L=4, H=8, seed=4, measure_error=True)
     data, stride, pads, on_device = _conv_case(xp, config)
     ref_state, state = ReuseState(), ReuseState()
-    ref_conv.conv2d_forward(*data[:3], stride, pads, config, ref_state)
+    conv2d_forward(*data[:3], stride, pads, config, ref_state)
     cuda.cuda_reuse_conv_forward(*on_device[:3], stride, pads, config, state)
     err = float(host(state.last["rel_error"]))
     assert 0 < err < 1
@@ -717,7 +717,7 @@ def test_pixel_overflow_with_stride_two(xp, dx_mode):
     want_y, inner = ref_conv.pixel_conv_forward_assigned(x, W, b, stride, pads, ids, n_clusters, 4, dx_mode)
     close(y, want_y, "stride-2 overflow y")
     _check_grads(cuda.cuda_reuse_conv_backward(dev(xp, dy), cache),
-                 ref_conv.conv2d_backward(dy, ("pixel", inner)), "stride-2 overflow")
+                 conv2d_backward(dy, ("pixel", inner)), "stride-2 overflow")
 
 
 def test_full_tables_compute_their_rows_exactly(xp, monkeypatch):

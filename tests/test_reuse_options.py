@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minireuse import backend, bench
-from minireuse.reuse import ReuseConfig, ReuseState, dense_forward, matmul
+from minireuse.reuse import ReuseConfig, ReuseState, dense_forward, dispatch
 
 
 @pytest.mark.parametrize("field, value", [("H", 65), ("H", 0), ("family", "centered"),
@@ -26,9 +26,9 @@ def test_new_values_are_accepted_and_the_defaults_unchanged():
 
 
 def test_cuda_unsupported_names_every_option_the_kernels_lack():
-    assert matmul.cuda_unsupported(ReuseConfig(H=32, family="offset", dx_mode="cluster")) == []
-    assert matmul.cuda_unsupported(ReuseConfig(family="origin", measure_error=True)) == []
-    names = matmul.cuda_unsupported(ReuseConfig(H=33, family="centred", forward="exact"))
+    assert dispatch.cuda_unsupported(ReuseConfig(H=32, family="offset", dx_mode="cluster")) == []
+    assert dispatch.cuda_unsupported(ReuseConfig(family="origin", measure_error=True)) == []
+    names = dispatch.cuda_unsupported(ReuseConfig(H=33, family="centred", forward="exact"))
     assert len(names) == 3
     assert "H=33" in names[0] and "centred" in names[1] and "forward 'exact'" in names[2]
 
@@ -37,19 +37,19 @@ def test_cuda_unsupported_names_every_option_the_kernels_lack():
 def fake_cupy(monkeypatch):
     """resolve_impl sees a non-NumPy array module and a CUDA module that imported."""
     monkeypatch.setattr(backend, "get_array_module", lambda *arrays: types.SimpleNamespace(__name__="fake"))
-    monkeypatch.setattr(matmul, "_cuda_import", {"module": object(), "error": None})
+    monkeypatch.setattr(dispatch, "_cuda_import", {"module": object(), "error": None})
 
 
 @pytest.mark.parametrize("option", [dict(H=40), dict(family="centred"), dict(forward="exact")])
 def test_auto_runs_the_reference_path_for_what_the_kernels_lack_and_cuda_refuses(fake_cupy, option):
     x = np.ones((2, 3), dtype=np.float32)
-    assert matmul.resolve_impl(ReuseConfig(), x) == "cuda"
-    assert matmul.resolve_impl(ReuseConfig(**option), x) == "reference"
-    assert matmul.resolve_impl(ReuseConfig(impl="reference", **option), x) == "reference"
+    assert dispatch.resolve_impl(ReuseConfig(), x) == "cuda"
+    assert dispatch.resolve_impl(ReuseConfig(**option), x) == "reference"
+    assert dispatch.resolve_impl(ReuseConfig(impl="reference", **option), x) == "reference"
     with pytest.raises(ValueError, match=r"CUDA kernels do not implement yet; use impl 'auto' or "
                                          r"'reference'") as error:
-        matmul.resolve_impl(ReuseConfig(impl="cuda", **option), x)
-    assert matmul.cuda_unsupported(ReuseConfig(**option))[0] in str(error.value)
+        dispatch.resolve_impl(ReuseConfig(impl="cuda", **option), x)
+    assert dispatch.cuda_unsupported(ReuseConfig(**option))[0] in str(error.value)
 
 
 @pytest.mark.parametrize("option", [dict(H=40), dict(family="centred"), dict(forward="exact")])

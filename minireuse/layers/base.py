@@ -8,6 +8,7 @@ backward calls in reverse order.
 import numpy as np
 
 from .. import backend
+from ..reuse.config import ReuseConfig, ReuseState
 
 
 class Layer:
@@ -64,10 +65,9 @@ class ReusableLayer(Layer):
         if reuse is None or reuse is False:
             self.reuse = None
             return
-        from .. import reuse as reuse_mod
-        self.reuse = reuse_mod.ReuseConfig.coerce(reuse)
+        self.reuse = ReuseConfig.coerce(reuse)
         if self.reuse_state is None:
-            self.reuse_state = reuse_mod.ReuseState()
+            self.reuse_state = ReuseState()
 
     def reuse_active(self):
         return self.reuse is not None and self.reuse.enabled

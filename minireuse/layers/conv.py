@@ -8,74 +8,10 @@ product of ``minireuse.reuse`` (same layer, same parameters).
 import numpy as np
 
 from .. import backend
+from .. import reuse as deep_reuse
+from ..conv_geometry import col2im, conv_padding, im2col, pad_nhwc  # noqa: F401 (the layer API names them)
 from .base import ReusableLayer, default_dtype
 from .init import resolve
-
-
-def conv_padding(padding, size, k, stride):
-    """(before, after, out) along one spatial axis for 'same', 'valid' or an int.
-
-    'same' follows TensorFlow: out = ceil(size / stride), the extra pad goes after.
-    """
-    if padding == "same":
-        out = -(-size // stride)
-        total = max((out - 1) * stride + k - size, 0)
-        return total // 2, total - total // 2, out
-    if padding == "valid":
-        pad = 0
-    elif isinstance(padding, (int, np.integer)) and padding >= 0:
-        pad = int(padding)
-    else:
-        raise ValueError(f"padding must be 'same', 'valid' or a non-negative int, got {padding!r}")
-    out = (size + 2 * pad - k) // stride + 1
-    if out <= 0:
-        raise ValueError(f"kernel {k} with stride {stride} and padding {padding!r} does not fit input size {size}")
-    return pad, pad, out
-
-
-def pad_nhwc(x, pads):
-    """Zero-pad the two spatial axes of an NHWC array by (top, bottom, left, right)."""
-    xp = backend.get_array_module(x)
-    top, bottom, left, right = pads
-    if not any(pads):
-        return x
-    return xp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-
-
-def im2col(x, kh, kw, stride, pads):
-    """(B, H, W, C) -> cols (B*OH*OW, kh*kw*C) with columns ordered (dy, dx, c).
-
-    The windows are a strided view of the padded input (no copy): axis (dy, dx)
-    steps one pixel, axis (out_y, out_x) steps ``stride`` pixels; the reshape
-    to a matrix makes the one copy.
-    """
-    xp = backend.get_array_module(x)
-    b, h, w, c = x.shape
-    xpad = xp.ascontiguousarray(pad_nhwc(x, pads))
-    oh = (h + pads[0] + pads[1] - kh) // stride + 1
-    ow = (w + pads[2] + pads[3] - kw) // stride + 1
-    sb, sh, sw, sc = xpad.strides
-    windows = xp.lib.stride_tricks.as_strided(
-        xpad, shape=(b, oh, ow, kh, kw, c), strides=(sb, stride * sh, stride * sw, sh, sw, sc))
-    return windows.reshape(b * oh * ow, kh * kw * c), (oh, ow)
-
-
-def col2im(cols, x_shape, kh, kw, stride, pads):
-    """Adjoint of im2col: scatter-add the columns back into a (B, H, W, C) array."""
-    from .. import fused
-    if fused.supports(cols):          # CuPy: one gather kernel instead of kh*kw launches
-        return fused.col2im(cols, x_shape, kh, kw, stride, pads)
-    xp = backend.get_array_module(cols)
-    b, h, w, c = x_shape
-    hp, wp = h + pads[0] + pads[1], w + pads[2] + pads[3]
-    oh = (hp - kh) // stride + 1
-    ow = (wp - kw) // stride + 1
-    cols = cols.reshape(b, oh, ow, kh, kw, c)
-    dxpad = xp.zeros((b, hp, wp, c), dtype=cols.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            dxpad[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :] += cols[:, :, :, i, j, :]
-    return dxpad[:, pads[0]:pads[0] + h, pads[2]:pads[2] + w, :]
 
 
 class Conv2D(ReusableLayer):
@@ -127,8 +63,7 @@ class Conv2D(ReusableLayer):
         pads, _ = self.pads(x.shape[1], x.shape[2])
         W, b = self.params["W"], self.params.get("b")
         if self.reuse_active():
-            from .. import reuse as reuse_mod
-            y, cache = reuse_mod.conv2d_forward(x, W, b, self.stride, pads, self.reuse,
+            y, cache = deep_reuse.conv2d_forward(x, W, b, self.stride, pads, self.reuse,
                                                 self.reuse_state, train=train)
             self._cache = ("reuse", cache)
             return y
@@ -143,8 +78,7 @@ class Conv2D(ReusableLayer):
     def backward(self, dy):
         kind, cache = self._cache
         if kind == "reuse":
-            from .. import reuse as reuse_mod
-            dx, dW, db = reuse_mod.conv2d_backward(dy, cache)
+            dx, dW, db = deep_reuse.conv2d_backward(dy, cache)
         else:
             cols, x_shape, pads = cache
             dy2 = dy.reshape(-1, self.c_out)

@@ -2,6 +2,7 @@
 import numpy as np
 
 from .. import backend
+from .. import reuse as deep_reuse
 from .base import ReusableLayer, default_dtype
 from .init import resolve
 
@@ -35,8 +36,7 @@ class Dense(ReusableLayer):
             raise ValueError(f"{self.name}: expected input (batch, {self.n_in}), got shape {x.shape}")
         W, b = self.params["W"], self.params.get("b")
         if self.reuse_active():
-            from .. import reuse as reuse_mod
-            y, cache = reuse_mod.dense_forward(x, W, b, self.reuse, self.reuse_state, train=train)
+            y, cache = deep_reuse.dense_forward(x, W, b, self.reuse, self.reuse_state, train=train)
             self._cache = ("reuse", cache)
             return y
         y = x @ W
@@ -49,8 +49,7 @@ class Dense(ReusableLayer):
     def backward(self, dy):
         kind, cache = self._cache
         if kind == "reuse":
-            from .. import reuse as reuse_mod
-            dx, dW, db = reuse_mod.dense_backward(dy, cache)
+            dx, dW, db = deep_reuse.dense_backward(dy, cache)
         else:
             x = cache
             dW = x.T @ dy

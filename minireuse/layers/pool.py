@@ -7,7 +7,7 @@ and the backward is a gather from it. The array code below is their twin.
 """
 from .. import backend, fused
 from .base import Layer
-from .conv import conv_padding
+from ..conv_geometry import conv_padding
 
 
 class MaxPool2D(Layer):

@@ -39,10 +39,10 @@ the pixel-aligned path (the zero padding would pull the mean towards zero).
 import dataclasses
 
 from .. import backend
-from ..layers.conv import col2im, im2col, pad_nhwc
+from ..conv_geometry import col2im, im2col, pad_nhwc
 from .clustering import assign_clusters, assignment_matrix, centroids, group_keys
-from .matmul import (cosine, cuda_module, hash_groups, impl_label, relative_error, resolve_impl,
-                     reuse_matmul_backward, reuse_matmul_forward, reuse_matmul_forward_assigned)
+from .matmul import (cosine, hash_groups, impl_label, relative_error, reuse_matmul_backward,
+                     reuse_matmul_forward, reuse_matmul_forward_assigned)
 
 
 def use_pixel_aligned(config, c_in):
@@ -240,32 +240,3 @@ def pixel_conv_backward(dy, cache):
     hp, wp = h + sum(cache.pads[:2]), w + sum(cache.pads[2:])
     dx = dpix.reshape(b_, hp, wp, c_in)[:, top:top + h, left:left + w, :]
     return dx, dW, db
-
-
-# ---------------------------------------------------------------- what the layers call
-
-def conv2d_forward(x, W, b, stride, pads, config, state, train=True):
-    """Conv2D product with deep reuse: (y, cache). CUDA, pixel-aligned or general path."""
-    if not config.enabled:
-        raise ValueError("ReuseConfig.enabled is False: the layer should run its exact path")
-    if resolve_impl(config, x, W, b) == "cuda":
-        cuda = cuda_module()[0]
-        y, cache = cuda.cuda_reuse_conv_forward(x, W, b, stride, pads, config, state, train=train)
-        return y, ("cuda", cache)
-    if use_pixel_aligned(config, x.shape[3]):
-        y, cache = pixel_conv_forward(x, W, b, stride, pads, config, state, train)
-        return y, ("pixel", cache)
-    y, cache = general_conv_forward(x, W, b, stride, pads, config, state, train)
-    return y, ("general", cache)
-
-
-def conv2d_backward(dy, cache):
-    """(dx, dW, db) for conv2d_forward's cache."""
-    kind, inner = cache
-    if inner is None:
-        raise RuntimeError("deep-reuse backward called after a forward with train=False")
-    if kind == "cuda":
-        return cuda_module()[0].cuda_reuse_conv_backward(dy, inner)
-    if kind == "pixel":
-        return pixel_conv_backward(dy, inner)
-    return general_conv_backward(dy, inner)

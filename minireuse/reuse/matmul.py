@@ -19,87 +19,17 @@ above (the backward needs them), but y is the exact X @ W + b and the centroid
 GEMM and the reconstruct are skipped. With measure_error the backward also
 records the cosine between its dW and the exact X^T @ dY ('dw_cos').
 
-The same functions serve dense layers (``dense_forward``) and the general conv
-path (im2col rows, see conv.py). On CuPy arrays with impl 'auto', the CUDA fast
-path (minireuse.reuse.cuda) runs instead when it imports and implements the
-setting (``cuda_unsupported``); this file stays the oracle it is tested against.
+The same functions serve dense layers and the general conv path (im2col rows,
+see conv.py). dispatch.py decides when the CUDA fast path (minireuse.reuse.cuda)
+runs instead; this file stays the oracle it is tested against.
 """
 import dataclasses
-import warnings
 
 import numpy as np
 
 from .. import backend
 from . import lsh
 from .clustering import assign_clusters, assignment_matrix, centroids, cluster_sums, group_keys, reconstruct
-
-_cuda_import = {}
-
-
-def cuda_module():
-    """(minireuse.reuse.cuda or None, the import error or None), imported once."""
-    if not _cuda_import:
-        try:
-            from . import cuda
-            _cuda_import.update(module=cuda, error=None)
-        except Exception as e:  # ImportError, or a CUDA/compiler error raised on import
-            _cuda_import.update(module=None, error=e)
-    return _cuda_import["module"], _cuda_import["error"]
-
-
-def cuda_unsupported(config):
-    """The options of config the CUDA fast path does not implement (names, [] when none)."""
-    options = []
-    if config.H > 32:
-        options.append(f"H={config.H} (more than 32 bits)")
-    if config.family == "centred":
-        options.append("family 'centred'")
-    if config.forward == "exact":
-        options.append("forward 'exact'")
-    return options
-
-
-def resolve_impl(config, *arrays):
-    """'cuda' or 'reference' for these arrays under config.impl (NumPy arrays import the fast path only
-    for impl 'cuda').
-
-    'auto' picks the CUDA kernels for float32 CuPy arrays when minireuse.reuse.cuda
-    imports and implements config, the reference path otherwise (NumPy, other
-    dtypes, options the kernels lack, import failure). 'cuda' on NumPy arrays runs
-    the kernels' host build while ``cuda.using_device(cuda.HostDevice())`` is active
-    (how the fast path is tested without a GPU), and is refused otherwise.
-    """
-    xp = backend.get_array_module(*arrays)
-    if config.impl == "reference":
-        return "reference"
-    unsupported = cuda_unsupported(config)
-    if xp is np:
-        if config.impl == "cuda":
-            module, _ = cuda_module()
-            if module is None or module.device().kind != "host":
-                raise ValueError("ReuseConfig.impl: got 'cuda' with NumPy arrays, expected CuPy arrays "
-                                 "(move the model to the GPU) or impl 'auto'/'reference'")
-            if not unsupported:
-                return "cuda"        # the fast path on its host build (cuda.using_device(HostDevice()))
-        else:
-            return "reference"
-    if unsupported:
-        if config.impl == "cuda":
-            raise ValueError(f"ReuseConfig.impl: got 'cuda' with {', '.join(unsupported)}, which the CUDA "
-                             "kernels do not implement yet; use impl 'auto' or 'reference'")
-        return "reference"
-    if config.impl == "auto" and any(a is not None and a.dtype != np.float32 for a in arrays):
-        return "reference"
-    module, error = cuda_module()
-    if module is not None:
-        return "cuda"
-    if config.impl == "cuda":
-        raise backend.DeviceError(f"impl 'cuda' was requested but minireuse.reuse.cuda failed to import: "
-                                  f"{type(error).__name__}: {error}") from error
-    warnings.warn(f"deep reuse falls back to the CuPy reference path: minireuse.reuse.cuda failed to "
-                  f"import ({type(error).__name__}: {error})", RuntimeWarning, stacklevel=3)
-    return "reference"
-
 
 def impl_label(xp):
     """How the reference path is labelled in statistics and benchmarks."""
@@ -238,24 +168,3 @@ def reuse_matmul_backward(dy, cache):
         dXg = xp.take(per_cluster.reshape(g * cmax, L), keys, axis=0)   # (N, G, L)
         dX = dXg.reshape(dy.shape[0], g * L)[:, :k]
     return dX, dW, db
-
-
-def dense_forward(x, W, b, config, state, train=True):
-    """Dense layer product with deep reuse: (y, cache); picks the CUDA or reference path."""
-    if not config.enabled:
-        raise ValueError("ReuseConfig.enabled is False: the layer should run its exact path")
-    if resolve_impl(config, x, W, b) == "cuda":
-        y, cache = cuda_module()[0].cuda_reuse_matmul_forward(x, W, b, config, state, train=train)
-        return y, ("cuda", cache)
-    y, cache = reuse_matmul_forward(x, W, b, config, state, train)
-    return y, ("reference", cache)
-
-
-def dense_backward(dy, cache):
-    """(dx, dW, db) for dense_forward's cache."""
-    impl, inner = cache
-    if inner is None:
-        raise RuntimeError("deep-reuse backward called after a forward with train=False")
-    if impl == "cuda":
-        return cuda_module()[0].cuda_reuse_matmul_backward(dy, inner)
-    return reuse_matmul_backward(dy, inner)

@@ -1,0 +1,96 @@
+"""The package's import graph has no cycle: every module of minireuse imports (at module
+level or inside a function) only modules below it."""
+import ast
+import os
+
+import minireuse
+
+ROOT = os.path.dirname(os.path.abspath(minireuse.__file__))
+
+
+def module_name(path):
+    rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
+    return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def modules():
+    for d, _, files in os.walk(ROOT):
+        for f in files:
+            if f.endswith(".py"):
+                yield os.path.join(d, f)
+
+
+def resolve(current, is_package, level, name):
+    parts = current.split(".")
+    base = parts if is_package else parts[:-1]
+    if level:
+        base = base[:len(base) - (level - 1)]
+        return ".".join(base + ([name] if name else []))
+    return name
+
+
+def import_graph():
+    names = {module_name(p): p for p in modules()}
+    graph = {}
+    for mod, path in names.items():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        is_package = path.endswith("__init__.py")
+        out = set()
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = resolve(mod, is_package, node.level, node.module)
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            for t in targets:
+                if t in names and t != mod:
+                    out.add(t)
+        # a package's face (__init__) re-exports its submodules: "pkg -> pkg.sub" is not a cycle
+        graph[mod] = {t for t in out if not (is_package and t.startswith(mod + "."))}
+    return graph
+
+
+def find_cycle(graph):
+    state, stack = {}, []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    assert "minireuse.reuse.dispatch" in graph and "minireuse.conv_geometry" in graph
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_reference_path_imports_nothing_of_the_fast_path():
+    graph = import_graph()
+    for ref in ("lsh", "clustering", "matmul", "conv", "config"):
+        deps = graph[f"minireuse.reuse.{ref}"]
+        assert not any(d.startswith("minireuse.reuse.cuda") or d == "minireuse.reuse.dispatch" for d in deps), ref
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
