@@ -169,11 +169,6 @@ def is_capturing():
     return _capture["active"]
 
 
-def current_stream():
-    """CuPy's current stream (GPU only)."""
-    return require_gpu().cuda.get_current_stream()
-
-
 def _pinned_slots(slots, n, dtype):
     """(slots, n) host array in page-locked memory, and the allocation that owns it."""
     cp = require_gpu()

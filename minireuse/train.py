@@ -11,11 +11,11 @@ run resumed from a checkpoint continues exactly as the uninterrupted run would
 On the GPU a step never waits for the device (docs/speed.md): the loss and accuracy
 are summed on the device, and the progress bar and the non-finite-loss guard read
 those sums through an asynchronous copy that lands a few steps later (one wait per
-epoch, at its end). With ``graph`` 'auto' (the default) or 'on', the step is
-recorded once as a CUDA graph and replayed (minireuse.graph).
+epoch, at its end). With ``graph`` 'auto' or 'on' (the default is 'off'), the step
+is recorded once as a CUDA graph and replayed (minireuse.graph). Checkpoints are
+written and read by minireuse.checkpoint.
 """
 import contextlib
-import json
 import math
 import os
 import signal
@@ -27,7 +27,9 @@ from tqdm import tqdm
 from . import backend, fused
 from .layers import Dropout
 from .losses import SoftmaxCrossEntropy
-from .fileio import atomic_savez, atomic_write_json
+from .checkpoint import (TrainingError, checkpoint_config, load_checkpoint, read_checkpoint,  # noqa: F401
+                         resume_conflicts, save_checkpoint)
+from .fileio import atomic_write_json
 from .models import MODELS
 from .optim import SGD, Adam, make_schedule
 from .outdir import OutLock, OutputError, check_unlocked, check_writable
@@ -39,10 +41,6 @@ HISTORY = "history.json"
 # with CUDA graphs, one step in this many runs eagerly with the per-layer timers
 # (a replayed graph cannot be timed per layer)
 GRAPH_TIMING_EVERY = 100
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, bad checkpoint, ...)."""
 
 
 def check_number(name, value, low=None, high=None, open_low=False, open_high=False):
@@ -67,87 +65,6 @@ def build_optimizer(model, cfg):
     if cfg["optimizer"] == "adam":
         return Adam(model, lr=cfg["lr"], weight_decay=cfg["weight_decay"], decay_layers=decay_layers)
     raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; expected sgd or adam")
-
-
-def save_checkpoint(path, model, opt, epoch, step, history, cfg, strategy=None, epoch_totals=None):
-    """Parameters, optimizer state, position (epoch, step) and history in one .npz, atomically.
-
-    epoch_totals: for a save inside an epoch, the sums of its steps so far
-    (loss_sum, correct, seen, seconds), so the resumed epoch reports all of them."""
-    arrays = {f"param/{k}": v for k, v in model.state_dict().items()}
-    opt_state = opt.state_dict()
-    for key, slots in opt_state["state"].items():
-        for slot, v in slots.items():
-            arrays[f"opt/{key}/{slot}"] = v
-    meta = {"epoch": epoch, "step": step, "opt_steps": opt_state["steps"], "lr": opt_state["lr"],
-            "history": history, "config": cfg, "format": 1,
-            "strategy": strategy.state_dict() if strategy is not None else None,
-            "epoch_totals": epoch_totals}
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    atomic_savez(path, arrays)
-
-
-def read_checkpoint(path):
-    """(meta dict, {name: array}) of a checkpoint written by save_checkpoint; TrainingError otherwise."""
-    if not os.path.exists(path):
-        raise TrainingError(f"checkpoint {os.path.abspath(path)} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if not hasattr(f, "files"):
-                raise ValueError("a single array")
-            data = {k: f[k] for k in f.files}
-    except Exception as e:
-        raise TrainingError(f"{path} is not a minireuse checkpoint (expected the checkpoint.npz that train "
-                            f"writes; could not read it as one: {type(e).__name__})") from e
-    if "meta" not in data:
-        raise TrainingError(f"{path} is not a minireuse training checkpoint (no meta record)")
-    try:
-        meta = json.loads(bytes(data["meta"]).decode())
-    except (UnicodeDecodeError, ValueError) as e:
-        raise TrainingError(f"{path} is not a minireuse training checkpoint (unreadable meta record)") from e
-    return meta, data
-
-
-def checkpoint_config(path):
-    """The training settings a checkpoint was saved with."""
-    return read_checkpoint(path)[0].get("config") or {}
-
-
-def load_checkpoint(path, model, opt):
-    """Restore model and optimizer from ``path``; returns its meta dict."""
-    meta, data = read_checkpoint(path)
-    params = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
-    own = [k for k, _, _ in model.named_parameters()]
-    saved_model = (meta.get("config") or {}).get("model", "?")
-    try:
-        model.load_state_dict(params)
-    except ValueError as e:
-        raise TrainingError(f"checkpoint {path} was saved for model {saved_model!r} with parameters "
-                            f"{', '.join(sorted(params)[:6])}{', ...' if len(params) > 6 else ''}; this run builds "
-                            f"{getattr(model, 'name', type(model).__name__)!r} with "
-                            f"{', '.join(sorted(own)[:6])}{', ...' if len(own) > 6 else ''} ({e})") from e
-    state = {}
-    for k, v in data.items():
-        if k.startswith("opt/"):
-            key, slot = k[len("opt/"):].rsplit("/", 1)
-            state.setdefault(key, {})[slot] = v
-    opt.load_state_dict({"steps": meta["opt_steps"], "lr": meta["lr"], "state": state})
-    return meta
-
-
-def _json_value(v):
-    return json.loads(json.dumps(v))
-
-
-def resume_conflicts(saved, cfg):
-    """[(setting, saved value, given value)] where cfg changes what a resumed run must keep."""
-    out = []
-    for key in sorted(set(saved) & set(cfg)):
-        if key in Trainer.SAFE_TO_CHANGE:
-            continue
-        if _json_value(saved[key]) != _json_value(cfg[key]):
-            out.append((key, saved[key], cfg[key]))
-    return out
 
 
 def reseed_dropout(model, seed):
@@ -274,7 +191,7 @@ class Trainer:
         if saved.get("model", self.cfg["model"]) != self.cfg["model"]:
             raise TrainingError(f"checkpoint {path} was saved for model {saved['model']!r}; this run builds "
                                 f"{self.cfg['model']!r}")
-        conflicts = resume_conflicts(saved, self.cfg)
+        conflicts = resume_conflicts(saved, self.cfg, self.SAFE_TO_CHANGE)
         if conflicts:
             listed = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, a, b in conflicts)
             raise TrainingError(f"cannot resume {path} with other settings ({listed}); resume with the "

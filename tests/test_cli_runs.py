@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+from minireuse import checkpoint as checkpoint_mod
 from minireuse import train as train_mod
 from minireuse.__main__ import main
 from minireuse.models import Sequential
@@ -88,7 +89,7 @@ def test_resume_of_something_else(tmp_path, data, capsys):
     assert "notes.txt is not a minireuse checkpoint" in err and "pickle" not in err
     other = Sequential([Dense(4, 3, name="fc", rng=np.random.default_rng(0))])
     ckpt = str(tmp_path / "other.npz")
-    train_mod.save_checkpoint(ckpt, other, SGD(other, lr=0.1), 1, 0, [], {"model": "cifarnet"})
+    checkpoint_mod.save_checkpoint(ckpt, other, SGD(other, lr=0.1), 1, 0, [], {"model": "cifarnet"})
     assert main(base(data, tmp_path / "o", "--resume", ckpt)) == 2
     err = capsys.readouterr().err
     assert "was saved for model 'cifarnet' with parameters fc.W" in err and "this run builds" in err
@@ -126,19 +127,19 @@ def test_an_unwritable_output_directory_is_refused_before_any_work(tmp_path):
 
 def test_a_write_that_fails_later_keeps_the_last_checkpoint(tmp_path, data, capsys, monkeypatch):
     out = tmp_path / "run"
-    real, saves = train_mod.atomic_savez, []
+    real, saves = checkpoint_mod.atomic_savez, []
 
     def save_then_fill_the_disk(path, arrays):
         saves.append(path)
         if len(saves) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, arrays)
-    monkeypatch.setattr(train_mod, "atomic_savez", save_then_fill_the_disk)
+    monkeypatch.setattr(checkpoint_mod, "atomic_savez", save_then_fill_the_disk)
     assert main(base(data, out, "--epochs", "3", "--batch-size", "32")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left on device" in err
     assert "The last checkpoint is" in err and "the end of epoch 1" in err
-    meta = train_mod.read_checkpoint(str(out / "checkpoint.npz"))[0]
+    meta = checkpoint_mod.read_checkpoint(str(out / "checkpoint.npz"))[0]
     assert (meta["epoch"], meta["step"]) == (1, 0)
 
 

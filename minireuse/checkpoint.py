@@ -1,0 +1,98 @@
+"""Training checkpoints: one .npz holding parameters, optimizer state, the position in the
+run (epoch, step), the history, the settings and the reuse strategy's state.
+
+Written atomically (fileio). Read with allow_pickle=False: a checkpoint holds arrays
+and one JSON record, nothing that runs code when loaded.
+"""
+import json
+import os
+
+import numpy as np
+
+from .fileio import atomic_savez
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, bad checkpoint, ...)."""
+
+
+def save_checkpoint(path, model, opt, epoch, step, history, cfg, strategy=None, epoch_totals=None):
+    """Parameters, optimizer state, position (epoch, step) and history in one .npz, atomically.
+
+    epoch_totals: for a save inside an epoch, the sums of its steps so far
+    (loss_sum, correct, seen, seconds), so the resumed epoch reports all of them."""
+    arrays = {f"param/{k}": v for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    for key, slots in opt_state["state"].items():
+        for slot, v in slots.items():
+            arrays[f"opt/{key}/{slot}"] = v
+    meta = {"epoch": epoch, "step": step, "opt_steps": opt_state["steps"], "lr": opt_state["lr"],
+            "history": history, "config": cfg, "format": 1,
+            "strategy": strategy.state_dict() if strategy is not None else None,
+            "epoch_totals": epoch_totals}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    atomic_savez(path, arrays)
+
+
+def read_checkpoint(path):
+    """(meta dict, {name: array}) of a checkpoint written by save_checkpoint; TrainingError otherwise."""
+    if not os.path.exists(path):
+        raise TrainingError(f"checkpoint {os.path.abspath(path)} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise ValueError("a single array")
+            data = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise TrainingError(f"{path} is not a minireuse checkpoint (expected the checkpoint.npz that train "
+                            f"writes; could not read it as one: {type(e).__name__})") from e
+    if "meta" not in data:
+        raise TrainingError(f"{path} is not a minireuse training checkpoint (no meta record)")
+    try:
+        meta = json.loads(bytes(data["meta"]).decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise TrainingError(f"{path} is not a minireuse training checkpoint (unreadable meta record)") from e
+    return meta, data
+
+
+def checkpoint_config(path):
+    """The training settings a checkpoint was saved with."""
+    return read_checkpoint(path)[0].get("config") or {}
+
+
+def load_checkpoint(path, model, opt):
+    """Restore model and optimizer from ``path``; returns its meta dict."""
+    meta, data = read_checkpoint(path)
+    params = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
+    own = [k for k, _, _ in model.named_parameters()]
+    saved_model = (meta.get("config") or {}).get("model", "?")
+    try:
+        model.load_state_dict(params)
+    except ValueError as e:
+        raise TrainingError(f"checkpoint {path} was saved for model {saved_model!r} with parameters "
+                            f"{', '.join(sorted(params)[:6])}{', ...' if len(params) > 6 else ''}; this run builds "
+                            f"{getattr(model, 'name', type(model).__name__)!r} with "
+                            f"{', '.join(sorted(own)[:6])}{', ...' if len(own) > 6 else ''} ({e})") from e
+    state = {}
+    for k, v in data.items():
+        if k.startswith("opt/"):
+            key, slot = k[len("opt/"):].rsplit("/", 1)
+            state.setdefault(key, {})[slot] = v
+    opt.load_state_dict({"steps": meta["opt_steps"], "lr": meta["lr"], "state": state})
+    return meta
+
+
+def _json_value(v):
+    return json.loads(json.dumps(v))
+
+
+def resume_conflicts(saved, cfg, safe=()):
+    """[(setting, saved value, given value)] where cfg changes what a resumed run must keep
+    (settings in ``safe`` may change)."""
+    out = []
+    for key in sorted(set(saved) & set(cfg)):
+        if key in safe:
+            continue
+        if _json_value(saved[key]) != _json_value(cfg[key]):
+            out.append((key, saved[key], cfg[key]))
+    return out
