@@ -469,15 +469,24 @@ def _force_capacity(state, key, rows, H, capacity):
     return cuda.cuda_state(state).tracker(key, rows, H)
 
 
+def _overflow_via(tracker, via):
+    """via 'gemm': the last statistics showed overflow, so the backward takes the overflow
+    members' dW in one GEMM; 'atomics': the kernels add it element by element."""
+    if via == "gemm":
+        tracker.last = np.array([0, 0, 1, 0], np.int32)
+
+
+@pytest.mark.parametrize("via", ["atomics", "gemm"])
 @pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
-def test_dense_overflow_is_exact(xp, dx_mode):
+def test_dense_overflow_is_exact(xp, dx_mode, via):
     """Capacity far too small: overflowed members are singletons, results match that assignment."""
     config = ReuseConfig(L=4, H=12, dx_mode=dx_mode, seed=1)
     X, W, b, dy = _dense_data(config, n=211, kind="random")
     state = ReuseState()
     G = -(-X.shape[1] // 4)
-    _force_capacity(state, ("rows", X.shape[0], G, 4, 12), X.shape[0], 12, 3)
+    _overflow_via(_force_capacity(state, ("rows", X.shape[0], G, 4, 12), X.shape[0], 12, 3), via)
     y, cache = cuda.cuda_reuse_matmul_forward(dev(xp, X), dev(xp, W), dev(xp, b), config, state)
+    assert cache.overflow_gemm == (via == "gemm")
     assert cache.counts.shape[1] == 3 and int(host(state.last["overflow"])) > 0
     ids, n_clusters = as_singletons(cache.ids)
     want_y, want_cache = ref_matmul.reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, 4, dx_mode)
@@ -486,9 +495,10 @@ def test_dense_overflow_is_exact(xp, dx_mode):
                  ref_matmul.reuse_matmul_backward(dy, want_cache), "overflow dense")
 
 
+@pytest.mark.parametrize("via", ["atomics", "gemm"])
 @pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
 @pytest.mark.parametrize("path", ["pixel", "general"])
-def test_conv_overflow_is_exact(xp, path, dx_mode):
+def test_conv_overflow_is_exact(xp, path, dx_mode, via):
     fields = dict(L=4, H=16) if path == "pixel" else dict(L=5, H=16)
     config = ReuseConfig(dx_mode=dx_mode, seed=3, **fields)
     (x, W, b, dy), stride, pads = _conv_data(config)
@@ -501,8 +511,9 @@ def test_conv_overflow_is_exact(xp, path, dx_mode):
         oh, ow = (h + pads[0] + pads[1] - 3) // stride + 1, (w + pads[2] + pads[3] - 3) // stride + 1
         rows = B * oh * ow
         key = ("rows", rows, -(-9 * c // 5), 5, 16)
-    _force_capacity(state, key, rows, 16, 2)
+    _overflow_via(_force_capacity(state, key, rows, 16, 2), via)
     y, cache = cuda.cuda_reuse_conv_forward(dev(xp, x), dev(xp, W), dev(xp, b), stride, pads, config, state)
+    assert (cache.overflow_gemm if path == "pixel" else cache.matmul.overflow_gemm) == (via == "gemm")
     assert int(host(state.last["overflow"])) > 0
     if path == "pixel":
         ids, n_clusters = as_singletons(cache.ids)
@@ -702,16 +713,18 @@ def test_all_zero_dy(xp, dx_mode):
         assert not host(g).any(), f"{name} of a zero dy is not zero"
 
 
+@pytest.mark.parametrize("via", ["atomics", "gemm"])
 @pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
-def test_pixel_overflow_with_stride_two(xp, dx_mode):
+def test_pixel_overflow_with_stride_two(xp, dx_mode, via):
     """Overflow on the pixel path where outputs skip pixels (stride 2, uneven padding)."""
     config = ReuseConfig(L=4, H=16, dx_mode=dx_mode, seed=3)
     (x, W, b, dy), stride, pads = _conv_data(config, stride=2, pads=(0, 1, 1, 1))
     state = ReuseState()
     B, h, w, c = x.shape
     rows = B * (h + 1) * (w + 2)
-    _force_capacity(state, ("pixels", rows, c // 4, 4, 16), rows, 16, 2)
+    _overflow_via(_force_capacity(state, ("pixels", rows, c // 4, 4, 16), rows, 16, 2), via)
     y, cache = cuda.cuda_reuse_conv_forward(dev(xp, x), dev(xp, W), dev(xp, b), stride, pads, config, state)
+    assert cache.overflow_gemm == (via == "gemm")
     assert int(host(state.last["overflow"])) > 0
     ids, n_clusters = as_singletons(cache.ids)
     want_y, inner = ref_conv.pixel_conv_forward_assigned(x, W, b, stride, pads, ids, n_clusters, 4, dx_mode)

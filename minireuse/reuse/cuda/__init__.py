@@ -22,7 +22,10 @@ depends on which thread inserted first (ids are first-come), so near capacity th
 partition into clusters and singletons, and with it y, may differ from run to run
 (by the error of the clusters that overflowed); without overflow (capacity above
 the distinct codes, the state the statistics steer to) the result does not depend
-on the capacity or on timing beyond float summation order.
+on the capacity or on timing beyond float summation order. The exact path of
+overflow members is bounded by the exact layer's cost: their forward products
+are L multiply-adds each, and once the statistics show overflow their dW is one
+GEMM (matmul.overflow_rows, conv.overflow_pixels) instead of per-element atomics.
 
 Importing this package needs no GPU; cupy is imported through
 minireuse.backend.require_gpu() on first use of the GPU device layer.

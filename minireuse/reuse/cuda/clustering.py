@@ -68,7 +68,7 @@ def cluster(rows, L, G, planes, offsets, H, family, tracker, scale_source, extra
     launch_centroid_sums(rows, L, G, table, ids, ws["counts"], ws["sums"], small)
     tracker.end_call(small["stats"])
     out = dict(ws)
-    out.update(capacity=capacity, ids=ids, distinct=small["distinct"], stats=small["stats"], r_c=small["r_c"],
+    out.update(capacity=capacity, overflow_gemm=tracker.overflowed(), ids=ids, distinct=small["distinct"], stats=small["stats"], r_c=small["r_c"],
                scale=small["scale"])
     return out
 

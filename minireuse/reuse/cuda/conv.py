@@ -90,6 +90,15 @@ def dx_cluster_pixels(D, ids, dY, W, geo, L):
     return dx
 
 
+def overflow_pixels(x, ids, geo, L):
+    """x with every pixel's channel slice zeroed except those computed exactly (id -1): the
+    exact dW of the overflow members is the exact conv dW of this input (one GEMM)."""
+    Q = geo.C // L
+    grid = ids.reshape(geo.B, geo.hp, geo.wp, Q)[:, geo.top:geo.top + geo.h, geo.left:geo.left + geo.w]
+    mask = (grid < 0).astype(np.float32)[..., None]
+    return device().xp.ascontiguousarray((x.reshape(geo.B, geo.h, geo.w, Q, L) * mask).reshape(x.shape))
+
+
 @dataclasses.dataclass
 class CudaConvCache:
     """What the backward of a CUDA reuse conv needs."""
@@ -106,6 +115,7 @@ class CudaConvCache:
     has_bias: bool = False
     L: int = 0
     dx_mode: str = "exact"
+    overflow_gemm: bool = False  # pixel: overflow members' dW by one GEMM
     used: bool = False
 
 
@@ -157,7 +167,8 @@ def _pixel_forward(x, W, b, geo, config, state, train):
     cache = None
     if train:
         cache = CudaConvCache("pixel", x, W, geo, Wq=Wq, ids=run["ids"], counts=run["counts"], sums=run["sums"],
-                              has_bias=b is not None, L=L, dx_mode=config.dx_mode)
+                              has_bias=b is not None, L=L, dx_mode=config.dx_mode,
+                              overflow_gemm=run["overflow_gemm"])
     return y, cache, run
 
 
@@ -184,11 +195,15 @@ def cuda_reuse_conv_backward(dy, cache):
     ws = ws.allocate(0)
     check_index_range("S", Q * cap * T * geo.M)
     launch("cluster_sums_pixels", row_grid(geo.outputs, geo.M), ROW_BLOCK, (
-        dy2, c.ids, c.counts, i32(cap), c.x, ws["S"], ws["dWq"], ws.get("db"), *geo.pixel_args(c.L, Q)))
+        dy2, c.ids, c.counts, i32(cap), c.x, ws["S"], None if c.overflow_gemm else ws["dWq"], ws.get("db"),
+        *geo.pixel_args(c.L, Q)))
     S = ws["S"].reshape(Q, cap, T * geo.M)
     batched_gemm(c.sums, S, out=ws["dWq"], trans_a=True, beta=1.0)       # += sums_q^T (S_q / count)
     dW = device().xp.ascontiguousarray(ws["dWq"].reshape(Q, c.L, T, geo.M).transpose(2, 0, 1, 3))
     dW = dW.reshape(c.W.shape)
+    if c.overflow_gemm:
+        cols, _ = fused.im2col(overflow_pixels(c.x, c.ids, geo, c.L), geo.kh, geo.kw, geo.stride, geo.pads)
+        dW += (cols.T @ dy2).reshape(c.W.shape)
     if c.dx_mode == "exact":
         dx = col2im(dy2 @ c.W.reshape(-1, geo.M).T, geo)
     else:

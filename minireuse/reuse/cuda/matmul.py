@@ -69,6 +69,7 @@ class CudaMatmulCache:
     has_bias: bool
     L: int
     dx_mode: str
+    overflow_gemm: bool = False   # overflow members' dW by one GEMM (the last statistics overflowed)
     used: bool = False
 
 
@@ -105,7 +106,7 @@ def matmul_forward(X, W, b, config, state, train, scale_source, batch):
     cache = None
     if train:
         cache = CudaMatmulCache(X, W, Wg, run["ids"], run["counts"], run["sums"], b is not None, L,
-                                config.dx_mode)
+                                config.dx_mode, run["overflow_gemm"])
     return y, cache, run
 
 
@@ -121,9 +122,22 @@ def matmul_backward_params(dy, c):
     if c.has_bias:
         ws.add("db", (M,), np.float32)
     ws = ws.allocate(0)
-    launch_cluster_sums_rows(dy, c.ids, c.counts, c.X, ws["S"], ws["dW"], ws.get("db"), c.L)
+    launch_cluster_sums_rows(dy, c.ids, c.counts, c.X, ws["S"], None if c.overflow_gemm else ws["dW"],
+                             ws.get("db"), c.L)
     batched_gemm(c.sums, ws["S"], out=ws["dW"].reshape(G, L, M), trans_a=True, beta=1.0)  # += sums^T (S / count)
-    return ws["dW"][:c.W.shape[0]], ws.get("db"), ws["S"]
+    dW = ws["dW"][:c.W.shape[0]]
+    if c.overflow_gemm:
+        dW += overflow_rows(c.X, c.ids, c.L).T @ dy
+    return dW, ws.get("db"), ws["S"]
+
+
+def overflow_rows(X, ids, L):
+    """X (N, K) with every (row, group) slice zeroed except those computed exactly (id -1):
+    their exact dW is overflow_rows(X)^T @ dY, one GEMM however many overflow (the kernels'
+    per-element atomics cost L per (row, group, output column))."""
+    N, K = X.shape
+    mask = device().xp.repeat(ids < 0, L, axis=1)[:, :K]
+    return X * mask
 
 
 def cluster_D(S, Wg):

@@ -411,6 +411,11 @@ class CapacityTracker:
         if self.capacity is not None:
             self.capacity = self.next_capacity(self.last, self.capacity, self.limit)
 
+    def overflowed(self):
+        """Whether the newest statistics read showed rows computed exactly (overflow or a full
+        table): the backward then computes their dW with one GEMM instead of atomics."""
+        return self.last is not None and int(self.last[STAT_OVERFLOW]) > 0
+
     @classmethod
     def next_capacity(cls, stats, capacity, limit):
         need = int(stats[STAT_MAX_DISTINCT])

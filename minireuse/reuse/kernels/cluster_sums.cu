@@ -34,7 +34,8 @@ __device__ __forceinline__ void add_overflow_dw(const float* __restrict__ xs, in
 //   S[g, c, m] += dy[n, m] / counts[g, c]       for c = ids[n, g] >= 0
 //   dW_over[g*L + l, m] += x[n, g*L + l] * dy[n, m]   for overflow members (c == -1)
 //   db[m] += dy[n, m]                              (db may be null)
-// S (G, capacity, M), dW_over (G*L, M) and db must be zero on entry.
+// S (G, capacity, M), dW_over (G*L, M) and db must be zero on entry. dW_over null:
+// the overflow members' dW is left to the caller (one GEMM, when many overflow).
 // S / count is what both gradients need: dW_g = sums_g^T @ (S / count) (the
 // centroid mean is sums / count) and dX cluster = (S / count) @ W_g^T, so the
 // division is done here, once per run, and never on a cluster table.
@@ -90,7 +91,7 @@ cluster_sums_rows(const float* __restrict__ dy, const int* __restrict__ ids,
                     acc = 0.0f;
                 }
                 acc += d[r];
-                if (id < 0 && d[r] != 0.0f) {
+                if (id < 0 && d[r] != 0.0f && dW_over != nullptr) {
                     const int k0 = g * L;
                     add_overflow_dw(x + (long long)n * K + k0, min(L, K - k0), d[r],
                                     dW_over + (long long)k0 * M + m, M);
@@ -114,6 +115,7 @@ cluster_sums_rows(const float* __restrict__ dy, const int* __restrict__ ids,
 //   dW_over[q, l, t, m] += x[pixel, q*L + l] * dy[n, m]  for overflow members
 //                                                    (real pixels only)
 //   db[m] += dy[n, m]
+// dW_over null: the overflow members' dW is left to the caller (one GEMM).
 // S (Q, capacity, kh*kw, M), dW_over (Q, L, kh*kw, M) (the layout of the
 // batched dW GEMM's output) and db must be zero on entry. One thread per
 // column m of a run of REUSE_RUN consecutive outputs; outputs of the run whose
@@ -177,7 +179,7 @@ cluster_sums_pixels(const float* __restrict__ dy, const int* __restrict__ ids,
                             acc = 0.0f;
                         }
                         acc += d[r];
-                        if (id >= 0 || d[r] == 0.0f) {
+                        if (id >= 0 || d[r] == 0.0f || dW_over == nullptr) {
                             continue;
                         }
                         const int bi = pixel / (hp * wp);
