@@ -81,7 +81,7 @@ parity: $(INSTALLED) data
 		$(PARITY_FLAGS) $(TRAIN_FLAGS)
 
 bench: $(INSTALLED)
-	$(PYTHON) -m minireuse bench --data $(DATA) --json bench.json
+	$(PYTHON) -m minireuse bench layers --data $(DATA) --json bench.json
 
 gpu-check:
 	bash scripts/gpu_check.sh

@@ -1,4 +1,4 @@
-"""Command line: python -m minireuse {train,compare,parity,bench,summary} ...
+"""Command line: python -m minireuse {train,compare,parity,summary,bench {layers,step}} ...
 
 Errors the user can fix (missing data, bad settings, a bad checkpoint) print one
 line starting with 'error:' and exit with status 2; Ctrl-C during training saves
@@ -232,25 +232,25 @@ def build_parser():
                        formatter_class=Formatter)
     p.add_argument("--model", default="cifarnet", choices=["cifarnet"])
     p.set_defaults(func=cmd_summary)
-    from . import bench
-    p = sub.add_parser("bench", help="time exact and deep-reuse layers on the current device "
-                       "(with --model cifarnet: a whole training step; see bench --model cifarnet -h)")
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.run)
+    from . import bench, bench_step
+    p = sub.add_parser("bench", help="benchmarks: 'bench layers' times each layer exact and under reuse "
+                       "settings, 'bench step' a whole training step")
+    what = p.add_subparsers(dest="bench", required=True, metavar="{layers,step}")
+    q = what.add_parser("layers", help="each conv/dense layer, exact and under deep-reuse settings: "
+                        "forward/backward time, r_c, error", formatter_class=Formatter)
+    bench.add_arguments(q)
+    q.set_defaults(func=bench.run)
+    q = what.add_parser("step", help="a whole training step: minireuse exact and reuse, with and without "
+                        "CUDA graphs, and PyTorch eager when installed", formatter_class=Formatter)
+    bench_step.add_arguments(q)
+    q.set_defaults(func=bench_step.run)
     return parser
 
 
 def parse(argv):
-    """`bench --model NAME` is the end-to-end step benchmark, with its own flags;
-    every other command goes through the main parser."""
-    if argv[:1] == ["bench"] and any(x == "--model" or x.startswith("--model=") for x in argv[1:]):
-        from . import bench_step
-        p = argparse.ArgumentParser(prog="python -m minireuse bench --model",
-                                    description="end-to-end training step: minireuse exact and reuse, "
-                                                "with and without CUDA graphs, and PyTorch eager when installed")
-        bench_step.add_arguments(p)
-        p.set_defaults(func=bench_step.run)
-        return p.parse_args(argv[1:])
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1].startswith("-") and argv[1] not in ("-h", "--help"):
+        build_parser().error("bench needs what to time first: 'bench layers ...' (each layer) or "
+                             "'bench step ...' (a training step; formerly 'bench --model cifarnet')")
     return build_parser().parse_args(argv)
 
 

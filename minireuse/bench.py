@@ -1,6 +1,6 @@
 """Layer-level benchmark: exact and deep-reuse forward/backward of CifarNet's layers.
 
-    python -m minireuse bench [--layers conv1,conv2,fc3] [--L 16,64] [--H 12,20]
+    python -m minireuse bench layers [--layers conv1,conv2,fc3] [--L 16,64] [--H 12,20]
                               [--family offset,origin,centred] [--paths pixel,general]
                               [--forward reuse,exact] [--json FILE]
 

@@ -1,6 +1,6 @@
 """Whole training-step benchmark: ms per CifarNet step, minireuse against PyTorch, in one run.
 
-    python -m minireuse bench --model cifarnet [--data DIR] [--batch 128] [--steps N] [--warmup N]
+    python -m minireuse bench step [--model cifarnet] [--data DIR] [--batch 128] [--steps N] [--warmup N]
         [--device auto|cpu|gpu] [--reuse-config FILE] [--graph auto|on|off] [--torch auto|off]
         [--threads N] [--batches K] [--seed S] [--json FILE] [--quiet]
 

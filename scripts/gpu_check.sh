@@ -42,11 +42,11 @@ run_stage() {   # name, time limit in seconds, command...
 PARALLEL=()
 "$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
 run_stage tests 240 "$PYTHON" -m pytest -q -rs ${PARALLEL[@]+"${PARALLEL[@]}"} tests
-run_stage bench 60 "$PYTHON" -m minireuse bench --quiet --data "$DATA" --layers conv2,fc3 \
+run_stage bench 60 "$PYTHON" -m minireuse bench layers --quiet --data "$DATA" --layers conv2,fc3 \
     --family offset --repeats 3 --json "$WORK/bench_gpu.json"
 run_stage kernels 40 "$PYTHON" scripts/kernel_times.py --data "$DATA" --repeats 10 \
     --json "$WORK/kernel_times.json" --markdown "$WORK/kernel_times.md"
-run_stage step 60 "$PYTHON" -m minireuse bench --model cifarnet --data "$DATA" --quiet \
+run_stage step 60 "$PYTHON" -m minireuse bench step --data "$DATA" --quiet \
     --json "$WORK/step_gpu.json"
 [ -f "$WORK/bench_gpu.json" ] && cp "$WORK/bench_gpu.json" "$OUT_DIR/bench_gpu.json"
 [ -f "$WORK/step_gpu.json" ] && cp "$WORK/step_gpu.json" "$OUT_DIR/step_gpu.json"
@@ -89,7 +89,7 @@ report = dict(date=date, device=device, commit=commit, stages=stages,
 lines = [f"# GPU check {date}: {device}", "", f"commit {commit}", "", "| stage | exit |", "|---|---|"]
 lines += [f"| {n} | {c} |" for n, c in stages.items()]
 lines += ["", "## tests", "", "```text", tail("tests", 30), "```", "", "## layer bench", "", "```text",
-          tail("bench", 40), "```", "", "## training step (bench --model cifarnet)", "", "```text",
+          tail("bench", 40), "```", "", "## training step (bench step)", "", "```text",
           tail("step", 25), "```", ""]
 kernels = work / "kernel_times.md"
 lines.append(kernels.read_text() if kernels.exists() else "## conv2 kernels\n\n(not measured: see the exit status)\n")

@@ -223,3 +223,14 @@ def test_help_shows_defaults_and_version(capsys):
         main(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: adaptive)" in text and "--resume" not in text and "(default: runs/compare)" in text
+
+
+def test_bench_says_what_it_times(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--model", "cifarnet"])
+    assert e.value.code == 2
+    assert "bench needs what to time first: 'bench layers ...'" in capsys.readouterr().err
+    for what in ("layers", "step"):
+        with pytest.raises(SystemExit):
+            main(["bench", what, "--help"])
+        assert "--device" in capsys.readouterr().out

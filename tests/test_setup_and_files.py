@@ -97,7 +97,7 @@ def test_atomic_write_failure_leaves_the_old_file_and_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]
 
 
-# ---------------------------------------------------------------- bench --model cifarnet without PyTorch (item 10)
+# ---------------------------------------------------------------- bench step without PyTorch (item 10)
 
 # runs `python -m minireuse ...` with `torch` unimportable even where it is installed
 HIDE_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv[0] = 'minireuse'; "
@@ -106,7 +106,7 @@ HIDE_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv[0] = 'mi
 
 def test_step_bench_without_pytorch_runs_and_says_the_row_was_skipped(tmp_path):
     out = tmp_path / "step.json"
-    flags = ["bench", "--model", "cifarnet", "--device", "cpu", "--data", str(tmp_path / "no-such-dir"),
+    flags = ["bench", "step", "--device", "cpu", "--data", str(tmp_path / "no-such-dir"),
              "--batch", "8", "--batches", "1", "--steps", "1", "--warmup", "0", "--json", str(out)]
     if importlib.util.find_spec("torch") is None:
         cmd = [sys.executable, "-m", "minireuse"] + flags
