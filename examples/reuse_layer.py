@@ -6,12 +6,12 @@ Prints, per hash family, the remaining ratio r_c (clusters per neuron vector),
 the relative error of the output against exact, and forward/backward times.
 """
 import argparse
-import time
 
 import numpy as np
 
 from minireuse import backend
 from minireuse.layers import Conv2D
+from minireuse.timing import timed
 
 
 def smooth_images(rng, n, size, channels):
@@ -20,13 +20,6 @@ def smooth_images(rng, n, size, channels):
     x = rng.standard_normal((n, size + 4, size + 4, channels))
     out = sum(x[:, i:i + size, j:j + size] for i in range(5) for j in range(5)) / 5.0
     return np.maximum(out, 0).astype(np.float32)
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    backend.synchronize()
-    return 1e3 * (time.perf_counter() - t0), out
 
 
 def main(argv=None):

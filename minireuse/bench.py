@@ -19,12 +19,14 @@ import itertools
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from . import backend
+from .data.sample import sample_images
+from .tables import align_rows
+from .timing import timed
 
 LAYERS = ("conv1", "conv2", "fc3")
 # what feeds each layer in CifarNet (layer names of minireuse.models.cifarnet)
@@ -70,17 +72,8 @@ def add_arguments(parser):
 
 def load_images(data_dir, batch, seed):
     """(uint8 NHWC images, a line saying where they came from)."""
-    try:
-        from .data import load_cifar10
-        x_train = load_cifar10(data_dir, download=False)[0]
-        return x_train[:batch], f"CIFAR-10 training images 0..{batch - 1} from {data_dir}"
-    except Exception as e:  # missing data, or the data package unavailable
-        rng = np.random.default_rng(seed)
-        # smooth random images: a coarse random grid upsampled, plus a little noise
-        coarse = rng.uniform(0, 255, size=(batch, 4, 4, 3))
-        images = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2) + rng.normal(0, 8, (batch, 32, 32, 3))
-        return (np.clip(images, 0, 255).astype(np.uint8),
-                f"NOT CIFAR-10: a deterministic random fixture ({type(e).__name__}: {e})")
+    images, _, source = sample_images(data_dir, batch, seed)
+    return images, source
 
 
 def layer_inputs(images, layers, seed):
@@ -117,21 +110,6 @@ def mode_label(path, cfg):
 
 
 # ---------------------------------------------------------------- timing
-
-def timed(fn):
-    """(milliseconds, fn()) with CUDA events on the GPU, a wall clock on the CPU."""
-    if backend.device() == "gpu":
-        cp = backend.require_gpu()
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        out = fn()
-        end.record()
-        end.synchronize()
-        return cp.cuda.get_elapsed_time(start, end), out
-    t0 = time.perf_counter()
-    out = fn()
-    return (time.perf_counter() - t0) * 1e3, out
-
 
 def time_once(layer, x, dy):
     """(forward ms, backward ms, output) of one training step of the layer."""
@@ -207,11 +185,7 @@ def format_table(rows):
     body = [[r["layer"], r["mode"], r["impl"], f"{r['fwd_ms']:.1f}", f"{r['bwd_ms']:.1f}",
              f"{r['total_ms']:.1f}", f"{r['speedup_fwd']:.2f}", f"{r['speedup_bwd']:.2f}", f"{r['speedup_total']:.2f}",
              f"{r['r_c']:.4f}", f"{r['rel_error']:.3f}"] for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in [head] + body]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return "\n".join(align_rows([head] + body, right_from=3))
 
 
 def run_layer_bench(args):

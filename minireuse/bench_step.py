@@ -36,6 +36,9 @@ import numpy as np
 
 from . import backend
 from .bench import git_commit
+from .data.sample import sample_images
+from .tables import align_rows
+from .timing import Clock
 
 EPOCH_IMAGES = 50_000
 # how to get the PyTorch row: the optional extra of setup.cfg, or torch itself
@@ -67,20 +70,6 @@ def add_arguments(parser):
 
 # ---------------------------------------------------------------- inputs
 
-def load_training_images(data_dir, n, seed):
-    """(uint8 NHWC images, int64 labels, a line saying where they came from)."""
-    try:
-        from .data import load_cifar10
-        x, y = load_cifar10(data_dir, download=False, progress=False)[:2]
-        return x[:n], y[:n], f"CIFAR-10 training images 0..{min(n, len(x)) - 1} from {data_dir}"
-    except Exception as e:   # missing or unreadable data: time on a fixture, and say so
-        rng = np.random.default_rng(seed)
-        coarse = rng.uniform(0, 255, size=(n, 4, 4, 3))
-        images = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2) + rng.normal(0, 8, (n, 32, 32, 3))
-        return (np.clip(images, 0, 255).astype(np.uint8), rng.integers(0, 10, n),
-                f"NOT CIFAR-10: a fixed random fixture ({type(e).__name__}: {str(e).splitlines()[0]})")
-
-
 def device_batches(x, y, batch, count, seed):
     """``count`` augmented, normalised batches on the device, and the iterator that made them."""
     from .data import CIFAR10_MEAN, CIFAR10_STD, BatchIterator
@@ -96,38 +85,6 @@ def device_batches(x, y, batch, count, seed):
 
 # ---------------------------------------------------------------- timing
 
-class StepClock:
-    """Per-step times in ms: CUDA events on ``stream`` (read once, at the end) or perf_counter."""
-
-    def __init__(self, gpu, stream=None):
-        self.gpu, self.stream = gpu, stream
-        self.marks = []
-
-    def time(self, fn, *args):
-        """fn(*args), timed; returns its result."""
-        if self.gpu:
-            cp = backend.require_gpu()
-            stream = self.stream or cp.cuda.get_current_stream()
-            start, end = cp.cuda.Event(), cp.cuda.Event()
-            start.record(stream)
-            out = fn(*args)
-            end.record(stream)
-            self.marks.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            out = fn(*args)
-            self.marks.append(1e3 * (time.perf_counter() - t0))
-        return out
-
-    def times(self):
-        if not self.gpu:
-            return list(self.marks)
-        cp = backend.require_gpu()
-        if self.marks:
-            self.marks[-1][1].synchronize()
-        return [cp.cuda.get_elapsed_time(a, b) for a, b in self.marks]
-
-
 def summary(times):
     t = np.asarray(times, dtype=np.float64)
     return dict(ms=float(np.median(t)), ms_p10=float(np.percentile(t, 10)), ms_p90=float(np.percentile(t, 90)),
@@ -140,7 +97,7 @@ def time_minireuse(batches, cfg, steps, warmup, gpu):
     t = Trainer(cfg, data=(None, None, None, None), quiet=True)
     t.begin_run()
     per_epoch = math.ceil(EPOCH_IMAGES / len(batches[0][1]))
-    clock = StepClock(gpu, t._graphs.stream if t._graphs is not None else None)
+    clock = Clock(gpu, t._graphs.stream if t._graphs is not None else None)
     with t.stream():
         for i in range(warmup + steps):
             xb, yb = batches[i % len(batches)]
@@ -170,7 +127,7 @@ def time_minireuse(batches, cfg, steps, warmup, gpu):
 
 def time_data_pipeline(iterator, steps, warmup, gpu):
     """Median ms per batch of BatchIterator (gather, crop/flip, normalise) on the device."""
-    clock = StepClock(gpu)
+    clock = Clock(gpu)
     batches = iterator.epoch()
 
     def next_batch():
@@ -302,10 +259,7 @@ def format_table(report):
                      f"{r['ms']:.2f}", f"{r['ms_p10']:.2f}-{r['ms_p90']:.2f}", f"{r['epoch_s']:.1f}",
                      "-" if is_data or torch_row is None else f"{torch_row['ms'] / r['ms']:.2f}x",
                      "-" if is_data or exact is None else f"{exact['ms'] / r['ms']:.2f}x"])
-    widths = [max(len(c) for c in col) for col in zip(head, *body)]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in [head] + body]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = align_rows([head] + body, right_from=2)
     lines += [f"{r['name']}: skipped: {r['reason']}" for r in rows if r.get("skipped")]
     notes = [f"device: {report['device']}   commit: {report['commit']}",
              f"data: {report['data']}",
@@ -340,7 +294,7 @@ def run_step_bench(args):
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    x, y, source = load_training_images(args.data, args.batch * args.batches, args.seed)
+    x, y, source = sample_images(args.data, args.batch * args.batches, args.seed)
     if len(x) < args.batch * args.batches:
         raise ValueError(f"{len(x)} images are fewer than --batch x --batches = {args.batch * args.batches}")
     batches, iterator = device_batches(x, y, args.batch, args.batches, args.seed)

@@ -8,6 +8,7 @@ and prints a side-by-side table.
 import os
 
 from .fileio import atomic_write_json
+from .tables import align_rows
 from .train import Trainer
 
 
@@ -28,15 +29,6 @@ def summarise(history):
                 train_seconds=sum(e["seconds"] for e in epochs),
                 conv_seconds=sum(v["seconds"] for k, v in per_layer.items() if k.startswith("conv")),
                 layers=per_layer)
-
-
-def align_rows(rows):
-    """Text lines of a table of string rows: columns padded to their widest cell, a rule
-    under the first (header) row."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "-" * max(len(l) for l in lines))
-    return lines
 
 
 def format_table(exact, reuse, strategy):

@@ -38,7 +38,8 @@ import sys
 
 import numpy as np
 
-from .compare import align_rows, summarise
+from .compare import summarise
+from .tables import align_rows
 from .reuse.adaptive import stage_label
 from .fileio import atomic_write_json
 from .train import CHECKPOINT, HISTORY, Trainer

@@ -1,13 +1,56 @@
-"""Per-layer timers that never wait on the GPU inside a step.
+"""Every timer of minireuse: CUDA event pairs on the GPU, perf_counter on the CPU.
 
-On the CPU a timer reads perf_counter around each call. On the GPU it records
-a pair of CUDA events around each call and only reads them in ``collect()``
-(once per epoch), so timing adds no host synchronisation to a step.
+- ``Clock``: times calls and reads them all at the end (benchmarks);
+- ``timed(fn)``: one call, waited for (layer benchmarks, scripts);
+- ``LayerTimer``: per-layer forward/backward times of training steps, read once
+  per epoch, so timing adds no host synchronisation to a step.
 """
 import time
 from collections import defaultdict
 
 from . import backend
+
+
+class Clock:
+    """Times in ms of the calls passed to ``time``: CUDA events on ``stream`` (the current
+    stream when None), read once by ``times()``; on the CPU, perf_counter."""
+
+    def __init__(self, gpu=None, stream=None):
+        self.gpu = backend.device() == "gpu" if gpu is None else gpu
+        self.stream = stream
+        self.marks = []
+
+    def time(self, fn, *args):
+        """fn(*args), timed; returns its result."""
+        if self.gpu:
+            cp = backend.require_gpu()
+            stream = self.stream or cp.cuda.get_current_stream()
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            out = fn(*args)
+            end.record(stream)
+            self.marks.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            out = fn(*args)
+            self.marks.append(1e3 * (time.perf_counter() - t0))
+        return out
+
+    def times(self):
+        """ms of every timed call (waits for the last one on the GPU)."""
+        if not self.gpu:
+            return list(self.marks)
+        cp = backend.require_gpu()
+        if self.marks:
+            self.marks[-1][1].synchronize()
+        return [cp.cuda.get_elapsed_time(a, b) for a, b in self.marks]
+
+
+def timed(fn):
+    """(milliseconds, fn()) of one call, waited for."""
+    clock = Clock()
+    out = clock.time(fn)
+    return clock.times()[0], out
 
 
 class LayerTimer:

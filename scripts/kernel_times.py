@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minireuse import backend, bench  # noqa: E402
+from minireuse.timing import timed  # noqa: E402
 from minireuse.reuse import ReuseConfig, ReuseState, cuda  # noqa: E402
 
 SETTINGS = [
@@ -76,7 +77,7 @@ class TimedDevice(cuda.CupyDevice):
 
 
 def median_ms(fn, repeats):
-    return float(np.median([bench.timed(fn)[0] for _ in range(repeats)]))
+    return float(np.median([timed(fn)[0] for _ in range(repeats)]))
 
 
 def reuse_step(x, W, b, dy, pads, config, state):
@@ -101,9 +102,9 @@ def time_setting(x, W, b, dy, pads, fields, repeats):
     ops = [(label, float(np.median([run[i][1] for run in per_op]))) for i, (label, _) in enumerate(per_op[0])]
     fwd, bwd = [], []
     for _ in range(repeats):
-        t, (y, cache) = bench.timed(lambda: cuda.cuda_reuse_conv_forward(x, W, b, 1, pads, config, state))
+        t, (y, cache) = timed(lambda: cuda.cuda_reuse_conv_forward(x, W, b, 1, pads, config, state))
         fwd.append(t)
-        bwd.append(bench.timed(lambda: cuda.cuda_reuse_conv_backward(dy, cache))[0])
+        bwd.append(timed(lambda: cuda.cuda_reuse_conv_backward(dy, cache))[0])
     # everything the capture allocates comes from a pool of its own, kept while the graph
     # replays (as graph.py does): later eager work cannot reuse the addresses it writes
     pool = cp.cuda.MemoryPool()
@@ -132,8 +133,8 @@ def time_exact(layer, x, dy, repeats):
         layer.backward(dy)
     fwd, bwd = [], []
     for _ in range(repeats):
-        fwd.append(bench.timed(lambda: layer.forward(x, train=True))[0])
-        bwd.append(bench.timed(lambda: layer.backward(dy))[0])
+        fwd.append(timed(lambda: layer.forward(x, train=True))[0])
+        bwd.append(timed(lambda: layer.backward(dy))[0])
     return dict(fwd_ms=float(np.median(fwd)), bwd_ms=float(np.median(bwd)))
 
 
