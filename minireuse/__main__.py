@@ -260,7 +260,7 @@ def main(argv=None):
     a.argv = argv
     from .backend import BackendMismatchError, DeviceError
     from .data import CorruptDataError, DataNotFoundError
-    from .graph import GraphError
+    from .step_graphs import GraphError
     from .outdir import OutputError
     from .train import TrainingError
     user_errors = (DataNotFoundError, CorruptDataError, GraphError, OutputError)

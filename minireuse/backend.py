@@ -148,7 +148,7 @@ _capture = {"active": False}
 
 
 class capturing:
-    """Marks the code of its block as being recorded into a CUDA graph (see graph.py).
+    """Marks the code of its block as being recorded into a CUDA graph (see step_graphs.py).
 
     Layers and optimizers ask ``is_capturing()`` to keep host-side work (advancing a
     dropout key, counting a step) out of the recording: the graph runner does it

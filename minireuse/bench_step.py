@@ -119,7 +119,7 @@ def time_minireuse(batches, cfg, steps, warmup, gpu):
                graph_replays=graphs.replays if graphs is not None else 0,
                graph_recordings=graphs.recordings if graphs is not None else 0)
     if graphs is not None and graphs.replays == 0:
-        from .graph import uncapturable_layers
+        from .step_graphs import uncapturable_layers
         blockers = uncapturable_layers(t.model) or list(graphs.failed.values())
         out["note"] = "not capturable: " + ("; ".join(blockers) or "no replay happened")
     return out

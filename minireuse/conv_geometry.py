@@ -3,11 +3,11 @@
 Below both the layers (layers/conv.py, layers/pool.py) and deep reuse (reuse/),
 which share it. Columns are ordered (dy, dx, c), so with weights (kh, kw, c_in,
 c_out) the conv is cols @ W.reshape(K, M) with no copy of W. On CuPy arrays,
-col2im is one fused gather kernel (fused.col2im); the array code is its twin.
+col2im is one fused gather kernel (step_kernels.col2im); the array code is its twin.
 """
 import numpy as np
 
-from . import backend, fused
+from . import backend, step_kernels
 
 
 def conv_padding(padding, size, k, stride):
@@ -60,8 +60,8 @@ def im2col(x, kh, kw, stride, pads):
 
 def col2im(cols, x_shape, kh, kw, stride, pads):
     """Adjoint of im2col: scatter-add the columns back into a (B, H, W, C) array."""
-    if fused.supports(cols):          # CuPy: one gather kernel instead of kh*kw launches
-        return fused.col2im(cols, x_shape, kh, kw, stride, pads)
+    if step_kernels.supports(cols):          # CuPy: one gather kernel instead of kh*kw launches
+        return step_kernels.col2im(cols, x_shape, kh, kw, stride, pads)
     xp = backend.get_array_module(cols)
     b, h, w, c = x_shape
     hp, wp = h + pads[0] + pads[1], w + pads[2] + pads[3]

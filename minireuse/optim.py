@@ -9,15 +9,15 @@ A step has a host part and a device part: ``prepare_step`` counts it and, on the
 GPU, uploads the values that change every step (learning rate, Adam's bias
 corrections) into device memory without waiting; ``apply`` updates the parameters.
 ``step`` is both. On CuPy arrays ``apply`` is one fused kernel per parameter
-(minireuse.fused) that reads those values from device memory, so a step recorded in
-a CUDA graph (graph.py) replays with the current learning rate; ``update`` below,
+(minireuse.step_kernels) that reads those values from device memory, so a step recorded in
+a CUDA graph (step_graphs.py) replays with the current learning rate; ``update`` below,
 the array code, is its twin and runs on NumPy.
 """
 import math
 
 import numpy as np
 
-from . import backend, fused
+from . import backend, step_kernels
 
 
 class Optimizer:
@@ -45,7 +45,7 @@ class Optimizer:
         """The host part of a step: count it; on the GPU, upload this step's scalars."""
         self.steps += 1
         params = [layer.params[name] for _, layer, name in self.model.named_parameters()]
-        if params and fused.supports(params[0]):
+        if params and step_kernels.supports(params[0]):
             if self._hyper is None:
                 self._hyper = backend.DeviceScalars(3, np.float64, xp=backend.get_array_module(params[0]))
             self._hyper.set(self.step_scalars())
@@ -59,7 +59,7 @@ class Optimizer:
         for key, layer, name in self.model.named_parameters():
             p, g = layer.params[name], layer.grads[name]
             wd = self.weight_decay if self._decays(layer, name) else 0.0
-            if fused.supports(p, g) and p.flags.c_contiguous:
+            if step_kernels.supports(p, g) and p.flags.c_contiguous:
                 if self._hyper is None:
                     raise RuntimeError("Optimizer.apply on the GPU needs prepare_step first (use step())")
                 self.fused_update(key, p, g, wd)
@@ -107,13 +107,13 @@ class SGD(Optimizer):
 
     def fused_update(self, key, p, g, weight_decay):
         if self.momentum == 0.0:
-            fused.sgd_update(p, g, None, self._hyper.array, 0.0, False, weight_decay, False)
+            step_kernels.sgd_update(p, g, None, self._hyper.array, 0.0, False, weight_decay, False)
             return
         s = self.state.setdefault(key, {})
         first = "v" not in s
         if first:
             s["v"] = backend.get_array_module(p).empty_like(p)
-        fused.sgd_update(p, g, s["v"], self._hyper.array, self.momentum, self.nesterov, weight_decay, first)
+        step_kernels.sgd_update(p, g, s["v"], self._hyper.array, self.momentum, self.nesterov, weight_decay, first)
 
 
 class Adam(Optimizer):
@@ -142,7 +142,7 @@ class Adam(Optimizer):
         if "m" not in s:
             xp = backend.get_array_module(p)
             s["m"], s["v"] = xp.zeros_like(p), xp.zeros_like(p)
-        fused.adam_update(p, g, s["m"], s["v"], self._hyper.array, self.b1, self.b2, self.eps, weight_decay)
+        step_kernels.adam_update(p, g, s["m"], s["v"], self._hyper.array, self.b1, self.b2, self.eps, weight_decay)
 
 
 # ----- learning-rate schedules: callables epoch_fraction -> lr, where the

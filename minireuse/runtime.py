@@ -1,6 +1,6 @@
 """One way to load, check, launch and host-build minireuse's CUDA kernels.
 
-Both kernel families use it: the fused kernels of the exact step (fused.py) and
+Both kernel families use it: the fused kernels of the exact step (step_kernels.py) and
 the deep-reuse kernels (reuse/kernels/*.cu). A ``KernelModule`` is one CUDA
 translation unit. Its ``extern "C" __global__`` functions are the kernels; their
 signatures are read from the source, so every launch is checked against the

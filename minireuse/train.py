@@ -12,7 +12,7 @@ On the GPU a step never waits for the device (docs/speed.md): the loss and accur
 are summed on the device, and the progress bar and the non-finite-loss guard read
 those sums through an asynchronous copy that lands a few steps later (one wait per
 epoch, at its end). With ``graph`` 'auto' or 'on' (the default is 'off'), the step
-is recorded once as a CUDA graph and replayed (minireuse.graph). Checkpoints are
+is recorded once as a CUDA graph and replayed (minireuse.step_graphs). Checkpoints are
 written and read by minireuse.checkpoint.
 """
 import contextlib
@@ -24,7 +24,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from . import backend, fused
+from . import backend, step_kernels
 from .layers import Dropout
 from .losses import SoftmaxCrossEntropy
 from .checkpoint import (TrainingError, checkpoint_config, load_checkpoint, read_checkpoint,  # noqa: F401
@@ -86,8 +86,8 @@ class StepTotals:
         self.sums[...] = 0
 
     def add(self, loss, logits, labels):
-        if fused.supports(logits) and loss.dtype == logits.dtype:
-            fused.accumulate_step(self.sums, loss, logits, labels)
+        if step_kernels.supports(logits) and loss.dtype == logits.dtype:
+            step_kernels.accumulate_step(self.sums, loss, logits, labels)
             return
         self.sums[0] += loss * len(labels)
         self.sums[1] += (logits.argmax(axis=1) == labels).sum()
@@ -141,7 +141,7 @@ class Trainer:
         check_writable(c["out"])           # before any data is loaded or any step runs
         check_unlocked(c["out"])
         self.device = backend.set_device(c["device"])
-        from .graph import resolve_mode
+        from .step_graphs import resolve_mode
         self.graph_mode = resolve_mode(c["graph"], self.device)
         backend.seed(c["seed"])
         self.model = model if model is not None else self._build_model()
@@ -256,7 +256,7 @@ class Trainer:
         self.reader = backend.AsyncReader(2, xp=xp)
         self._graphs = None
         if self.graph_mode != "off":
-            from .graph import StepGraphs
+            from .step_graphs import StepGraphs
             self._graphs = StepGraphs(self._graph_body, self.model, self._prepare_replay, mode=self.graph_mode)
 
     def stream(self):

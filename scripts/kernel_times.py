@@ -106,7 +106,7 @@ def time_setting(x, W, b, dy, pads, fields, repeats):
         fwd.append(t)
         bwd.append(timed(lambda: cuda.cuda_reuse_conv_backward(dy, cache))[0])
     # everything the capture allocates comes from a pool of its own, kept while the graph
-    # replays (as graph.py does): later eager work cannot reuse the addresses it writes
+    # replays (as step_graphs.py does): later eager work cannot reuse the addresses it writes
     pool = cp.cuda.MemoryPool()
     stream = cp.cuda.Stream(non_blocking=True)
     cp.cuda.Stream.null.synchronize()

@@ -789,7 +789,7 @@ def test_capacity_adapts_while_the_device_runs_behind(lag):
 
 def _capture(xp, fn):
     """(graph, outputs, pool) of fn() captured on a new stream; everything it allocates comes
-    from a private pool kept with the graph (as graph.py does), so eager work cannot reuse
+    from a private pool kept with the graph (as step_graphs.py does), so eager work cannot reuse
     addresses the graph writes."""
     pool = xp.cuda.MemoryPool()
     stream = xp.cuda.Stream(non_blocking=True)

@@ -5,10 +5,10 @@
 
 (tf.nn.local_response_normalization; alpha is NOT divided by the window size.)
 
-On CuPy arrays, forward and backward are one fused kernel each (minireuse.fused,
+On CuPy arrays, forward and backward are one fused kernel each (minireuse.step_kernels,
 looping over the 2r+1 window per element); the array code below is their twin.
 """
-from .. import backend, fused
+from .. import backend, step_kernels
 from .base import Layer
 
 
@@ -34,8 +34,8 @@ class LocalResponseNorm(Layer):
         self.r, self.bias, self.alpha, self.beta = int(depth_radius), float(bias), float(alpha), float(beta)
 
     def forward(self, x, train=True):
-        if fused.supports(x):
-            y, scale, d = fused.lrn_forward(x, self.r, self.bias, self.alpha, self.beta)
+        if step_kernels.supports(x):
+            y, scale, d = step_kernels.lrn_forward(x, self.r, self.bias, self.alpha, self.beta)
             if train:
                 self._cache = (x, d, scale)
             return y
@@ -50,9 +50,9 @@ class LocalResponseNorm(Layer):
         # dx_i = dy_i * D_i^-b - 2 alpha b x_i * sum_{j in win(i)} dy_j x_j D_j^(-b-1)
         # (the window is symmetric: i in win(j) <=> j in win(i)).
         x, d, scale = self._cache
-        if fused.supports(dy, x):
+        if step_kernels.supports(dy, x):
             self._cache = None
-            return fused.lrn_backward(dy, x, scale, d, self.r, self.alpha, self.beta)
+            return step_kernels.lrn_backward(dy, x, scale, d, self.r, self.alpha, self.beta)
         t = dy * x * scale / d
         dx = dy * scale - (2.0 * self.alpha * self.beta) * x * window_sum(t, self.r)
         self._cache = None

@@ -1,11 +1,11 @@
 """Max pooling on NHWC inputs.
 
 On CuPy arrays with windows that do not overlap (stride >= pool size, CifarNet's
-2x2/2), forward and backward are one fused kernel each (minireuse.fused): the
+2x2/2), forward and backward are one fused kernel each (minireuse.step_kernels): the
 forward keeps the position of each window's first maximum (one byte per output)
 and the backward is a gather from it. The array code below is their twin.
 """
-from .. import backend, fused
+from .. import backend, step_kernels
 from .base import Layer
 from ..conv_geometry import conv_padding
 
@@ -46,8 +46,8 @@ class MaxPool2D(Layer):
         self._check_input(x, 4, "(batch, height, width, channels)")
         xp = backend.get_array_module(x)
         pads, oh, ow = self._geometry(x.shape[1], x.shape[2])
-        if self.stride >= self.k and self.k * self.k <= 255 and fused.supports(x):
-            y, arg = fused.maxpool_forward(x, self.k, self.stride, pads, (oh, ow))
+        if self.stride >= self.k and self.k * self.k <= 255 and step_kernels.supports(x):
+            y, arg = step_kernels.maxpool_forward(x, self.k, self.stride, pads, (oh, ow))
             if train:
                 self._cache = ("fused", arg, x.shape, pads)
             return y
@@ -68,7 +68,7 @@ class MaxPool2D(Layer):
         self._cache = None
         if kind == "fused":
             arg, x_shape, pads = cache
-            return fused.maxpool_backward(dy, arg, x_shape, self.k, self.stride, pads)
+            return step_kernels.maxpool_backward(dy, arg, x_shape, self.k, self.stride, pads)
         xp = backend.get_array_module(dy)
         xpad, y, (n, h, w, c), (t, b, l, r) = cache
         oh, ow = dy.shape[1:3]

@@ -1,12 +1,12 @@
 """Parameter-free layers: ReLU, Flatten, Dropout.
 
 On CuPy arrays, ReLU's backward and Dropout's forward are one fused kernel each
-(minireuse.fused); the array code below is their twin and runs on NumPy (Dropout's
+(minireuse.step_kernels); the array code below is their twin and runs on NumPy (Dropout's
 GPU masks come from a counter-based generator instead of NumPy's, see Dropout).
 """
 import numpy as np
 
-from .. import backend, fused
+from .. import backend, step_kernels
 from .base import Layer
 
 _MASK64 = (1 << 64) - 1
@@ -36,7 +36,7 @@ class ReLU(Layer):
         return y
 
     def backward(self, dy):
-        dx = fused.relu_backward(dy, self._y) if fused.supports(dy, self._y) else dy * (self._y > 0)
+        dx = step_kernels.relu_backward(dy, self._y) if step_kernels.supports(dy, self._y) else dy * (self._y > 0)
         self._y = None
         return dx
 
@@ -99,12 +99,12 @@ class Dropout(Layer):
             self._mask = None
             return x
         keep = 1.0 - self.rate
-        if fused.supports(x):
+        if step_kernels.supports(x):
             if not backend.is_capturing():
                 self.advance_key()
             elif self._device_key is None:
                 raise RuntimeError(f"{self.name}: a CUDA graph capture needs one eager step first")
-            self._mask, y = fused.dropout_forward(x, keep, self._device_key.array)
+            self._mask, y = step_kernels.dropout_forward(x, keep, self._device_key.array)
             return y
         if self.rng is None:
             self.rng = np.random.default_rng(self.seed)

@@ -2,7 +2,7 @@
 
 General path (L does not divide the channels): fused im2col, then the product of
 matmul.py on the im2col rows; dX goes back through the one col2im kernel
-(fused.col2im), from dY @ W^T ('exact') or from the cluster rows ('cluster').
+(step_kernels.col2im), from dY @ W^T ('exact') or from the cluster rows ('cluster').
 
 Pixel-aligned path (L divides the channels), forward:
     input_rms, hash_rows_h*, centroid_sums   clustering.cluster on the padded pixels
@@ -11,13 +11,13 @@ Pixel-aligned path (L divides the channels), forward:
 backward:
     cluster_sums_pixels  S = per-cluster sums of dY / count per offset, db, overflow dW
     cuBLAS     dW'_q += sums_q^T @ S_q
-    dX 'exact'   cuBLAS dY @ W^T, fused.col2im;  'cluster'  cuBLAS D = S @ W'_q^T, dx_cluster_pixels
+    dX 'exact'   cuBLAS dY @ W^T, step_kernels.col2im;  'cluster'  cuBLAS D = S @ W'_q^T, dx_cluster_pixels
 """
 import dataclasses
 
 import numpy as np
 
-from ... import fused
+from ... import step_kernels
 from .. import conv as reference
 from .. import matmul as reference_matmul
 from .clustering import cluster, dx_cluster_rows
@@ -68,9 +68,9 @@ class ConvGeometry:
 
 
 def col2im(dcols, geo):
-    """dx (B, H, W, C) from im2col-shaped columns (N, kh*kw*C): the one col2im kernel (fused.col2im)."""
+    """dx (B, H, W, C) from im2col-shaped columns (N, kh*kw*C): the one col2im kernel (step_kernels.col2im)."""
     check_index_range("input", geo.B * geo.h * geo.w * geo.C)
-    return fused.col2im(dcols, (geo.B, geo.h, geo.w, geo.C), geo.kh, geo.kw, geo.stride, geo.pads)
+    return step_kernels.col2im(dcols, (geo.B, geo.h, geo.w, geo.C), geo.kh, geo.kw, geo.stride, geo.pads)
 
 
 def dx_cluster_pixels(D, ids, dY, W, geo, L):
@@ -132,7 +132,7 @@ def cuda_reuse_conv_forward(x, W, b, stride, pads, config, state, train=True):
         y, cache, run = _pixel_forward(x, W, b, geo, config, state, train)
     else:
         check_index_range("im2col columns", geo.outputs * geo.kh * geo.kw * geo.C)
-        cols, _ = fused.im2col(x, geo.kh, geo.kw, stride, geo.pads)
+        cols, _ = step_kernels.im2col(x, geo.kh, geo.kw, stride, geo.pads)
         y, mcache, run = matmul_forward(cols, W.reshape(-1, geo.M), b, config, state, train, x, geo.B)
         cache = CudaConvCache("general", x, W, geo, matmul=mcache) if train else None
     y = y.reshape(geo.B, geo.oh, geo.ow, geo.M)
@@ -202,7 +202,7 @@ def cuda_reuse_conv_backward(dy, cache):
     dW = device().xp.ascontiguousarray(ws["dWq"].reshape(Q, c.L, T, geo.M).transpose(2, 0, 1, 3))
     dW = dW.reshape(c.W.shape)
     if c.overflow_gemm:
-        cols, _ = fused.im2col(overflow_pixels(c.x, c.ids, geo, c.L), geo.kh, geo.kw, geo.stride, geo.pads)
+        cols, _ = step_kernels.im2col(overflow_pixels(c.x, c.ids, geo, c.L), geo.kh, geo.kw, geo.stride, geo.pads)
         dW += (cols.T @ dy2).reshape(c.W.shape)
     if c.dx_mode == "exact":
         dx = col2im(dy2 @ c.W.reshape(-1, geo.M).T, geo)

@@ -28,7 +28,7 @@ elementwise kernels round exactly like the NumPy expressions they replace.
 
 Values that change every step (learning rate, Adam's bias corrections, dropout
 keys) are read from device memory (``backend.DeviceScalars``), never passed as
-launch arguments, so a step recorded in a CUDA graph (graph.py) stays correct when
+launch arguments, so a step recorded in a CUDA graph (step_graphs.py) stays correct when
 replayed.
 """
 import numpy as np
@@ -311,7 +311,7 @@ def _entry_points():
 
 CUDA_SOURCE = _KERNELS + "\n// ---- entry points\n" + _entry_points()
 
-MODULE = runtime.KernelModule("minireuse/fused.py", CUDA_SOURCE, gpu_options=("--std=c++14", "--fmad=false"))
+MODULE = runtime.KernelModule("minireuse/step_kernels.py", CUDA_SOURCE, gpu_options=("--std=c++14", "--fmad=false"))
 
 THREADS = 256
 MAX_BLOCKS = 1 << 16

@@ -1,4 +1,4 @@
-"""CUDA-graph training steps (minireuse.graph) and the sync-free host <-> device scalars.
+"""CUDA-graph training steps (minireuse.step_graphs) and the sync-free host <-> device scalars.
 
 On the CPU: mode resolution and its errors, what may be recorded, the graph keys,
 and the NumPy side of DeviceScalars/AsyncReader. On a GPU: a run replaying
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from minireuse import backend
-from minireuse.graph import GraphError, resolve_mode, reuse_capturable, settings_key, uncapturable_layers
+from minireuse.step_graphs import GraphError, resolve_mode, reuse_capturable, settings_key, uncapturable_layers
 from minireuse.models import cifarnet
 from minireuse.reuse import ReuseConfig
 from minireuse.train import Trainer

@@ -1,4 +1,4 @@
-"""Fused kernels (minireuse.fused) against their twins, the layers' and optimizers' array code.
+"""Fused kernels (minireuse.step_kernels) against their twins, the layers' and optimizers' array code.
 
 Each test body runs twice: on the GPU (CuPy arrays, the real kernels), and on the
 kernels' host build (the same CUDA source run by minireuse.runtime's host runner:
@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from minireuse import backend, fused, runtime
+from minireuse import backend, step_kernels, runtime
 from minireuse.layers import Dense, Dropout, LocalResponseNorm, MaxPool2D, ReLU, col2im, im2col
 from minireuse.layers.simple import call_key
 from minireuse.models import Sequential
@@ -82,7 +82,7 @@ def test_sgd_kernel_matches_sgd_update(on, rng, dtype, momentum, nesterov, wd):
     hyper = backend.DeviceScalars(3, np.float64, xp=on.xp)
     for k, (g, lr) in enumerate(zip(grads, lrs)):
         hyper.set((lr, 1.0, 1.0))
-        fused.sgd_update(p, on(g), v if momentum else None, hyper.array, momentum, nesterov, wd, k == 0)
+        step_kernels.sgd_update(p, on(g), v if momentum else None, hyper.array, momentum, nesterov, wd, k == 0)
     np.testing.assert_allclose(on.back(p), want, **tol(dtype))
     if momentum:
         np.testing.assert_allclose(on.back(v), state["v"], **tol(dtype))
@@ -99,7 +99,7 @@ def test_adam_kernel_matches_adam_update(on, rng, dtype, wd):
     hyper = backend.DeviceScalars(3, np.float64, xp=on.xp)
     for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
         hyper.set((lr, 1 - 0.9 ** t, 1 - 0.999 ** t))
-        fused.adam_update(p, on(g), m, v, hyper.array, 0.9, 0.999, 1e-8, wd)
+        step_kernels.adam_update(p, on(g), m, v, hyper.array, 0.9, 0.999, 1e-8, wd)
     np.testing.assert_allclose(on.back(p), want, **tol(dtype))
     np.testing.assert_allclose(on.back(m), state["m"], **tol(dtype))
     np.testing.assert_allclose(on.back(v), state["v"], **tol(dtype))
@@ -115,8 +115,8 @@ def test_lrn_kernels_match_the_layer(on, rng, dtype, r, bias, alpha, beta):
     layer = LocalResponseNorm(r, bias, alpha, beta)
     y_want = layer.forward(x)
     dx_want = layer.backward(dy)
-    y, scale, denom = fused.lrn_forward(on(x), r, bias, alpha, beta)
-    dx = fused.lrn_backward(on(dy), on(x), scale, denom, r, alpha, beta)
+    y, scale, denom = step_kernels.lrn_forward(on(x), r, bias, alpha, beta)
+    dx = step_kernels.lrn_backward(on(dy), on(x), scale, denom, r, alpha, beta)
     np.testing.assert_allclose(on.back(y), y_want, **tol(dtype))
     np.testing.assert_allclose(on.back(dx), dx_want, **tol(dtype))
 
@@ -132,8 +132,8 @@ def test_maxpool_kernels_match_the_layer(on, rng, dtype, k, stride, padding, sha
     dy = (rng.standard_normal(y_want.shape) + 0.5).astype(dtype)
     dx_want = layer.backward(dy)
     pads, oh, ow = layer._geometry(shape[1], shape[2])
-    y, arg = fused.maxpool_forward(on(x), k, stride, pads, (oh, ow))
-    dx = fused.maxpool_backward(on(dy), arg, shape, k, stride, pads)
+    y, arg = step_kernels.maxpool_forward(on(x), k, stride, pads, (oh, ow))
+    dx = step_kernels.maxpool_backward(on(dy), arg, shape, k, stride, pads)
     np.testing.assert_array_equal(on.back(y), y_want)
     np.testing.assert_array_equal(on.back(dx), dx_want)
 
@@ -146,7 +146,7 @@ def test_relu_backward_kernel_matches_the_layer(on, rng, dtype):
     layer = ReLU()
     y = layer.forward(x)
     want = layer.backward(dy)
-    np.testing.assert_array_equal(on.back(fused.relu_backward(on(dy), on(y))), want)
+    np.testing.assert_array_equal(on.back(step_kernels.relu_backward(on(dy), on(y))), want)
 
 
 def splitmix_uniform(key, n):
@@ -164,14 +164,14 @@ def test_dropout_kernel_draws_splitmix_masks(on, rng, dtype):
     keep = 0.7
     key = call_key((3, 1, 4), 1)
     key_words = on(np.array([key & 0xFFFFFFFF, key >> 32], dtype=np.uint32))
-    mask, y = fused.dropout_forward(on(x), keep, key_words)
+    mask, y = step_kernels.dropout_forward(on(x), keep, key_words)
     mask, y = on.back(mask), on.back(y)
     scale = np.dtype(dtype).type(1) / np.dtype(dtype).type(keep)
     want = np.where(splitmix_uniform(key, x.size) < np.float32(keep), scale, 0).astype(dtype).reshape(x.shape)
     np.testing.assert_array_equal(mask, want)
     np.testing.assert_array_equal(y, x * want)
     assert 0.6 < (mask != 0).mean() < 0.8
-    other, _ = fused.dropout_forward(on(x), keep, on(np.array([key & 0xFFFFFFFF, (key >> 32) ^ 1], np.uint32)))
+    other, _ = step_kernels.dropout_forward(on(x), keep, on(np.array([key & 0xFFFFFFFF, (key >> 32) ^ 1], np.uint32)))
     assert (on.back(other) != mask).any()
 
 
@@ -186,7 +186,7 @@ def test_accumulate_kernel_matches_the_array_sums(on, rng, dtype):
     want[0] += loss * len(labels)
     want[1] += (logits.argmax(axis=1) == labels).sum()
     sums = on(np.array([1.25, 3.0]))
-    fused.accumulate_step(sums, on(loss), on(logits), on(labels))
+    step_kernels.accumulate_step(sums, on(loss), on(logits), on(labels))
     np.testing.assert_array_equal(on.back(sums), want)
 
 
@@ -197,11 +197,11 @@ def test_accumulate_kernel_matches_the_array_sums(on, rng, dtype):
 def test_im2col_col2im_kernels_match_the_conv_code(on, rng, dtype, shape, k, stride, pads):
     x = (rng.standard_normal(shape) + 0.1).astype(dtype)
     cols_want, ohw = im2col(x, k[0], k[1], stride, pads)
-    cols, ohw_fused = fused.im2col(on(x), k[0], k[1], stride, pads)
+    cols, ohw_fused = step_kernels.im2col(on(x), k[0], k[1], stride, pads)
     assert ohw_fused == ohw
     np.testing.assert_array_equal(on.back(cols), cols_want)
     d = (rng.standard_normal(cols_want.shape) - 0.3).astype(dtype)
-    np.testing.assert_array_equal(on.back(fused.col2im(on(d), shape, k[0], k[1], stride, pads)),
+    np.testing.assert_array_equal(on.back(step_kernels.col2im(on(d), shape, k[0], k[1], stride, pads)),
                                   col2im(d, shape, k[0], k[1], stride, pads))
 
 
@@ -211,7 +211,7 @@ def test_numpy_arrays_take_the_array_code(rng, monkeypatch):
     """On NumPy arrays no layer, optimizer or sum reaches a kernel launch."""
     def no_launch(*args):
         raise AssertionError("a fused kernel was launched for NumPy arrays")
-    monkeypatch.setattr(fused, "_launch", no_launch)
+    monkeypatch.setattr(step_kernels, "_launch", no_launch)
     old = backend._state["device"]
     backend.set_device("cpu")
     try:
@@ -231,8 +231,8 @@ def test_numpy_arrays_take_the_array_code(rng, monkeypatch):
 @pytest.mark.skipif(not backend.gpu_available(), reason="no usable GPU/cupy on this machine")
 def test_cupy_arrays_take_the_kernels(rng, monkeypatch):
     launched = []
-    real = fused._launch
-    monkeypatch.setattr(fused, "_launch", lambda name, *a: (launched.append(name), real(name, *a)))
+    real = step_kernels._launch
+    monkeypatch.setattr(step_kernels, "_launch", lambda name, *a: (launched.append(name), real(name, *a)))
     old = backend._state["device"]
     backend.set_device("gpu")
     try:
@@ -257,12 +257,12 @@ def _nvcc_arch():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_cuda_source_compiles_for_the_device(tmp_path):
-    src = tmp_path / "fused.cu"
-    src.write_text(fused.CUDA_SOURCE)
+    src = tmp_path / "step_kernels.cu"
+    src.write_text(step_kernels.CUDA_SOURCE)
     r = subprocess.run(["nvcc", "--ptx", f"-arch={_nvcc_arch()}", "--fmad=false", "-std=c++14",
-                        str(src), "-o", str(tmp_path / "fused.ptx")], capture_output=True, text=True, timeout=300)
+                        str(src), "-o", str(tmp_path / "step_kernels.ptx")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    ptx = (tmp_path / "fused.ptx").read_text()
+    ptx = (tmp_path / "step_kernels.ptx").read_text()
     for name in ("sgd_update", "adam_update", "lrn_forward", "lrn_backward", "maxpool_forward", "maxpool_backward",
                  "relu_backward", "dropout_forward", "accumulate_step", "im2col", "col2im"):
         for suffix in ("f32", "f64"):
