@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import backend, step_kernels
-from .layers import Dropout
+from .layers.simple import reseed_dropout
 from .losses import SoftmaxCrossEntropy
 from .checkpoint import (TrainingError, checkpoint_config, load_checkpoint, read_checkpoint,  # noqa: F401
                          resume_conflicts, save_checkpoint)
@@ -33,7 +33,8 @@ from .fileio import atomic_write_json
 from .models import MODELS
 from .optim import SGD, Adam, make_schedule
 from .outdir import OutLock, OutputError, check_unlocked, check_writable
-from .reuse.adaptive import make_strategy, stage_errors
+from .reuse.adaptive import make_strategy
+from .strategy_steps import StrategySteps
 from .timing import LayerTimer
 
 CHECKPOINT = "checkpoint.npz"
@@ -65,12 +66,6 @@ def build_optimizer(model, cfg):
     if cfg["optimizer"] == "adam":
         return Adam(model, lr=cfg["lr"], weight_decay=cfg["weight_decay"], decay_layers=decay_layers)
     raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; expected sgd or adam")
-
-
-def reseed_dropout(model, seed):
-    for layer in model.layers:
-        if isinstance(layer, Dropout):
-            layer.reseed(seed)
 
 
 class StepTotals:
@@ -156,8 +151,8 @@ class Trainer:
             self.strategy.attach(self.model)
             self.strategy.configure(c["warmup_epochs"] / c["epochs"])
         self.timer = LayerTimer([l.name for l in self.model.reuse_layers()])
-        self._measuring = False
-        self._harms = []            # (reuse loss, exact loss) device scalars of this epoch's sampled steps
+        self.strategy_steps = None if self.strategy is None else StrategySteps(
+            self.strategy, self.model, self.loss_fn, self.timer, c["seed"], c["epochs"])
         self._graphs = None
         self._replays_before = 0    # graph replays before this epoch
         self._resume_totals = None  # the sums of the resumed epoch's steps before the checkpoint
@@ -269,21 +264,19 @@ class Trainer:
         Returns the learning rate used. Needs ``begin_run()`` and ``with self.stream():``."""
         c = self.cfg
         lr = self.schedule(epoch + step / steps)
-        exact_loss = None
-        if self.strategy is not None:
+        loss = None
+        if self.strategy_steps is not None:
             # the strategy's probes run first: the step's dropout masks are drawn after them,
             # so a reuse run draws the same randomness as the exact run of the same seed
-            exact_loss = self._before_step(xb, yb, epoch, step, steps)
+            self.strategy_steps.before_step(xb, yb, epoch, step, steps, first_step=step == self.start_step)
         reseed_dropout(self.model, (c["seed"], epoch, step))
         self.opt.lr = lr
         # eager steps are timed per layer; with graphs, one step in GRAPH_TIMING_EVERY runs eagerly
         if self._graphs is None or step % GRAPH_TIMING_EVERY == 0 or not self._graphs.run(xb, yb):
             loss, logits = self.train_step(xb, yb, lr)
             self.totals.add(loss, logits, yb)
-            if exact_loss is not None:
-                self._harms.append((loss, exact_loss))
-        if self.strategy is not None:
-            self._after_step()
+        if self.strategy_steps is not None:
+            self.strategy_steps.after_step(loss)
         return lr
 
     def fit(self):
@@ -338,7 +331,8 @@ class Trainer:
             it = train_iter.epoch(start)
             self.totals.reset()
             self.reader.clear()
-            self._harms = []
+            if self.strategy_steps is not None:
+                self.strategy_steps.begin_epoch()
             self._replays_before = self._graphs.replays if self._graphs is not None else 0
             seen, earlier_s = 0, 0.0
             if start > 0 and self._resume_totals:        # the steps of this epoch before the checkpoint
@@ -375,7 +369,7 @@ class Trainer:
                           lr=lr, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
             record["layers"] = self._layer_records(step + 1 - start)
             if self.strategy is not None:
-                record["reuse_harm"] = self._epoch_harm()
+                record["reuse_harm"] = self.strategy_steps.epoch_harm()
                 self.strategy.on_epoch_end((epoch + 1) / c["epochs"], record["train_loss"], record["layers"],
                                            harm=record["reuse_harm"])
                 new_events = [e for e in self.strategy.events if "epoch" not in e]
@@ -396,77 +390,6 @@ class Trainer:
                                         f"--resume {ckpt})")
         self.model.save(os.path.join(self.out, "model.npz"))
         return self.history
-
-    def _before_step(self, xb, yb, epoch, step, steps):
-        """Let the strategy set this step's reuse settings. On a step that samples the reuse
-        error, also returns the loss of the exact forward on this batch (else None)."""
-        st = self.strategy
-        if getattr(st, "speed_guard", False) and not st.exact_ms and step == self.start_step:
-            st.exact_ms = self.time_exact_layers(xb, yb, st.probe_steps)
-        st.on_step((epoch + step / steps) / self.cfg["epochs"])
-        wanted = st.wants_ladder_order()
-        if wanted:
-            st.set_ladder_order({name: stage_errors(self.model, xb, name, st.ladders[name]) for name in wanted})
-            st.apply()
-        self._measuring = st.measure_error_now(step)
-        if not self._measuring:
-            return None
-        # a layer that reuses in its backward only computes the exact forward itself
-        reused_forward = any(l.reuse is not None and l.reuse.forward != "exact" for l in self.model.reuse_layers())
-        exact_loss = self.exact_loss(xb, yb, (self.cfg["seed"], epoch, step)) if reused_forward else None
-        for name in st.ladders:
-            layer = self.model.layer(name)
-            if layer.reuse is not None:
-                layer.set_reuse(layer.reuse.replace(measure_error=True))
-        return exact_loss
-
-    def exact_loss(self, xb, yb, dropout_seed):
-        """Training-mode loss (a device scalar) of the exact forward on a batch, with the
-        dropout masks of ``dropout_seed``; parameters are not changed. Timed per layer."""
-        layers = [l for l in self.model.reuse_layers() if l.reuse is not None]
-        saved = [l.reuse for l in layers]
-        for l in layers:
-            l.set_reuse(None)
-        reseed_dropout(self.model, dropout_seed)
-        loss = self.loss_fn.forward(self.model.forward(xb, train=True, timer=self.timer), yb)
-        for l, r in zip(layers, saved):
-            l.set_reuse(r)
-        return loss
-
-    def _epoch_harm(self):
-        """Mean relative loss increase of the reuse forward over the exact one on this epoch's
-        sampled steps (one read back per epoch), or None when no step was sampled."""
-        if not self._harms:
-            return None
-        pairs = [(float(backend.asnumpy(r)), float(backend.asnumpy(e))) for r, e in self._harms]
-        self._harms = []
-        return float(np.mean([r / e - 1.0 for r, e in pairs if e > 0]))
-
-    def _after_step(self):
-        if self._measuring:
-            for name in self.strategy.ladders:
-                layer = self.model.layer(name)
-                if layer.reuse is not None:
-                    layer.set_reuse(layer.reuse.replace(measure_error=False))
-
-    def time_exact_layers(self, xb, yb, repeats=2):
-        """ms per step of each reuse-capable layer computed exactly (forward + backward), on
-        this batch, without changing parameters (the gradients are overwritten by the next step)."""
-        layers = self.model.reuse_layers()
-        saved = [l.reuse for l in layers]
-        for l in layers:
-            l.set_reuse(None)
-        probe = LayerTimer([l.name for l in layers])
-        for _ in range(repeats):
-            probe.collect()
-            logits = self.model.forward(xb, train=True, timer=probe)
-            self.loss_fn.forward(logits, yb)
-            self.model.backward(self.loss_fn.backward(), timer=probe)
-        times = probe.collect()
-        for l, r in zip(layers, saved):
-            l.set_reuse(r)
-        return {l.name: 1e3 * (times[(l.name, "forward")][0] + times[(l.name, "backward")][0])
-                for l in layers}
 
     def _show_progress(self, bar, epoch, lr, seen, t0, ckpt):
         """Progress bar and non-finite guard from the newest sums read back (CPU: the current ones)."""

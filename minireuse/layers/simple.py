@@ -55,6 +55,13 @@ class Flatten(Layer):
         return dy.reshape(self._shape)
 
 
+def reseed_dropout(model, seed):
+    """Reseed every Dropout layer of ``model`` (the trainer does it every step)."""
+    for layer in model.layers:
+        if isinstance(layer, Dropout):
+            layer.reseed(seed)
+
+
 class Dropout(Layer):
     """Inverted dropout: in training, zero each unit with probability ``rate`` and
     scale the rest by 1/(1-rate); identity at evaluation.

@@ -1,0 +1,106 @@
+"""What a deep-reuse strategy does around each training step, apart from the training loop.
+
+Before a step: the strategy's progress, the first step's timing probe of the exact
+layers (speed guard), the ladder order measured on the batch when reuse starts,
+and on a sampled step the exact forward's loss on the same batch and dropout masks
+(the harm probe) with error measurement switched on. After it: measurement off,
+and the (reuse loss, exact loss) pair kept for the epoch's harm. These probes run
+before the step's dropout masks are drawn, so a reuse run draws the same
+randomness as the exact run of the same seed.
+"""
+import numpy as np
+
+from . import backend
+from .layers.simple import reseed_dropout
+from .reuse.adaptive import stage_errors
+from .timing import LayerTimer
+
+
+class StrategySteps:
+    """The per-step hooks of one strategy on one model (see the module docstring)."""
+
+    def __init__(self, strategy, model, loss_fn, timer, seed, epochs):
+        self.strategy, self.model, self.loss_fn, self.timer = strategy, model, loss_fn, timer
+        self.seed, self.epochs = seed, epochs
+        self._measuring = False
+        self._exact_loss = None
+        self._harms = []            # (reuse loss, exact loss) device scalars of this epoch's sampled steps
+
+    def before_step(self, xb, yb, epoch, step, steps, first_step):
+        """Set this step's reuse settings; on a sampled step, compute the exact forward's loss."""
+        st = self.strategy
+        if getattr(st, "speed_guard", False) and not st.exact_ms and first_step:
+            st.exact_ms = self.time_exact_layers(xb, yb, st.probe_steps)
+        st.on_step((epoch + step / steps) / self.epochs)
+        wanted = st.wants_ladder_order()
+        if wanted:
+            st.set_ladder_order({name: stage_errors(self.model, xb, name, st.ladders[name]) for name in wanted})
+            st.apply()
+        self._exact_loss = None
+        self._measuring = st.measure_error_now(step)
+        if not self._measuring:
+            return
+        # a layer that reuses in its backward only computes the exact forward itself
+        reused_forward = any(l.reuse is not None and l.reuse.forward != "exact" for l in self.model.reuse_layers())
+        if reused_forward:
+            self._exact_loss = self.exact_loss(xb, yb, (self.seed, epoch, step))
+        for name in st.ladders:
+            layer = self.model.layer(name)
+            if layer.reuse is not None:
+                layer.set_reuse(layer.reuse.replace(measure_error=True))
+
+    def after_step(self, loss=None):
+        """loss: the step's training loss (a device scalar), None for a replayed step."""
+        if self._exact_loss is not None and loss is not None:
+            self._harms.append((loss, self._exact_loss))
+        self._exact_loss = None
+        if self._measuring:
+            for name in self.strategy.ladders:
+                layer = self.model.layer(name)
+                if layer.reuse is not None:
+                    layer.set_reuse(layer.reuse.replace(measure_error=False))
+            self._measuring = False
+
+    def begin_epoch(self):
+        self._harms = []
+
+    def epoch_harm(self):
+        """Mean relative loss increase of the reuse forward over the exact one on this epoch's
+        sampled steps (one read back per epoch), or None when no step was sampled."""
+        if not self._harms:
+            return None
+        pairs = [(float(backend.asnumpy(r)), float(backend.asnumpy(e))) for r, e in self._harms]
+        self._harms = []
+        return float(np.mean([r / e - 1.0 for r, e in pairs if e > 0]))
+
+    def exact_loss(self, xb, yb, dropout_seed):
+        """Training-mode loss (a device scalar) of the exact forward on a batch, with the
+        dropout masks of ``dropout_seed``; parameters are not changed. Timed per layer."""
+        layers = [l for l in self.model.reuse_layers() if l.reuse is not None]
+        saved = [l.reuse for l in layers]
+        for l in layers:
+            l.set_reuse(None)
+        reseed_dropout(self.model, dropout_seed)
+        loss = self.loss_fn.forward(self.model.forward(xb, train=True, timer=self.timer), yb)
+        for l, r in zip(layers, saved):
+            l.set_reuse(r)
+        return loss
+
+    def time_exact_layers(self, xb, yb, repeats=2):
+        """ms per step of each reuse-capable layer computed exactly (forward + backward), on
+        this batch, without changing parameters (the gradients are overwritten by the next step)."""
+        layers = self.model.reuse_layers()
+        saved = [l.reuse for l in layers]
+        for l in layers:
+            l.set_reuse(None)
+        probe = LayerTimer([l.name for l in layers])
+        for _ in range(repeats):
+            probe.collect()
+            logits = self.model.forward(xb, train=True, timer=probe)
+            self.loss_fn.forward(logits, yb)
+            self.model.backward(self.loss_fn.backward(), timer=probe)
+        times = probe.collect()
+        for l, r in zip(layers, saved):
+            l.set_reuse(r)
+        return {l.name: 1e3 * (times[(l.name, "forward")][0] + times[(l.name, "backward")][0])
+                for l in layers}
