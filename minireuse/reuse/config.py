@@ -125,12 +125,23 @@ class ReuseState:
         self.eval_stats = []      # the same for evaluation calls (train=False)
         self.last = None          # the most recent entry of either
 
-    def hash_params(self, L, H, G, family, seed, shared, xp, dtype):
-        """(planes (Gp, L, H), unit offsets (Gp, H)) as xp arrays of dtype, drawn once per key."""
-        key = (L, H, G, family, seed, shared, xp.__name__, np.dtype(dtype).str)
+    def hash_params(self, L, H, G, family, seed, shared, xp, dtype, pad_to=None):
+        """(planes (Gp, L, H), unit offsets (Gp, H)) as xp arrays of dtype, drawn once per key.
+
+        pad_to: return them zero-padded from H to pad_to bits instead (the CUDA kernels'
+        compiled bit widths); the one cache of hash parameters for both paths."""
+        key = (L, H, G, family, seed, shared, xp.__name__, np.dtype(dtype).str, pad_to)
         if key not in self._hash_params:
-            planes, unit_offsets = lsh.draw_hash_params(L, H, G, seed, shared)
-            self._hash_params[key] = (xp.asarray(planes, dtype=dtype), xp.asarray(unit_offsets, dtype=dtype))
+            if pad_to is None:
+                planes, unit_offsets = lsh.draw_hash_params(L, H, G, seed, shared)
+                self._hash_params[key] = (xp.asarray(planes, dtype=dtype), xp.asarray(unit_offsets, dtype=dtype))
+            else:
+                planes, unit_offsets = self.hash_params(L, H, G, family, seed, shared, xp, dtype)
+                p = xp.zeros(planes.shape[:2] + (pad_to,), dtype=dtype)
+                p[:, :, :H] = planes
+                o = xp.zeros(unit_offsets.shape[:1] + (pad_to,), dtype=dtype)
+                o[:, :H] = unit_offsets
+                self._hash_params[key] = (p, o)
         return self._hash_params[key]
 
     def capture_key(self, batch=None):

@@ -443,11 +443,10 @@ class CapacityTracker:
 
 
 class CudaState:
-    """What the CUDA path keeps in ReuseState.capacity: trackers and padded hash planes."""
+    """What the CUDA path keeps in ReuseState.capacity: the capacity trackers of its call sites."""
 
     def __init__(self):
         self.trackers = {}
-        self.padded_planes = {}
 
     def tracker(self, key, rows, H, batch=None, train=True):
         key = tuple(key) + ("train" if train else "eval",)
@@ -475,13 +474,8 @@ def cuda_state(state):
 
 def padded_hash_params(state, config, G):
     """Planes (Gp, L, HB) and unit offsets (Gp, HB) on the device, zero-padded from H to HB bits."""
-    cs = cuda_state(state)
-    key = (config.L, config.H, G, config.family, config.seed, config.shared_planes, device().kind)
-    if key not in cs.padded_planes:
-        planes, unit = state.hash_params(config.L, config.H, G, config.family, config.seed,
-                                         config.shared_planes, device().xp, np.float32)
-        cs.padded_planes[key] = pad_hash_params(planes, unit)
-    return cs.padded_planes[key]
+    return state.hash_params(config.L, config.H, G, config.family, config.seed, config.shared_planes,
+                             device().xp, np.float32, pad_to=hash_bits_bucket(config.H))
 
 
 def pad_hash_params(planes, offsets):
