@@ -1,4 +1,4 @@
-"""Command line: python -m minireuse {train,compare,parity,summary,bench {layers,step}} ...
+"""Command line: python -m minireuse {train,compare,parity,evaluate,summary,bench {layers,step}} ...
 
 Errors the user can fix (missing data, bad settings, a bad checkpoint) print one
 line starting with 'error:' and exit with status 2; Ctrl-C during training saves
@@ -232,6 +232,11 @@ def build_parser():
                        formatter_class=Formatter)
     p.add_argument("--model", default="cifarnet", choices=["cifarnet"])
     p.set_defaults(func=cmd_summary)
+    from . import evaluate
+    p = sub.add_parser("evaluate", help="a trained model's test accuracy and speed, exact and with deep "
+                       "reuse at inference, side by side", formatter_class=Formatter)
+    evaluate.add_arguments(p, positive_int)
+    p.set_defaults(func=evaluate.run)
     from . import bench, bench_step
     p = sub.add_parser("bench", help="benchmarks: 'bench layers' times each layer exact and under reuse "
                        "settings, 'bench step' a whole training step")
@@ -261,8 +266,8 @@ def main(argv=None):
     from .backend import BackendMismatchError, DeviceError
     from .data import CorruptDataError, DataNotFoundError
     from .step_graphs import GraphError
+    from .checkpoint import TrainingError
     from .outdir import OutputError
-    from .train import TrainingError
     user_errors = (DataNotFoundError, CorruptDataError, GraphError, OutputError)
     try:
         return a.func(a)
