@@ -3,7 +3,7 @@
 A ReuseConfig is a frozen value: the adaptive schedule swaps whole configs
 between steps (``config.replace(H=20)``). A ReuseState belongs to one layer and
 keeps what must survive between calls: the hash planes on the right device, a
-capacity slot for the GPU fast path, and the statistics of every call.
+state of the GPU fast path, and the statistics of every call.
 """
 import dataclasses
 
@@ -107,7 +107,7 @@ class ReuseConfig:
 
 
 class ReuseState:
-    """Per-layer state: cached hash parameters, the GPU capacity slot, call statistics.
+    """Per-layer state: cached hash parameters, the fast path's state, call statistics.
 
     Every forward implementation (reference or CUDA) calls ``record`` once per call;
     with measure_error the reference backward adds 'dw_cos' to the entry its
@@ -120,7 +120,7 @@ class ReuseState:
 
     def __init__(self):
         self._hash_params = {}
-        self.capacity = None      # owned by the CUDA fast path (table sizes from the last step)
+        self.fast_path = None     # owned by the CUDA fast path (its call sites' table sizes)
         self.stats = []           # one dict per training call since the last pop_stats()
         self.eval_stats = []      # the same for evaluation calls (train=False)
         self.last = None          # the most recent entry of either
@@ -147,13 +147,13 @@ class ReuseState:
     def capture_key(self, batch=None):
         """What a captured training step of this batch size freezes besides the setting (the
         fast path's table sizes), or None when this layer has not run the fast path."""
-        key = getattr(self.capacity, "capture_key", None)
+        key = getattr(self.fast_path, "capture_key", None)
         return key(batch) if key is not None else None
 
     def after_replay(self, batch=None):
         """A recorded training step of this batch size was replayed (the fast path reads the
         statistics the replay copies back and adapts its table sizes)."""
-        hook = getattr(self.capacity, "after_replay", None)
+        hook = getattr(self.fast_path, "after_replay", None)
         if hook is not None:
             hook(batch)
 

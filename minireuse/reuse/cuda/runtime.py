@@ -443,7 +443,7 @@ class CapacityTracker:
 
 
 class CudaState:
-    """What the CUDA path keeps in ReuseState.capacity: the capacity trackers of its call sites."""
+    """What the CUDA path keeps in ReuseState.fast_path: the capacity trackers of its call sites."""
 
     def __init__(self):
         self.trackers = {}
@@ -467,9 +467,9 @@ class CudaState:
 
 
 def cuda_state(state):
-    if not isinstance(state.capacity, CudaState):
-        state.capacity = CudaState()
-    return state.capacity
+    if not isinstance(state.fast_path, CudaState):
+        state.fast_path = CudaState()
+    return state.fast_path
 
 
 def padded_hash_params(state, config, G):
