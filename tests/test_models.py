@@ -15,6 +15,10 @@ def test_cifarnet_summary_and_shapes(device, rng):
     # conv1 4864 + conv2 102464 + fc3 1573248 + fc4 73920 + logits 1930
     assert model.num_parameters() == 1756426
     assert f"{1756426:,}" in text
+    # FLOPs per image: conv2 = 2 * 16*16 * 5*5*64*64 = 52.43 M, 80 % of the forward
+    conv2 = next(line for line in text.splitlines() if line.startswith("conv2"))
+    assert "52.43" in conv2 and "80.0%" in conv2
+    assert text.splitlines()[-1] == "forward: 65.6 MFLOPs per image"
     y = model.forward(device.asarray(rng.standard_normal((2, 32, 32, 3)).astype(np.float32)), train=False)
     assert y.shape == (2, 10)
 

@@ -4,6 +4,18 @@ import numpy as np
 from .. import backend
 from ..fileio import atomic_savez
 from ..layers import ReusableLayer
+from ..tables import align_rows
+
+
+def layer_flops(layer, out_shape):
+    """Forward FLOPs of one input through a conv or dense layer (2 per multiply-add of its
+    product with the weights), 0 for other layers."""
+    W = getattr(layer, "params", {}).get("W")
+    if W is None or not isinstance(layer, ReusableLayer):
+        return 0
+    per_output_pixel = int(np.prod(W.shape))             # conv: kh*kw*c_in*c_out; dense: n_in*n_out
+    pixels = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
+    return 2 * per_output_pixel * pixels
 
 
 class Sequential:
@@ -66,20 +78,24 @@ class Sequential:
         return sum(int(np.prod(l.params[n].shape)) for _, l, n in self.named_parameters())
 
     def summary(self, input_shape):
-        """A table of each layer's output shape and parameter count, as a string."""
+        """A table of each layer's output shape, parameter count and forward FLOPs for one
+        input (2 x multiply-adds of the conv/dense products: where deep reuse can pay), as a string."""
         shape = (None,) + tuple(input_shape)
-        rows = [("input", "", str(shape), "")]
+        rows = [("layer", "type", "output shape", "params", "MFLOPs/image", "share"),
+                ("input", "", str(shape), "", "", "")]
+        per_layer = []
         for l in self.layers:
             shape = l.output_shape(shape)
+            per_layer.append((l, shape, layer_flops(l, shape)))
+        total_flops = sum(f for _, _, f in per_layer) or 1
+        for l, out, f in per_layer:
             n = sum(int(np.prod(p.shape)) for p in l.params.values())
             reuse = getattr(l, "reuse", None)
-            rows.append((l.name, type(l).__name__ + (" [reuse]" if reuse is not None else ""),
-                         str(shape), f"{n:,}"))
-        widths = [max(len(r[i]) for r in rows + [("layer", "type", "output shape", "params")]) for i in range(4)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format("layer", "type", "output shape", "params"), "-" * (sum(widths) + 6)]
-        lines += [fmt.format(*r) for r in rows]
+            rows.append((l.name, type(l).__name__ + (" [reuse]" if reuse is not None else ""), str(out), f"{n:,}",
+                         f"{f / 1e6:.2f}" if f else "", f"{100 * f / total_flops:.1f}%" if f else ""))
+        lines = align_rows(rows, right_from=3)
         lines.append(f"total parameters: {self.num_parameters():,}")
+        lines.append(f"forward: {sum(f for _, _, f in per_layer) / 1e6:.1f} MFLOPs per image")
         return "\n".join(lines)
 
     def astype(self, dtype):
