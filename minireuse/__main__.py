@@ -1,4 +1,4 @@
-"""Command line: python -m minireuse {train,compare,parity,evaluate,summary,bench {layers,step}} ...
+"""Command line: python -m minireuse {train,compare,parity,evaluate,plot,summary,bench {layers,step}} ...
 
 Errors the user can fix (missing data, bad settings, a bad checkpoint) print one
 line starting with 'error:' and exit with status 2; Ctrl-C during training saves
@@ -237,6 +237,11 @@ def build_parser():
                        "reuse at inference, side by side", formatter_class=Formatter)
     evaluate.add_arguments(p, positive_int)
     p.set_defaults(func=evaluate.run)
+    from . import plot
+    p = sub.add_parser("plot", help="a figure of training runs: accuracy, loss, r_c and error of the reuse "
+                       "layers, seconds per epoch (needs matplotlib: .[plot])", formatter_class=Formatter)
+    plot.add_arguments(p)
+    p.set_defaults(func=plot.run)
     from . import bench, bench_step
     p = sub.add_parser("bench", help="benchmarks: 'bench layers' times each layer exact and under reuse "
                        "settings, 'bench step' a whole training step")
@@ -268,7 +273,8 @@ def main(argv=None):
     from .step_graphs import GraphError
     from .checkpoint import TrainingError
     from .outdir import OutputError
-    user_errors = (DataNotFoundError, CorruptDataError, GraphError, OutputError)
+    from .plot import PlotError
+    user_errors = (DataNotFoundError, CorruptDataError, GraphError, OutputError, PlotError)
     try:
         return a.func(a)
     except KeyboardInterrupt as e:

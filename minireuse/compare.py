@@ -2,11 +2,13 @@
 
     python -m minireuse compare --data DIR --epochs N --reuse adaptive --out runs/cmp
 
-writes OUT/exact/ and OUT/reuse/ (each a normal training run) and OUT/compare.json,
-and prints a side-by-side table.
+writes OUT/exact/ and OUT/reuse/ (each a normal training run), OUT/compare.json and,
+with matplotlib (.[plot]), the figure of both runs OUT/compare.png; prints a
+side-by-side table.
 """
 import os
 
+from . import plot
 from .fileio import atomic_write_json
 from .tables import align_rows
 from .train import Trainer
@@ -73,4 +75,10 @@ def run(cfg, strategy, quiet=False, data=None):
     table = format_table(summaries["exact"], summaries["reuse"], strategy)
     atomic_write_json(os.path.join(out, "compare.json"), dict(summaries, strategy=strategy, settings={
         k: v for k, v in cfg.items() if k not in ("reuse_layers",)}, table=table))
+    try:
+        figure = plot.save_figure([os.path.join(out, "exact"), os.path.join(out, "reuse")],
+                                  os.path.join(out, "compare.png"))
+        table += f"\nfigure: {figure}"
+    except plot.PlotError as e:          # no matplotlib: the table is the result
+        table += f"\nno figure: {e}"
     return summaries["exact"], summaries["reuse"], table
