@@ -66,7 +66,7 @@ def positive_float(s):
 def add_train_arguments(p, resume=True, reuse_default="off"):
     from .train import Trainer
     d = Trainer.DEFAULTS
-    p.add_argument("--model", default=d["model"], choices=["cifarnet"])
+    p.add_argument("--model", default=d["model"], choices=["alexnet", "cifarnet", "vgg19"])
     p.add_argument("--data", default=d["data"], help="directory holding cifar-10-batches-py/ or "
                    "cifar-10-python.tar.gz (downloaded there when missing and the network allows)")
     p.add_argument("--epochs", type=positive_int, default=d["epochs"])
@@ -230,7 +230,7 @@ def build_parser():
     p.set_defaults(func=cmd_parity, out="runs/parity", seed=None)
     p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts",
                        formatter_class=Formatter)
-    p.add_argument("--model", default="cifarnet", choices=["cifarnet"])
+    p.add_argument("--model", default="cifarnet", choices=["alexnet", "cifarnet", "vgg19"])
     p.set_defaults(func=cmd_summary)
     from . import evaluate
     p = sub.add_parser("evaluate", help="a trained model's test accuracy and speed, exact and with deep "

@@ -184,3 +184,40 @@ def test_maxpool_ties_send_the_gradient_to_the_first_maximum(device):
     expected[0, 0, 0, 1] = 1.0                 # all-zero window: the first position
     expected[0, 0, 2, :] = expected[0, 2, 0, :] = expected[0, 2, 2, :] = 1.0
     np.testing.assert_array_equal(dx, expected)
+
+
+def test_batchnorm_forward_backward_and_running_statistics(device, rng):
+    from minireuse.layers import BatchNorm
+    bn = BatchNorm(5, momentum=0.8, dtype=np.float64)
+    bn.params["gamma"] = device.asarray(rng.uniform(0.5, 1.5, 5))
+    bn.params["beta"] = device.asarray(rng.standard_normal(5))
+    x = rng.standard_normal((3, 4, 2, 5)) * rng.uniform(0.5, 3, 5) + rng.uniform(-1, 1, 5)
+    y = backend.asnumpy(bn.forward(device.asarray(x), train=True))
+    mu, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    want = (x - mu) / np.sqrt(var + 1e-5) * backend.asnumpy(bn.params["gamma"]) + backend.asnumpy(bn.params["beta"])
+    np.testing.assert_allclose(y, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(backend.asnumpy(bn.buffers["running_mean"]), 0.2 * mu, rtol=1e-10)
+    np.testing.assert_allclose(backend.asnumpy(bn.buffers["running_var"]), 0.8 + 0.2 * var * 24 / 23, rtol=1e-10)
+    ev = backend.asnumpy(bn.forward(device.asarray(x), train=False))           # the running statistics
+    rm, rv = backend.asnumpy(bn.buffers["running_mean"]), backend.asnumpy(bn.buffers["running_var"])
+    np.testing.assert_allclose(ev, (x - rm) / np.sqrt(rv + 1e-5) * backend.asnumpy(bn.params["gamma"])
+                               + backend.asnumpy(bn.params["beta"]), rtol=1e-10)
+    saved = {k: backend.asnumpy(v).copy() for k, v in bn.buffers.items()}
+    check_layer_backward(bn, device.asarray(x), rng,
+                         before=lambda: bn.buffers.update({k: device.asarray(v.copy()) for k, v in saved.items()}))
+    with pytest.raises(ValueError, match="expected an input with 5 channels"):
+        bn.forward(device.asarray(np.ones((2, 3))))
+
+
+def test_batchnorm_buffers_are_saved_not_trained(tmp_path, rng):
+    from minireuse.layers import BatchNorm
+    from minireuse.models import Sequential
+    model = Sequential([Dense(4, 3, rng=rng, name="fc"), BatchNorm(3, name="bn")])
+    model.forward(rng.standard_normal((8, 4)).astype(np.float32))
+    state = model.state_dict()
+    assert "bn.running_mean" in state and "bn.running_var" in state
+    assert [k for k, _, _ in model.named_parameters()] == ["fc.W", "fc.b", "bn.gamma", "bn.beta"]
+    model.save(str(tmp_path / "m.npz"))
+    other = Sequential([Dense(4, 3, rng=rng, name="fc"), BatchNorm(3, name="bn")])
+    other.load(str(tmp_path / "m.npz"))
+    np.testing.assert_array_equal(other.layer("bn").buffers["running_mean"], state["bn.running_mean"])

@@ -78,3 +78,26 @@ def test_input_of_applies_the_layers_before_the_named_one():
     assert model.input_of("conv1", x) is x
     with pytest.raises(KeyError, match="no layer named"):
         model.input_of("conv9", x)
+
+
+@pytest.mark.parametrize("name,params,flops,shapes", [
+    ("alexnet", 7706442, "451.3", ["(None, 4, 4, 256)", "(None, 1024)"]),
+    ("vgg19", 20560330, "797.3", ["(None, 1, 1, 512)", "(None, 2, 2, 512)"]),
+])
+def test_alexnet_and_vgg19_for_32x32(name, params, flops, shapes, rng):
+    from minireuse.models import MODELS
+    model = MODELS[name](seed=0)
+    text = model.summary((32, 32, 3))
+    assert model.num_parameters() == params and f"{params:,}" in text
+    assert text.splitlines()[-1] == f"forward: {flops} MFLOPs per image"
+    for s in shapes:
+        assert s in text
+    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    y = model.forward(x, train=True)
+    assert y.shape == (2, 10) and np.isfinite(y).all()
+    model.backward(np.ones_like(y) / 2)
+    for key, layer, pname in model.named_parameters():
+        g = layer.grads[pname]
+        assert g.shape == layer.params[pname].shape and np.isfinite(g).all(), key
+    convs = [l for l in model.layers if type(l).__name__ == "Conv2D"]
+    assert len(convs) == (5 if name == "alexnet" else 16)

@@ -3,6 +3,7 @@ from .base import Layer, ReusableLayer
 from .conv import Conv2D, col2im, im2col
 from .dense import Dense
 from .lrn import LocalResponseNorm
+from .norm import BatchNorm
 from .pool import MaxPool2D
 from .simple import Dropout, Flatten, ReLU
 

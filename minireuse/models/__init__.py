@@ -1,4 +1,5 @@
+from .alexnet import alexnet, vgg19
 from .cifarnet import MODELS, cifarnet, mlp
 from .sequential import Sequential
 
-__all__ = ["Sequential", "cifarnet", "mlp", "MODELS"]
+__all__ = ["Sequential", "alexnet", "cifarnet", "mlp", "vgg19", "MODELS"]

@@ -53,4 +53,9 @@ def mlp(sizes, seed=0, dtype=None):
     return Sequential(layers, name="mlp")
 
 
-MODELS = {"cifarnet": cifarnet}
+def _models():
+    from .alexnet import alexnet, vgg19
+    return {"cifarnet": cifarnet, "alexnet": alexnet, "vgg19": vgg19}
+
+
+MODELS = _models()

@@ -103,19 +103,34 @@ class Sequential:
             l.astype(dtype)
         return self
 
+    def named_buffers(self):
+        """Yield (key, layer, name) for every buffer (state that is saved but not trained, e.g.
+        BatchNorm's running statistics); key = 'layer.name'."""
+        for layer in self.layers:
+            for name in getattr(layer, "buffers", {}):
+                yield f"{layer.name}.{name}", layer, name
+
     def state_dict(self):
-        return {key: backend.asnumpy(layer.params[name]) for key, layer, name in self.named_parameters()}
+        """Parameters and buffers as host arrays, by 'layer.name'."""
+        out = {key: backend.asnumpy(layer.params[name]) for key, layer, name in self.named_parameters()}
+        out.update({key: backend.asnumpy(layer.buffers[name]) for key, layer, name in self.named_buffers()})
+        return out
 
     def load_state_dict(self, state):
         own = {key: (layer, name) for key, layer, name in self.named_parameters()}
-        missing, extra = set(own) - set(state), set(state) - set(own)
+        buffers = {key: (layer, name) for key, layer, name in self.named_buffers()}
+        missing = (set(own) | set(buffers)) - set(state)
+        extra = set(state) - set(own) - set(buffers)
         if missing or extra:
             raise ValueError(f"parameter names do not match: missing {sorted(missing)}, unexpected {sorted(extra)}")
-        for key, (layer, name) in own.items():
-            cur = layer.params[name]
-            if tuple(state[key].shape) != tuple(cur.shape):
-                raise ValueError(f"{key}: checkpoint shape {tuple(state[key].shape)} != model shape {tuple(cur.shape)}")
-            layer.params[name] = backend.to_device(np.asarray(state[key]), cur.dtype)
+        for key, (layer, name) in list(own.items()) + list(buffers.items()):
+            store = layer.params if key in own else layer.buffers
+            if tuple(state[key].shape) != tuple(store[name].shape):
+                raise ValueError(f"{key}: checkpoint shape {tuple(state[key].shape)} != model shape "
+                                 f"{tuple(store[name].shape)}")
+        for key, (layer, name) in list(own.items()) + list(buffers.items()):
+            store = layer.params if key in own else layer.buffers
+            store[name] = backend.to_device(np.asarray(state[key]), store[name].dtype)
 
     def save(self, path):
         """Write the parameters to an .npz file atomically."""
