@@ -44,10 +44,13 @@ def comma_list(kind):
 
 
 def add_arguments(parser):
-    parser.add_argument("--layers", type=comma_list(str), default=list(LAYERS),
-                        help=f"comma-separated subset of {','.join(LAYERS)}")
+    parser.add_argument("--model", default="cifarnet", choices=["alexnet", "cifarnet", "vgg19"],
+                        help="whose layers, on the real activations of a randomly initialised model")
+    parser.add_argument("--layers", type=comma_list(str), default=None,
+                        help=f"comma-separated layer names (default: {','.join(LAYERS)} for cifarnet, every "
+                             "conv layer for the other models)")
     parser.add_argument("--L", type=comma_list(int), default=None,
-                        help="sub-vector lengths (default per layer: conv1 3,15; conv2 16,64; fc3 16,64)")
+                        help="sub-vector lengths (default per layer: 3,15 for 3 input channels, else 16,64)")
     parser.add_argument("--H", type=comma_list(int), default=[12, 20],
                         help="hash bits, 1..64 (default 12,20)")
     parser.add_argument("--family", type=comma_list(str), default=["offset", "origin"],
@@ -76,11 +79,22 @@ def load_images(data_dir, batch, seed):
     return images, source
 
 
-def layer_inputs(images, layers, seed):
-    """{name: (layer, its input)} for a randomly initialised CifarNet."""
+def build_model(name, seed):
+    from .models import MODELS
+    return MODELS[name](seed=seed)
+
+
+def default_layers(model_name, model):
+    """CifarNet's conv1, conv2, fc3; every conv layer of the other models."""
+    if model_name == "cifarnet":
+        return list(LAYERS)
+    return [l.name for l in model.layers if type(l).__name__ == "Conv2D"]
+
+
+def layer_inputs(images, layers, seed, model=None):
+    """{name: (layer, its input)} for a randomly initialised model (CifarNet by default)."""
     from .data import CIFAR10_MEAN, CIFAR10_STD, normalize
-    from .models.cifarnet import cifarnet
-    model = cifarnet(seed=seed)
+    model = model if model is not None else build_model("cifarnet", seed)
     x = normalize(backend.to_device(images), CIFAR10_MEAN, CIFAR10_STD)
     return {name: (model.layer(name), model.input_of(name, x)) for name in layers}
 
@@ -90,7 +104,8 @@ def modes(name, layer, args):
     from .reuse import ReuseConfig
     c_in = getattr(layer, "c_in", None)
     grid = [("exact", None)]
-    for L in args.L or DEFAULT_L[name]:
+    default = DEFAULT_L.get(name) if getattr(args, "model", "cifarnet") == "cifarnet" else None
+    for L in args.L or default or ([3, 15] if c_in == 3 else [16, 64]):
         for path in args.paths if c_in is not None else ["general"]:
             if path == "pixel" and c_in % L:
                 continue
@@ -192,11 +207,15 @@ def run_layer_bench(args):
     """Run the grid; returns the report dict (device, commit, data, rows)."""
     from tqdm import tqdm
     backend.set_device(args.device)
-    unknown = sorted(set(args.layers) - set(LAYERS))
+    model_name = getattr(args, "model", "cifarnet")
+    model = build_model(model_name, args.seed)
+    names = [l.name for l in model.reuse_layers()]
+    layers = args.layers or default_layers(model_name, model)
+    unknown = sorted(set(layers) - set(names))
     if unknown:
-        raise ValueError(f"--layers: unknown {unknown}; expected some of {list(LAYERS)}")
+        raise ValueError(f"--layers: unknown {unknown}; {model_name}'s conv/dense layers are {names}")
     images, source = load_images(args.data, args.batch, args.seed)
-    inputs = layer_inputs(images, args.layers, args.seed)
+    inputs = layer_inputs(images, layers, args.seed, model)
     grids = {name: modes(name, layer, args) for name, (layer, _) in inputs.items()}
     rows = []
     with tqdm(total=sum(len(g) for g in grids.values()), disable=args.quiet, file=sys.stderr,
@@ -204,7 +223,7 @@ def run_layer_bench(args):
         for name, (layer, x) in inputs.items():
             rows += bench_layer(name, layer, x, grids[name], args, progress)
     return dict(device=backend.describe_device(), commit=git_commit(), data=source, batch=args.batch,
-                repeats=args.repeats, warmup=args.warmup, rows=rows)
+                repeats=args.repeats, warmup=args.warmup, model=model_name, rows=rows)
 
 
 def run(args):
