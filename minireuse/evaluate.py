@@ -20,7 +20,7 @@ from .checkpoint import TrainingError, read_checkpoint
 from .losses import SoftmaxCrossEntropy
 from .models import MODELS
 from .reuse import ReuseConfig
-from .reuse.adaptive import DEFAULT_FIXED, load_settings, stage_label
+from .reuse.adaptive import DEFAULT_FIXED, MODEL_DEFAULTS, load_settings, stage_label
 from .tables import align_rows
 from .timing import LayerTimer
 
@@ -43,15 +43,15 @@ def load_weights(model, path):
         raise TrainingError(f"{path} does not hold this model's parameters: {e}") from e
 
 
-def reuse_settings(reuse, reuse_config):
-    """{layer: ReuseConfig} to evaluate with ({} for 'off')."""
+def reuse_settings(reuse, reuse_config, model="cifarnet"):
+    """{layer: ReuseConfig} to evaluate with ({} for 'off'; default: the model's fixed defaults)."""
     if reuse == "off":
         if reuse_config:
             raise ValueError("--reuse-config needs --reuse fixed")
         return {}
     if reuse != "fixed":
         raise ValueError(f"evaluate takes --reuse off or fixed (one setting per layer), got {reuse!r}")
-    layers = load_settings(reuse_config)[0] if reuse_config else DEFAULT_FIXED
+    layers = load_settings(reuse_config)[0] if reuse_config else MODEL_DEFAULTS.get(model, (None, DEFAULT_FIXED))[1]
     out = {}
     for name, setting in layers.items():
         if isinstance(setting, list):
@@ -162,7 +162,7 @@ def run(a):
     from .bench import git_commit
     from .data import load_cifar10
     from .fileio import atomic_write_json
-    settings = reuse_settings(a.reuse, a.reuse_config)
+    settings = reuse_settings(a.reuse, a.reuse_config, a.model)
     backend.set_device(a.device)
     model = MODELS[a.model]()
     load_weights(model, a.checkpoint)

@@ -146,7 +146,7 @@ class Trainer:
         self.data = data if data is not None else self._load_data()
         self.history = []
         self.start_epoch, self.start_step = 0, 0
-        self.strategy = make_strategy(c["reuse"], c["reuse_layers"], c["reuse_options"])
+        self.strategy = make_strategy(c["reuse"], c["reuse_layers"], c["reuse_options"], model=c["model"])
         if self.strategy is not None:
             self.strategy.attach(self.model)
             self.strategy.configure(c["warmup_epochs"] / c["epochs"])

@@ -239,3 +239,15 @@ def test_default_ladder_trains_with_reuse_in_conv2s_backward(tmp_path):
     assert epoch["reuse_harm"] is None              # the forward is exact: no exact forward to compare
     assert 0 < rec["r_c"] < 1 and rec["pixel_aligned"] == 1.0
     assert rec["rel_error"] == 0.0 and 0 < rec["dw_cos"] < 1
+
+
+def test_each_model_has_reuse_defaults_on_its_own_layers():
+    from minireuse.models import MODELS
+    from minireuse.reuse.adaptive import make_strategy
+    for name in ("cifarnet", "alexnet", "vgg19"):
+        model = MODELS[name](seed=0)
+        for kind in ("fixed", "adaptive"):
+            strategy = make_strategy(kind, model=name)
+            for layer in strategy.ladders:
+                model.layer(layer)                  # every default names a layer of the model
+    assert set(make_strategy("adaptive", model="vgg19").ladders) == {"conv1_2", "conv2_1"}

@@ -58,6 +58,14 @@ DEFAULT_LADDERS = {
     "conv2": [dict(L=64, H=32, dx_mode="cluster", forward="exact")],
 }
 DEFAULT_FIXED = {"conv2": dict(L=64, H=32, dx_mode="cluster")}
+
+# The other models' defaults, from `bench layers --model M` on their real activations
+# (docs/models.md): the layers where L64 H32 pays on the CPU. AlexNet: conv2 (the
+# CifarNet defaults apply by name); VGG-19: conv1_2 and conv2_1, its large early maps.
+MODEL_DEFAULTS = {
+    "vgg19": ({name: [dict(L=64, H=32, dx_mode="cluster", forward="exact")] for name in ("conv1_2", "conv2_1")},
+              {name: dict(L=64, H=32, dx_mode="cluster") for name in ("conv1_2", "conv2_1")}),
+}
 _DEFAULT_CONFIG = ReuseConfig()
 
 
@@ -367,15 +375,17 @@ def stage_errors(model, x, layer_name, configs):
     return errors
 
 
-def make_strategy(kind, layers=None, options=None):
-    """A strategy by name ('off' gives None) from per-layer settings (or the CifarNet defaults)."""
+def make_strategy(kind, layers=None, options=None, model="cifarnet"):
+    """A strategy by name ('off' gives None) from per-layer settings (or the model's defaults:
+    CifarNet's, or MODEL_DEFAULTS[model])."""
     options = dict(options or {})
     if kind not in STRATEGIES:
         raise ValueError(f"unknown reuse strategy {kind!r}; expected one of {STRATEGIES}")
     if kind == "off":
         return None
-    cls, default = {"fixed": (FixedStrategy, DEFAULT_FIXED), "schedule": (ScheduleStrategy, DEFAULT_LADDERS),
-                    "adaptive": (AdaptiveStrategy, DEFAULT_LADDERS)}[kind]
+    ladders, fixed = MODEL_DEFAULTS.get(model, (DEFAULT_LADDERS, DEFAULT_FIXED))
+    cls, default = {"fixed": (FixedStrategy, fixed), "schedule": (ScheduleStrategy, ladders),
+                    "adaptive": (AdaptiveStrategy, ladders)}[kind]
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ladders", "settings")]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
