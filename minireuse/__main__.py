@@ -78,7 +78,8 @@ def add_train_arguments(p, resume=True, reuse_default="off"):
     p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
     p.add_argument("--weight-decay", type=number(0), default=d["weight_decay"], help=">= 0")
     p.add_argument("--decay-layers", default=",".join(d["decay_layers"]),
-                   help="comma-separated layer names that get weight decay ('all' for every weight)")
+                   help="comma-separated layer names that get weight decay ('all' for every weight; the "
+                        "default is CifarNet's: a model without those layers decays every weight)")
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default=d["schedule"])
     p.add_argument("--warmup-epochs", type=number(0), default=d["warmup_epochs"],
                    help="epochs of linear warm-up of the learning rate, >= 0")

@@ -140,6 +140,14 @@ class Trainer:
         self.graph_mode = resolve_mode(c["graph"], self.device)
         backend.seed(c["seed"])
         self.model = model if model is not None else self._build_model()
+        if c["decay_layers"] is not None:
+            names = {l.name for l in self.model.layers if l.params}
+            unknown = sorted(set(c["decay_layers"]) - names)
+            if unknown and list(c["decay_layers"]) == self.DEFAULTS["decay_layers"]:
+                c["decay_layers"] = None         # CifarNet's fc3, fc4; a model without them decays every weight
+            elif unknown:
+                raise ValueError(f"decay_layers: {unknown} are not layers with weights of {c['model']}; "
+                                 f"expected some of {sorted(names)} (or 'all')")
         self.opt = build_optimizer(self.model, c)
         self.schedule = make_schedule(c["schedule"], c["lr"], c["epochs"], c["warmup_epochs"])
         self.loss_fn = SoftmaxCrossEntropy()

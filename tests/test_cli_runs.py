@@ -234,3 +234,13 @@ def test_bench_says_what_it_times(capsys):
         with pytest.raises(SystemExit):
             main(["bench", what, "--help"])
         assert "--device" in capsys.readouterr().out
+
+
+def test_weight_decay_layers_follow_the_model(tmp_path):
+    from minireuse.train import Trainer
+    from test_train import config, learnable_data
+    t = Trainer(config(tmp_path, model="alexnet", epochs=1), data=learnable_data(n_train=8, n_test=8), quiet=True)
+    assert t.cfg["decay_layers"] is None                     # CifarNet's fc3, fc4 do not exist here
+    assert Trainer(config(tmp_path), data=learnable_data(8, 8), quiet=True).cfg["decay_layers"] == ["fc3", "fc4"]
+    with pytest.raises(ValueError, match=r"decay_layers: \['fc9'\] are not layers with weights of cifarnet"):
+        Trainer(config(tmp_path, decay_layers=["fc9"]), data=learnable_data(8, 8), quiet=True)
