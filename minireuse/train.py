@@ -262,6 +262,11 @@ class Trainer:
             from .step_graphs import StepGraphs
             self._graphs = StepGraphs(self._graph_body, self.model, self._prepare_replay, mode=self.graph_mode)
 
+    @property
+    def graphs(self):
+        """The run's recorded steps (step_graphs.StepGraphs) after begin_run(), or None without graphs."""
+        return self._graphs
+
     def stream(self):
         """The context every step, eager or replayed, runs in (the graphs' stream on the GPU)."""
         return self._graphs.stream if self._graphs is not None else contextlib.nullcontext()
