@@ -554,8 +554,8 @@ def test_capacity_grows_after_overflow(xp):
 def test_launch_counts(xp, monkeypatch):
     """A forward + backward issues a fixed, small number of kernel launches (cuBLAS not counted)."""
     launched = []
-    real = cuda.device_layer().launch
-    monkeypatch.setattr(cuda.device_layer(), "launch", lambda name, *a, **k: (launched.append(name), real(name, *a, **k)))
+    real = cuda.device().launch
+    monkeypatch.setattr(cuda.device(), "launch", lambda name, *a, **k: (launched.append(name), real(name, *a, **k)))
     config = ReuseConfig(L=4, H=10, dx_mode="cluster", seed=4)
     (x, W, b, dy), stride, pads = _conv_data(config)
     state = ReuseState()

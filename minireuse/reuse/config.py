@@ -136,12 +136,8 @@ class ReuseState:
                 planes, unit_offsets = lsh.draw_hash_params(L, H, G, seed, shared)
                 self._hash_params[key] = (xp.asarray(planes, dtype=dtype), xp.asarray(unit_offsets, dtype=dtype))
             else:
-                planes, unit_offsets = self.hash_params(L, H, G, family, seed, shared, xp, dtype)
-                p = xp.zeros(planes.shape[:2] + (pad_to,), dtype=dtype)
-                p[:, :, :H] = planes
-                o = xp.zeros(unit_offsets.shape[:1] + (pad_to,), dtype=dtype)
-                o[:, :H] = unit_offsets
-                self._hash_params[key] = (p, o)
+                self._hash_params[key] = lsh.pad_bits(*self.hash_params(L, H, G, family, seed, shared, xp, dtype),
+                                                      pad_to)
         return self._hash_params[key]
 
     def capture_key(self, batch=None):

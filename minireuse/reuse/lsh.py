@@ -35,6 +35,18 @@ def draw_hash_params(L, H, G, seed, shared):
     return planes, unit_offsets
 
 
+def pad_bits(planes, unit_offsets, bits):
+    """(planes (Gp, L, bits), offsets (Gp, bits)): planes (Gp, L, H) and offsets (Gp, H) zero-padded
+    to ``bits`` hash bits (the CUDA kernels' compiled widths); the extra bits are masked off."""
+    xp = backend.get_array_module(planes)
+    H = planes.shape[2]
+    p = xp.zeros(planes.shape[:2] + (bits,), dtype=planes.dtype)
+    p[:, :, :H] = planes
+    o = xp.zeros(unit_offsets.shape[:1] + (bits,), dtype=unit_offsets.dtype)
+    o[:, :H] = unit_offsets
+    return p, o
+
+
 def input_scale(x):
     """RMS of all entries of x: the std of a projection with N(0, 1/L) entries.
 

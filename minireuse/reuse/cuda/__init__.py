@@ -37,5 +37,5 @@ from .lsh import hash_pixels, hash_rows, input_scale
 from .matmul import CudaMatmulCache, batched_gemm, cuda_reuse_matmul_backward, cuda_reuse_matmul_forward
 from .runtime import (KERNEL_DIR, MODULE, STAT_COUNT, STAT_MAX_DISTINCT, STAT_OVERFLOW, STAT_SUM_DISTINCT,
                       STAT_TABLE_FULL, CapacityTracker, CudaState, CupyDevice, HostDevice, HostReader,
-                      check_launch_args, cuda_state, device, device_layer, hash_bits_bucket, kernel_header,
+                      check_launch_args, cuda_state, device, hash_bits_bucket, kernel_header,
                       kernel_signatures, kernel_sources, module_source, round_capacity, table_size, using_device)

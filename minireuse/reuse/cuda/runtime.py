@@ -21,6 +21,7 @@ import re
 import numpy as np
 
 from ... import backend, runtime
+from .. import lsh
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 HEADER = "reuse_common.cuh"
@@ -228,9 +229,6 @@ def device():
     return _state["device"]
 
 
-device_layer = device
-
-
 @contextlib.contextmanager
 def using_device(layer):
     """Run the fast path on another device layer (e.g. ``HostDevice()``) inside the block."""
@@ -330,11 +328,10 @@ class Arena:
         return self
 
     def allocate(self, fill_byte=0):
-        """dict name -> array, every byte set to fill_byte (one memset; None: left as allocated)."""
+        """dict name -> array, every byte set to fill_byte (one memset)."""
         d = device()
         buf = d.xp.empty(max(self.nbytes, self.ALIGN), dtype=np.uint8)
-        if fill_byte is not None:
-            d.memset(buf, fill_byte)
+        d.memset(buf, fill_byte)
         return {name: d.carve(buf, off, shape, dtype) for name, shape, dtype, off in self._parts}
 
 
@@ -480,11 +477,4 @@ def padded_hash_params(state, config, G):
 
 def pad_hash_params(planes, offsets):
     """(planes (Gp, L, HB), offsets (Gp, HB)) from (Gp, L, H) and (Gp, H), zeros beyond H."""
-    xp = device().xp
-    gp, L, H = planes.shape
-    hb = hash_bits_bucket(H)
-    p = xp.zeros((gp, L, hb), dtype=np.float32)
-    p[:, :, :H] = planes
-    o = xp.zeros((gp, hb), dtype=np.float32)
-    o[:, :H] = offsets
-    return p, o
+    return lsh.pad_bits(planes, offsets, hash_bits_bucket(planes.shape[2]))
