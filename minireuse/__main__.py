@@ -148,12 +148,11 @@ def _subparser(parser, name):
 def resumed_config(a, argv):
     """The checkpoint's settings, with the flags given explicitly on top (Trainer.resume
     refuses those that contradict it, except Trainer.SAFE_TO_CHANGE)."""
-    from .train import Trainer, checkpoint_config
+    from .checkpoint import checkpoint_config
+    from .train import Trainer
     saved = {k: v for k, v in checkpoint_config(a.resume).items() if k in Trainer.DEFAULTS}
     cfg = train_config(a)
     given = given_flags(argv)
-    if "decay_layers" in cfg and "decay_layers" not in given:
-        given.discard("decay_layers")
     explicit = {k: v for k, v in cfg.items() if k in given or (k in ("reuse_layers", "reuse_options")
                                                               and "reuse_config" in given)}
     return {**saved, **explicit}

@@ -34,18 +34,25 @@ def save_checkpoint(path, model, opt, epoch, step, history, cfg, strategy=None, 
     atomic_savez(path, arrays)
 
 
-def read_checkpoint(path):
-    """(meta dict, {name: array}) of a checkpoint written by save_checkpoint; TrainingError otherwise."""
+def load_npz(path, kind, what, keys=None):
+    """{name: array} of an .npz file (only ``keys`` when given), one open; TrainingError naming
+    the file, the ``kind`` of file and ``what`` was expected when it is missing or not an .npz archive."""
     if not os.path.exists(path):
-        raise TrainingError(f"checkpoint {os.path.abspath(path)} does not exist")
+        raise TrainingError(f"{kind} {os.path.abspath(path)} does not exist (expected {what})")
     try:
         with np.load(path, allow_pickle=False) as f:
             if not hasattr(f, "files"):
                 raise ValueError("a single array")
-            data = {k: f[k] for k in f.files}
+            return {k: f[k] for k in f.files if keys is None or k in keys}
     except Exception as e:
-        raise TrainingError(f"{path} is not a minireuse checkpoint (expected the checkpoint.npz that train "
-                            f"writes; could not read it as one: {type(e).__name__})") from e
+        raise TrainingError(f"{path} is not a minireuse {kind} (expected {what}; could not read it as one: "
+                            f"{type(e).__name__})") from e
+
+
+def read_checkpoint(path, arrays=True):
+    """(meta dict, {name: array}) of a checkpoint written by save_checkpoint (arrays=False: the
+    meta record alone, the other arrays left unread); TrainingError otherwise."""
+    data = load_npz(path, "checkpoint", "the checkpoint.npz that train writes", keys=None if arrays else ("meta",))
     if "meta" not in data:
         raise TrainingError(f"{path} is not a minireuse training checkpoint (no meta record)")
     try:
@@ -56,13 +63,22 @@ def read_checkpoint(path):
 
 
 def checkpoint_config(path):
-    """The training settings a checkpoint was saved with."""
-    return read_checkpoint(path)[0].get("config") or {}
+    """The training settings a checkpoint was saved with (reads its meta record only)."""
+    return read_checkpoint(path, arrays=False)[0].get("config") or {}
 
 
-def load_checkpoint(path, model, opt):
-    """Restore model and optimizer from ``path``; returns its meta dict."""
-    meta, data = read_checkpoint(path)
+def model_arrays(path):
+    """The parameters (and buffers) of a model.npz (Sequential.save) or of a training checkpoint.npz."""
+    data = load_npz(path, "model or checkpoint", "RUN/model.npz or RUN/checkpoint.npz")
+    if "meta" not in data:
+        return data
+    return {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
+
+
+def load_checkpoint(path, model, opt, checkpoint=None):
+    """Restore model and optimizer from ``path`` (or from its already read ``checkpoint`` =
+    read_checkpoint(path)); returns its meta dict."""
+    meta, data = checkpoint if checkpoint is not None else read_checkpoint(path)
     params = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
     own = [k for k, _, _ in model.named_parameters()]
     saved_model = (meta.get("config") or {}).get("model", "?")

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from . import backend
-from .checkpoint import TrainingError, read_checkpoint
+from .checkpoint import TrainingError, model_arrays
 from .losses import SoftmaxCrossEntropy
 from .models import MODELS
 from .reuse import ReuseConfig
@@ -27,16 +27,7 @@ from .timing import LayerTimer
 
 def load_weights(model, path):
     """Parameters of ``model`` from a model.npz (Sequential.save) or a training checkpoint.npz."""
-    if not os.path.exists(path):
-        raise TrainingError(f"{path} does not exist (expected RUN/model.npz or RUN/checkpoint.npz)")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as e:
-        raise TrainingError(f"{path} is not a minireuse model or checkpoint ({type(e).__name__})") from e
-    if "meta" in arrays:
-        _, arrays = read_checkpoint(path)
-        arrays = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
+    arrays = model_arrays(path)
     try:
         model.load_state_dict(arrays)
     except ValueError as e:

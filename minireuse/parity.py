@@ -36,8 +36,7 @@ import os
 import statistics
 import sys
 
-import numpy as np
-
+from .checkpoint import TrainingError, read_checkpoint
 from .compare import summarise
 from .tables import align_rows
 from .reuse.adaptive import stage_label
@@ -116,9 +115,8 @@ def _read_json(path):
 
 def _checkpoint_meta(path):
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return json.loads(bytes(f["meta"]).decode())
-    except Exception as e:
+        return read_checkpoint(path, arrays=False)[0]
+    except TrainingError as e:
         raise ParityError(f"cannot read checkpoint {path}: {e}") from e
 
 

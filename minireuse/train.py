@@ -27,12 +27,11 @@ from tqdm import tqdm
 from . import backend, step_kernels
 from .layers.simple import reseed_dropout
 from .losses import SoftmaxCrossEntropy
-from .checkpoint import (TrainingError, checkpoint_config, load_checkpoint, read_checkpoint,  # noqa: F401
-                         resume_conflicts, save_checkpoint)
+from .checkpoint import TrainingError, load_checkpoint, read_checkpoint, resume_conflicts, save_checkpoint
 from .fileio import atomic_write_json
 from .models import MODELS
 from .optim import SGD, Adam, make_schedule
-from .outdir import OutLock, OutputError, check_unlocked, check_writable
+from .outdir import OutLock, check_unlocked, check_writable
 from .reuse.adaptive import make_strategy
 from .strategy_steps import StrategySteps
 from .timing import LayerTimer
@@ -190,7 +189,8 @@ class Trainer:
         """Continue the run saved in ``path``. The settings must be the checkpoint's, except
         SAFE_TO_CHANGE (e.g. more epochs); anything else that differs is refused, naming both
         values (the CLI takes the checkpoint's settings unless a flag is given)."""
-        saved = checkpoint_config(path)
+        checkpoint = read_checkpoint(path)
+        saved = checkpoint[0].get("config") or {}
         if saved.get("model", self.cfg["model"]) != self.cfg["model"]:
             raise TrainingError(f"checkpoint {path} was saved for model {saved['model']!r}; this run builds "
                                 f"{self.cfg['model']!r}")
@@ -200,7 +200,7 @@ class Trainer:
             raise TrainingError(f"cannot resume {path} with other settings ({listed}); resume with the "
                                 f"checkpoint's settings (only {', '.join(self.SAFE_TO_CHANGE)} may change) or "
                                 "start a new run with another --out")
-        meta = load_checkpoint(path, self.model, self.opt)
+        meta = load_checkpoint(path, self.model, self.opt, checkpoint)
         steps = -(-len(self.data[0]) // self.cfg["batch_size"])
         if not 0 <= meta["step"] <= steps:
             raise TrainingError(f"checkpoint {path} is at step {meta['step']} of an epoch, but an epoch of this "
@@ -311,7 +311,7 @@ class Trainer:
         """What a stopped run leaves to resume from, as a sentence."""
         if os.path.exists(ckpt):
             try:
-                meta = read_checkpoint(ckpt)[0]
+                meta = read_checkpoint(ckpt, arrays=False)[0]
                 where = (f"epoch {meta['epoch'] + 1}, step {meta['step']}" if meta["step"]
                          else f"the end of epoch {meta['epoch']}")
             except TrainingError:

@@ -118,7 +118,6 @@ def time_setting(x, W, b, dy, pads, fields, repeats):
             finally:
                 graph = stream.end_capture()
         graph_ms = median_ms(lambda: (graph.launch(stream), stream.synchronize()), repeats)
-    del graph, pool
     last = state.last
     return dict(config=config.as_dict(), ops=ops, op_count=len(ops), fwd_ms=float(np.median(fwd)),
                 bwd_ms=float(np.median(bwd)), graph_fwd_bwd_ms=graph_ms,

@@ -10,7 +10,6 @@ from minireuse.evaluate import evaluate_model, reuse_settings
 from minireuse.models import cifarnet
 
 from cifar_fixture import write_cifar_fixture
-from test_train import learnable_data
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 
-from minireuse import plot
 from minireuse.__main__ import main
 
 matplotlib = pytest.importorskip("matplotlib", reason="matplotlib is in the test extra; install '.[test]'")
