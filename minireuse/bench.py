@@ -28,10 +28,13 @@ from .data.sample import sample_images
 from .tables import align_rows
 from .timing import timed
 
-LAYERS = ("conv1", "conv2", "fc3")
-# what feeds each layer in CifarNet (layer names of minireuse.models.cifarnet)
-# default sub-vector lengths per layer (K = 75, 1600, 4096; c_in = 3, 64, -)
-DEFAULT_L = {"conv1": [3, 15], "conv2": [16, 64], "fc3": [16, 64]}
+LAYERS = ("conv1", "conv2", "fc3")   # CifarNet's layers benchmarked by default
+
+
+def default_L(c_in):
+    """Sub-vector lengths tried by default: 3, 15 for a 3-channel input (a pixel, or 5 of its
+    5x5 patch columns), else 16, 64 (CifarNet: conv1 K = 75, conv2 K = 1600, fc3 K = 4096)."""
+    return [3, 15] if c_in == 3 else [16, 64]
 
 
 def comma_list(kind):
@@ -104,8 +107,7 @@ def modes(name, layer, args):
     from .reuse import ReuseConfig
     c_in = getattr(layer, "c_in", None)
     grid = [("exact", None)]
-    default = DEFAULT_L.get(name) if getattr(args, "model", "cifarnet") == "cifarnet" else None
-    for L in args.L or default or ([3, 15] if c_in == 3 else [16, 64]):
+    for L in args.L or default_L(c_in):
         for path in args.paths if c_in is not None else ["general"]:
             if path == "pixel" and c_in % L:
                 continue

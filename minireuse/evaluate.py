@@ -3,9 +3,9 @@
     python -m minireuse evaluate --checkpoint RUN/model.npz [--reuse fixed] [--reuse-config FILE]
 
 Runs the test set through the model exactly, then with the reuse setting of each
-configured layer (``--reuse-config``: {"layers": {"conv2": {"L": 64, "H": 32}}},
-one setting per layer; default: conv2 at adaptive.DEFAULT_FIXED), in the same run,
-and prints side by side: accuracy and loss, how many predictions differ from the
+configured layer (``--reuse-config``: {"layers": {"conv2": {"L": 64, "H": 32}}}, one
+setting per layer; default: the model's fixed settings, adaptive.model_defaults), in the
+same run, and prints side by side: accuracy and loss, how many predictions differ from the
 exact ones, images/s of the whole forward, and per reuse layer its forward time,
 r_c and relative output error against the exact layer on the same input (every
 batch is measured). ``--json FILE`` writes the report.
@@ -20,7 +20,7 @@ from .checkpoint import TrainingError, model_arrays
 from .losses import SoftmaxCrossEntropy
 from .models import MODELS
 from .reuse import ReuseConfig
-from .reuse.adaptive import DEFAULT_FIXED, MODEL_DEFAULTS, load_settings, stage_label
+from .reuse.adaptive import load_settings, model_defaults, stage_label
 from .tables import align_rows
 from .timing import LayerTimer
 
@@ -42,7 +42,7 @@ def reuse_settings(reuse, reuse_config, model="cifarnet"):
         return {}
     if reuse != "fixed":
         raise ValueError(f"evaluate takes --reuse off or fixed (one setting per layer), got {reuse!r}")
-    layers = load_settings(reuse_config)[0] if reuse_config else MODEL_DEFAULTS.get(model, (None, DEFAULT_FIXED))[1]
+    layers = load_settings(reuse_config)[0] if reuse_config else model_defaults(model)[1]
     out = {}
     for name, setting in layers.items():
         if isinstance(setting, list):

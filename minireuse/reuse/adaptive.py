@@ -375,6 +375,11 @@ def stage_errors(model, x, layer_name, configs):
     return errors
 
 
+def model_defaults(model):
+    """(ladders, fixed settings) of a model: MODEL_DEFAULTS[model], else CifarNet's."""
+    return MODEL_DEFAULTS.get(model, (DEFAULT_LADDERS, DEFAULT_FIXED))
+
+
 def make_strategy(kind, layers=None, options=None, model="cifarnet"):
     """A strategy by name ('off' gives None) from per-layer settings (or the model's defaults:
     CifarNet's, or MODEL_DEFAULTS[model])."""
@@ -383,7 +388,7 @@ def make_strategy(kind, layers=None, options=None, model="cifarnet"):
         raise ValueError(f"unknown reuse strategy {kind!r}; expected one of {STRATEGIES}")
     if kind == "off":
         return None
-    ladders, fixed = MODEL_DEFAULTS.get(model, (DEFAULT_LADDERS, DEFAULT_FIXED))
+    ladders, fixed = model_defaults(model)
     cls, default = {"fixed": (FixedStrategy, fixed), "schedule": (ScheduleStrategy, ladders),
                     "adaptive": (AdaptiveStrategy, ladders)}[kind]
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ladders", "settings")]
