@@ -84,10 +84,17 @@ def parse_signatures(source):
     return out
 
 
-def _dims(v):
-    v = tuple(int(e) for e in (v if isinstance(v, (tuple, list)) else (v,)))
+def _sizes(v):
+    """Launch dimensions as a tuple of 1 to 3 positive ints (ValueError otherwise)."""
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v,)
     if not 1 <= len(v) <= 3 or min(v) < 1:
         raise ValueError(f"launch dimensions must be 1 to 3 positive sizes, got {v}")
+    return v
+
+
+def _dims(v):
+    """The (x, y, z) of launch dimensions."""
+    v = tuple(int(e) for e in _sizes(v))
     return v + (1,) * (3 - len(v))
 
 
@@ -117,11 +124,15 @@ def check_launch(sig, grid, block, args, is_array):
         elif not (isinstance(a, np.generic) and a.dtype == p.dtype):
             raise TypeError(f"kernel {name}: argument {p.name} expected a numpy {p.dtype.name} scalar, "
                             f"got {type(a).__name__}")
-    threads = int(np.prod(_dims(block)))
-    if sig.max_threads is not None and threads > sig.max_threads:
-        raise ValueError(f"kernel {name}: block {tuple(block)} has {threads} threads, more than its "
-                         f"__launch_bounds__({sig.max_threads})")
-    _dims(grid)
+    # every launch is checked, so this stays cheap (plain integers; no array reductions)
+    block, grid = _sizes(block), _sizes(grid)
+    if sig.max_threads is not None:
+        threads = 1
+        for e in block:
+            threads *= e
+        if threads > sig.max_threads:
+            raise ValueError(f"kernel {name}: block {block} has {threads} threads, more than its "
+                             f"__launch_bounds__({sig.max_threads})")
 
 
 class KernelModule:
