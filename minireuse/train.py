@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import backend, step_kernels
-from .layers.simple import reseed_dropout
+from .layers.simple import reseed_layers
 from .losses import SoftmaxCrossEntropy
 from .checkpoint import TrainingError, load_checkpoint, read_checkpoint, resume_conflicts, save_checkpoint
 from .fileio import atomic_write_json
@@ -282,7 +282,7 @@ class Trainer:
             # the strategy's probes run first: the step's dropout masks are drawn after them,
             # so a reuse run draws the same randomness as the exact run of the same seed
             self.strategy_steps.before_step(xb, yb, epoch, step, steps, first_step=step == self.start_step)
-        reseed_dropout(self.model, (c["seed"], epoch, step))
+        reseed_layers(self.model, (c["seed"], epoch, step))
         self.opt.lr = lr
         # eager steps are timed per layer; with graphs, one step in GRAPH_TIMING_EVERY runs eagerly
         if self._graphs is None or step % GRAPH_TIMING_EVERY == 0 or not self._graphs.run(xb, yb):

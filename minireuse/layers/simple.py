@@ -56,10 +56,20 @@ class Flatten(Layer):
 
 
 def reseed_dropout(model, seed):
-    """Reseed every Dropout layer of ``model`` (the trainer does it every step)."""
+    """Reseed every Dropout layer of ``model``."""
     for layer in model.layers:
         if isinstance(layer, Dropout):
             layer.reseed(seed)
+
+
+def reseed_layers(model, seed):
+    """Reseed everything of ``model`` that draws randomness in a training step (the trainer
+    does it every step with (seed, epoch, step)): the Dropout layers, and the deep-reuse
+    states' row samples (ReuseConfig.dw_sample), each keyed by its layer's position too."""
+    reseed_dropout(model, seed)
+    for i, layer in enumerate(model.layers):
+        if getattr(layer, "reuse_state", None) is not None:
+            layer.reuse_state.reseed((*seed, i) if isinstance(seed, tuple) else (seed, i))
 
 
 class Dropout(Layer):

@@ -45,7 +45,12 @@ class ReuseConfig:
     reuse dW and the exact dW ('dw_cos');
     impl: 'auto' (CUDA kernels for cupy arrays when they load), 'reference', 'cuda';
     forward: 'reuse' (the clustered product) or 'exact' (the exact product, with the
-    inputs still hashed and clustered so that the backward reuses the clusters).
+    inputs still hashed and clustered so that the backward reuses the clusters);
+    dw_sample: fraction p of the product's rows (im2col rows / output pixels) whose exact
+    residual x - centroid corrects the reuse dW: every round(1/p)-th row from a random
+    start, scaled by round(1/p), so dW is the centroid dW plus an unbiased estimate of
+    what it misses (0: off; 1: the exact dW). The start comes from ReuseState's
+    generator, which the trainer reseeds every step.
     H > 32, 'centred' and forward 'exact' run on the reference path only.
     """
 
@@ -60,6 +65,7 @@ class ReuseConfig:
     measure_error: bool = False
     impl: str = "auto"
     forward: str = "reuse"
+    dw_sample: float = 0.0
 
     def __post_init__(self):
         if not _is_int(self.L) or self.L < 1:
@@ -81,6 +87,9 @@ class ReuseConfig:
             raise _bad("impl", self.impl, f"one of {IMPLS}")
         if self.forward not in FORWARDS:
             raise _bad("forward", self.forward, f"one of {FORWARDS}")
+        if (isinstance(self.dw_sample, (bool, np.bool_)) or not isinstance(self.dw_sample, (int, float, np.number))
+                or not 0.0 <= float(self.dw_sample) <= 1.0):
+            raise _bad("dw_sample", self.dw_sample, "a number in [0, 1]")
 
     @classmethod
     def coerce(cls, value):
@@ -124,6 +133,7 @@ class ReuseState:
         self.stats = []           # one dict per training call since the last pop_stats()
         self.eval_stats = []      # the same for evaluation calls (train=False)
         self.last = None          # the most recent entry of either
+        self._rng = None          # draws dw_sample's rows; reseed() sets it every training step
 
     def hash_params(self, L, H, G, family, seed, shared, xp, dtype, pad_to=None):
         """(planes (Gp, L, H), unit offsets (Gp, H)) as xp arrays of dtype, drawn once per key.
@@ -139,6 +149,21 @@ class ReuseState:
                 self._hash_params[key] = lsh.pad_bits(*self.hash_params(L, H, G, family, seed, shared, xp, dtype),
                                                       pad_to)
         return self._hash_params[key]
+
+    def reseed(self, seed):
+        """Seed the generator of dw_sample's rows (the trainer passes (seed, epoch, step), like dropout's)."""
+        self._rng = np.random.default_rng(seed)
+
+    def sample_rows(self, n, fraction):
+        """(start, step) of dw_sample's systematic sample: rows start, start + step, ... of n,
+        step = round(1 / fraction), start drawn uniformly in [0, step) from the state's
+        generator (seeded with 0 until reseeded). Every row is sampled with probability
+        1 / step, so step times the sampled sum estimates the full sum without bias; the
+        rows are an arange on any device (no index upload)."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(0)
+        step = max(1, min(n, int(round(1.0 / fraction))))
+        return int(self._rng.integers(step)), step
 
     def capture_key(self, batch=None):
         """What a captured training step of this batch size freezes besides the setting (the

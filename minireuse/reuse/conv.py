@@ -30,6 +30,8 @@ Backward (assignment fixed): S = R^T dY as in matmul.py, per (t, q); dW[t, q] =
 C_q^T S[t, q]; dX 'cluster' goes straight to pixels without col2im:
 dL/dC_q[c] = sum_t S[t, q, c] @ W[t, q]^T and each member pixel gets 1/|c| of it
 (gradients of padding pixels are dropped). dX 'exact' is dY @ W^T then col2im.
+dw_sample corrects dW as in matmul.py, with the sampled output pixels' im2col rows
+gathered from the padded pixels and their centroids from the pixels' clusters.
 
 forward 'exact' (both paths): y is the exact convolution (im2col + GEMM) while
 the pixels or rows are still hashed and clustered for the backward above; the
@@ -41,7 +43,7 @@ import dataclasses
 from .. import backend
 from ..conv_geometry import col2im, im2col, pad_nhwc
 from .clustering import assign_clusters, assignment_matrix, centroids, group_keys
-from .matmul import (cosine, hash_groups, impl_label, relative_error, reuse_matmul_backward,
+from .matmul import (DwCorrection, cosine, hash_groups, impl_label, relative_error, reuse_matmul_backward,
                      reuse_matmul_forward, reuse_matmul_forward_assigned)
 
 
@@ -115,6 +117,7 @@ class PixelCache:
     dx_mode: str
     x: object = None     # measure_error only: the input, for the exact dW of dw_cos
     stats: dict = None   # measure_error only: the stats entry that receives dw_cos
+    correction: object = None   # dw_sample: DwCorrection of the sampled output pixels
 
 
 def pixel_vectors(x, pads, L):
@@ -158,14 +161,29 @@ def pixel_keys(pixel_ids, cmax, padded_shape, kh, kw, stride):
     return keys.reshape(-1, t * q)
 
 
+def pixel_residuals(pixels, C, pixel_ids, where):
+    """(m, kh*kw*c_in): the im2col rows of m outputs minus their centroid rows.
+
+    where (m, T): the padded pixel each output reads per kernel offset (pixel_index rows).
+    """
+    xp = backend.get_array_module(pixels, C)
+    q, cmax, L = C.shape
+    m, t = where.shape
+    keys = xp.take(pixel_ids, where, axis=0) + xp.arange(q, dtype=pixel_ids.dtype) * cmax      # (m, T, Q)
+    near = xp.take(C.reshape(q * cmax, L), keys, axis=0)                                       # (m, T, Q, L)
+    return (xp.take(pixels, where, axis=0) - near).reshape(m, t * q * L)
+
+
 def pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L, dx_mode="exact",
-                                pixels=None, forward="reuse"):
+                                pixels=None, forward="reuse", sample=None):
     """(y, cache) of the pixel-aligned reuse conv under a given pixel assignment.
 
     pixel_ids (B*Hp*Wp, Q) and n_clusters (Q,) cluster the padded pixels per
     channel group of L channels; pixels = pixel_vectors(x, pads, L) if the caller has it.
     forward 'exact': y is the exact conv, the cache the same as with 'reuse'.
+    sample: (output indices, scale) whose residuals correct dW (dw_sample).
     """
+    xp = backend.get_array_module(x, W, b)
     b_, h, w, c_in = x.shape
     kh, kw, _, m = W.shape
     t, q = kh * kw, c_in // L
@@ -177,6 +195,10 @@ def pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L,
     keys = pixel_keys(pixel_ids, cmax, (b_, hp, wp, q), kh, kw, stride)
     R = assignment_matrix(keys, q * cmax * t, x.dtype)
     cache = PixelCache(x.shape, W, stride, pads, pixel_ids, R, C, counts, b is not None, dx_mode)
+    if sample is not None:
+        rows, scale = sample
+        where = pixel_index(b_, hp, wp, kh, kw, stride, xp)[rows]
+        cache.correction = DwCorrection(rows, pixel_residuals(pixels, C, pixel_ids, where), scale)
     if forward == "exact":
         return exact_conv(x, W, b, stride, pads), cache   # no centroid GEMM, no reconstruct
     P = C @ offset_weights(W, L)                       # (Q, Cmax, T*M): every offset at once
@@ -195,8 +217,14 @@ def pixel_conv_forward(x, W, b, stride, pads, config, state, train=True):
     real_pixels = x.reshape(-1, pixels.shape[1], L)    # 'centred' statistics skip the padding
     codes = hash_groups(pixels, config, state, x, stats_source=real_pixels)
     pixel_ids, n_clusters = assign_clusters(codes, config.H)
+    sample = None
+    if train and config.dw_sample > 0:
+        oh = (x.shape[1] + pads[0] + pads[1] - W.shape[0]) // stride + 1
+        ow = (x.shape[2] + pads[2] + pads[3] - W.shape[1]) // stride + 1
+        start, step = state.sample_rows(x.shape[0] * oh * ow, config.dw_sample)
+        sample = (xp.arange(start, x.shape[0] * oh * ow, step), step)
     y, cache = pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L, config.dx_mode,
-                                           pixels=pixels, forward=config.forward)
+                                           pixels=pixels, forward=config.forward, sample=sample)
     rel_error = None
     if config.measure_error:
         # forward 'exact': y is the exact conv, its own reference (rel_error 0)
@@ -226,6 +254,8 @@ def pixel_conv_backward(dy, cache):
     S = (cache.R.T @ dy2).reshape(q, cmax, t * m)      # cluster sums, laid out like P
     dW_q = cache.centroids.transpose(0, 2, 1) @ S      # (Q, L, T*M): C_q^T S_q
     dW = dW_q.reshape(q, L, t, m).transpose(2, 0, 1, 3).reshape(cache.W.shape)
+    if cache.correction is not None:
+        dW += cache.correction.dW(dy2).reshape(cache.W.shape)
     if cache.x is not None:
         cols, _ = im2col(cache.x, kh, kw, cache.stride, cache.pads)
         cache.stats["dw_cos"] = cosine(dW.reshape(-1, m), cols.T @ dy2)

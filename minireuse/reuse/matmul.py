@@ -14,6 +14,11 @@ Backward with the assignment held fixed (the exact gradient of the clustered for
     dX 'exact':   dY @ W^T
     dX 'cluster': dx[n, g] = (S[g, c] / |c|) @ W_g^T  for c = ids[n, g]
 
+dw_sample = p corrects the centroid dW, which misses sum_n (x_n - c_n)^T dy_n (c_n the
+row of centroids that stands for x_n): the residuals of every s-th row (s = round(1/p))
+from a random start, times s, estimate that sum without bias, so dW is X^T dY in
+expectation (at p = 1 exactly) for the price of an (N/s)-row GEMM.
+
 forward 'exact' reuses in the backward only: steps 1-3 and the centroids run as
 above (the backward needs them), but y is the exact X @ W + b and the centroid
 GEMM and the reconstruct are skipped. With measure_error the backward also
@@ -91,13 +96,37 @@ class MatmulCache:
     dx_mode: str
     X: object = None     # measure_error only: the input, for the exact dW of dw_cos
     stats: dict = None   # measure_error only: the stats entry that receives dw_cos
+    correction: object = None   # dw_sample: DwCorrection of the sampled rows
 
 
-def reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, L, dx_mode="exact", forward="reuse"):
+@dataclasses.dataclass
+class DwCorrection:
+    """dw_sample's unbiased correction of the centroid dW: scale * residual^T @ dY[rows]."""
+
+    rows: object         # (m,) sampled row indices: start, start + step, ...
+    residual: object     # (m, K) x - its centroids, for the sampled rows
+    scale: float         # the sampling step
+
+    def dW(self, dy):
+        return self.scale * (self.residual.T @ dy[self.rows])
+
+
+def row_residuals(X, C, ids, rows):
+    """(m, K): X[rows] minus the centroids that stand for them (C (G, Cmax, L), ids (N, G))."""
+    xp = backend.get_array_module(X, C)
+    g, cmax, L = C.shape
+    k = X.shape[1]
+    near = xp.take(C.reshape(g * cmax, L), group_keys(ids[rows], cmax), axis=0)   # (m, G, L)
+    return X[rows] - near.reshape(len(rows), g * L)[:, :k]
+
+
+def reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, L, dx_mode="exact", forward="reuse",
+                                  sample=None):
     """y = X @ W + b with deep reuse under a given assignment (ids, n_clusters) of groups of L.
 
     Returns (y, cache). forward 'exact': y is the exact product and the cache the
-    same as with 'reuse' (the backward reuses the clusters). Tests hold the
+    same as with 'reuse' (the backward reuses the clusters). sample: row indices
+    whose residuals correct dW (dw_sample). Tests hold the
     assignment fixed through this function (numerical gradients, identity
     assignment = exact product).
     """
@@ -114,7 +143,11 @@ def reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, L, dx_mode="exact", 
         y = reconstruct(R, P)                              # y[n] = sum_g P[g, ids[n, g]]
     if b is not None:
         y += b
-    return y, MatmulCache(W, Wg, R, ids, C, counts, b is not None, dx_mode)
+    cache = MatmulCache(W, Wg, R, ids, C, counts, b is not None, dx_mode)
+    if sample is not None:
+        rows, scale = sample
+        cache.correction = DwCorrection(rows, row_residuals(X, C, ids, rows), scale)
+    return y, cache
 
 
 def reuse_matmul_forward(X, W, b, config, state, train=True, scale_source=None):
@@ -128,8 +161,12 @@ def reuse_matmul_forward(X, W, b, config, state, train=True, scale_source=None):
     Xg = lsh.split_groups(X, config.L)
     codes = hash_groups(Xg, config, state, X if scale_source is None else scale_source)
     ids, n_clusters = assign_clusters(codes, config.H)
+    sample = None
+    if train and config.dw_sample > 0:
+        start, step = state.sample_rows(X.shape[0], config.dw_sample)
+        sample = (xp.arange(start, X.shape[0], step), step)
     y, cache = reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, config.L, config.dx_mode,
-                                             config.forward)
+                                             config.forward, sample)
     rel_error = None
     if config.measure_error:
         # forward 'exact': y is the exact product, its own reference (rel_error 0)
@@ -155,6 +192,8 @@ def reuse_matmul_backward(dy, cache):
     g, cmax, L = cache.centroids.shape
     S = cluster_sums(dy, cache.ids, cmax, cache.R)                      # (G, Cmax, M)
     dW = (cache.centroids.transpose(0, 2, 1) @ S).reshape(g * L, m)[:k]
+    if cache.correction is not None:
+        dW += cache.correction.dW(dy)
     if cache.X is not None:
         cache.stats["dw_cos"] = cosine(dW, cache.X.T @ dy)
     db = dy.sum(axis=0) if cache.has_bias else None
