@@ -2,7 +2,7 @@
 
     python -m minireuse bench layers [--layers conv1,conv2,fc3] [--L 16,64] [--H 12,20]
                               [--family offset,origin,centred] [--paths pixel,general]
-                              [--forward reuse,exact] [--json FILE]
+                              [--forward reuse,exact] [--dw-sample 0,0.125] [--json FILE]
 
 Inputs are real CIFAR-10 images (a deterministic random fixture, said so in the
 output, when the data cannot be loaded) passed through the preceding layers of a
@@ -63,6 +63,8 @@ def add_arguments(parser):
     parser.add_argument("--dx-mode", type=comma_list(str), default=["cluster"], help="exact and/or cluster")
     parser.add_argument("--forward", type=comma_list(str), default=["reuse"],
                         help="reuse (default) and/or exact (exact forward, reuse in the backward only)")
+    parser.add_argument("--dw-sample", type=comma_list(float), default=[0.0],
+                        help="fractions of rows whose residuals correct dW (ReuseConfig.dw_sample; default 0)")
     parser.add_argument("--impl", default="auto", choices=["auto", "reference", "cuda"])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per mode (median reported)")
@@ -111,19 +113,23 @@ def modes(name, layer, args):
         for path in args.paths if c_in is not None else ["general"]:
             if path == "pixel" and c_in % L:
                 continue
-            for H, family, dx_mode, forward in itertools.product(args.H, args.family, args.dx_mode,
-                                                                 args.forward):
+            for H, family, dx_mode, forward, dw_sample in itertools.product(
+                    args.H, args.family, args.dx_mode, args.forward, getattr(args, "dw_sample", [0.0])):
                 cfg = dict(L=L, H=H, family=family, dx_mode=dx_mode, forward=forward, impl=args.impl,
-                           pixel_aligned=(path == "pixel"), seed=args.seed)
+                           pixel_aligned=(path == "pixel"), seed=args.seed, dw_sample=dw_sample)
                 ReuseConfig.coerce(cfg)  # validate before timing anything
                 grid.append((mode_label(path, cfg), cfg))
     return grid
 
 
 def mode_label(path, cfg):
-    """'pixel L=16 H=12 offset dx=cluster', plus 'forward=exact' when the forward is not the default."""
+    """'pixel L=16 H=12 offset dx=cluster', plus 'forward=exact' and 'dw_sample=p' where not the default."""
     label = f"{path} L={cfg['L']} H={cfg['H']} {cfg['family']} dx={cfg['dx_mode']}"
-    return label if cfg["forward"] == "reuse" else f"{label} forward={cfg['forward']}"
+    if cfg["forward"] != "reuse":
+        label += f" forward={cfg['forward']}"
+    if cfg.get("dw_sample", 0):
+        label += f" dw_sample={cfg['dw_sample']:g}"
+    return label
 
 
 # ---------------------------------------------------------------- timing

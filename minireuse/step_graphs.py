@@ -73,8 +73,11 @@ def reuse_capturable(layer):
     Its ReuseState says so with ``capturable`` (True, or the ReuseConfig it holds
     for); without that attribute, a layer whose last call ran the CUDA fast path
     (impl 'cuda', which never reads device values on the host) is taken as
-    capturable, and the reference path (cluster counts read on the host) is not.
+    capturable, and the reference path (cluster counts read on the host) is not;
+    neither is a setting with dw_sample (its sample is drawn on the host every step).
     """
+    if getattr(layer.reuse, "dw_sample", 0) > 0:
+        return False        # dw_sample's rows are drawn on the host every step: a replay would freeze them
     state = layer.reuse_state
     flag = getattr(state, "capturable", None)
     if flag is not None:
@@ -90,7 +93,9 @@ def uncapturable_layers(model):
         reuse = getattr(layer, "reuse", None)
         if reuse is not None and reuse.enabled:
             if not reuse_capturable(layer):
-                out.append(f"{layer.name} (its deep-reuse implementation synchronises with the host)")
+                why = ("its dw_sample rows are drawn on the host every step" if getattr(reuse, "dw_sample", 0) > 0
+                       else "its deep-reuse implementation synchronises with the host")
+                out.append(f"{layer.name} ({why})")
         elif not getattr(layer, "capturable", True):
             out.append(layer.name)
     return out

@@ -72,7 +72,7 @@ def test_every_launched_kernel_is_defined():
         with open(path) as f:
             text += f.read()
     launched = set(re.findall(r'\blaunch\("(\w+)"', text))
-    launched |= {f"hash_rows_h{hb}" for hb in (8, 16, 32)}
+    launched |= {f"hash_rows_h{hb}" for hb in (8, 16, 32, 64)}
     defined = set(cuda.kernel_signatures())
     assert launched <= defined, f"launched but not defined: {sorted(launched - defined)}"
     assert defined <= launched, f"defined but never launched: {sorted(defined - launched)}"
@@ -86,7 +86,7 @@ def test_signatures_use_known_types():
         for p in sig.params:
             assert p.dtype.kind in "iuf", f"{name}({p.name}): {p.ctype}"
     assert sigs["input_rms"].max_threads == 256 and sigs["centroid_sums"].max_threads == 256
-    assert all(sigs[f"hash_rows_h{hb}"].max_threads == 128 for hb in (8, 16, 32))
+    assert all(sigs[f"hash_rows_h{hb}"].max_threads == 128 for hb in (8, 16, 32, 64))
 
 
 def test_launch_bounds_are_checked():
@@ -155,9 +155,9 @@ def test_capture_key_lists_the_training_capacities_of_one_batch_size():
 
 
 def test_hash_bits_bucket():
-    assert [cuda.hash_bits_bucket(h) for h in (1, 8, 9, 16, 17, 32)] == [8, 8, 16, 16, 32, 32]
-    with pytest.raises(ValueError, match="H: expected 1..32"):
-        cuda.hash_bits_bucket(33)
+    assert [cuda.hash_bits_bucket(h) for h in (1, 8, 9, 16, 17, 32, 33, 64)] == [8, 8, 16, 16, 32, 32, 64, 64]
+    with pytest.raises(ValueError, match="H: expected 1..64"):
+        cuda.hash_bits_bucket(65)
 
 
 @needs_nvcc

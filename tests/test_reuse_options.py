@@ -1,5 +1,5 @@
-"""The options beyond the published method: H up to 64, the 'centred' family, forward 'exact'
-(validation, which implementation runs them, statistics, the layer benchmark's grid)."""
+"""The options beyond the published method: H up to 64, the 'centred' family, forward 'exact',
+dw_sample (validation, which implementation runs them, statistics, the layer benchmark's grid)."""
 import argparse
 import json
 import types
@@ -25,14 +25,6 @@ def test_new_values_are_accepted_and_the_defaults_unchanged():
     assert c.replace(forward="reuse").as_dict()["forward"] == "reuse"
 
 
-def test_cuda_unsupported_names_every_option_the_kernels_lack():
-    assert dispatch.cuda_unsupported(ReuseConfig(H=32, family="offset", dx_mode="cluster")) == []
-    assert dispatch.cuda_unsupported(ReuseConfig(family="origin", measure_error=True)) == []
-    names = dispatch.cuda_unsupported(ReuseConfig(H=33, family="centred", forward="exact"))
-    assert len(names) == 3
-    assert "H=33" in names[0] and "centred" in names[1] and "forward 'exact'" in names[2]
-
-
 @pytest.fixture
 def fake_cupy(monkeypatch):
     """resolve_impl sees a non-NumPy array module and a CUDA module that imported."""
@@ -40,16 +32,19 @@ def fake_cupy(monkeypatch):
     monkeypatch.setattr(dispatch, "_cuda_import", {"module": object(), "error": None})
 
 
-@pytest.mark.parametrize("option", [dict(H=40), dict(family="centred"), dict(forward="exact")])
-def test_auto_runs_the_reference_path_for_what_the_kernels_lack_and_cuda_refuses(fake_cupy, option):
+@pytest.mark.parametrize("option", [dict(H=40), dict(H=64), dict(family="centred"), dict(forward="exact"),
+                                    dict(dw_sample=0.25)])
+def test_every_option_runs_the_cuda_kernels_on_gpu_arrays(fake_cupy, option):
     x = np.ones((2, 3), dtype=np.float32)
-    assert dispatch.resolve_impl(ReuseConfig(), x) == "cuda"
-    assert dispatch.resolve_impl(ReuseConfig(**option), x) == "reference"
+    assert dispatch.resolve_impl(ReuseConfig(**option), x) == "cuda"
+    assert dispatch.resolve_impl(ReuseConfig(impl="cuda", **option), x) == "cuda"
     assert dispatch.resolve_impl(ReuseConfig(impl="reference", **option), x) == "reference"
-    with pytest.raises(ValueError, match=r"CUDA kernels do not implement yet; use impl 'auto' or "
-                                         r"'reference'") as error:
-        dispatch.resolve_impl(ReuseConfig(impl="cuda", **option), x)
-    assert dispatch.cuda_unsupported(ReuseConfig(**option))[0] in str(error.value)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, True, "0.5", None])
+def test_bad_dw_sample_is_refused(value):
+    with pytest.raises(ValueError, match=rf"ReuseConfig\.dw_sample: got {value!r}, expected a number in \[0, 1\]"):
+        ReuseConfig(dw_sample=value)
 
 
 @pytest.mark.parametrize("option", [dict(H=40), dict(family="centred"), dict(forward="exact")])
@@ -88,6 +83,13 @@ def test_bench_grid_takes_the_new_options_and_labels_them():
         bench.modes("conv2", types.SimpleNamespace(c_in=64), bench_args("--L", "16", "--H", "65"))
     with pytest.raises(ValueError, match="ReuseConfig.forward"):
         bench.modes("fc3", types.SimpleNamespace(), bench_args("--L", "16", "--forward", "backward"))
+    grid = bench.modes("conv2", types.SimpleNamespace(c_in=64),
+                       bench_args("--L", "64", "--H", "32", "--family", "offset", "--paths", "pixel",
+                                  "--dw-sample", "0,0.125"))
+    assert [label for label, _ in grid][1:] == ["pixel L=64 H=32 offset dx=cluster",
+                                                "pixel L=64 H=32 offset dx=cluster dw_sample=0.125"]
+    with pytest.raises(ValueError, match="ReuseConfig.dw_sample"):
+        bench.modes("conv2", types.SimpleNamespace(c_in=64), bench_args("--L", "64", "--dw-sample", "2"))
 
 
 def test_bench_times_the_exact_forward_mode(tmp_path, capsys):

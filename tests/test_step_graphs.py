@@ -73,6 +73,10 @@ def test_what_may_be_recorded():
     assert not reuse_capturable(conv2)
     conv2.reuse_state.capturable = setting                            # ...for the setting it names
     assert reuse_capturable(conv2) and uncapturable_layers(model) == []
+    conv2.set_reuse(setting.replace(dw_sample=0.125))                 # a sample drawn on the host per step
+    conv2.reuse_state.capturable = True
+    assert not reuse_capturable(conv2)
+    assert "dw_sample rows are drawn on the host" in uncapturable_layers(model)[0]
 
 
 def test_graph_keys_follow_settings_and_error_sampling():

@@ -51,7 +51,6 @@ class ReuseConfig:
     start, scaled by round(1/p), so dW is the centroid dW plus an unbiased estimate of
     what it misses (0: off; 1: the exact dW). The start comes from ReuseState's
     generator, which the trainer reseeds every step.
-    H > 32, 'centred' and forward 'exact' run on the reference path only.
     """
 
     L: int = 16

@@ -28,47 +28,27 @@ def cuda_module():
     return _cuda_import["module"], _cuda_import["error"]
 
 
-def cuda_unsupported(config):
-    """The options of config the CUDA fast path does not implement (names, [] when none)."""
-    options = []
-    if config.H > 32:
-        options.append(f"H={config.H} (more than 32 bits)")
-    if config.family == "centred":
-        options.append("family 'centred'")
-    if config.forward == "exact":
-        options.append("forward 'exact'")
-    return options
-
-
 def resolve_impl(config, *arrays):
     """'cuda' or 'reference' for these arrays under config.impl (NumPy arrays import the fast path only
     for impl 'cuda').
 
     'auto' picks the CUDA kernels for float32 CuPy arrays when minireuse.reuse.cuda
-    imports and implements config, the reference path otherwise (NumPy, other
-    dtypes, options the kernels lack, import failure). 'cuda' on NumPy arrays runs
+    imports, the reference path otherwise (NumPy, other dtypes, import failure);
+    the kernels implement every ReuseConfig option. 'cuda' on NumPy arrays runs
     the kernels' host build while ``cuda.using_device(cuda.HostDevice())`` is active
     (how the fast path is tested without a GPU), and is refused otherwise.
     """
     xp = backend.get_array_module(*arrays)
     if config.impl == "reference":
         return "reference"
-    unsupported = cuda_unsupported(config)
     if xp is np:
-        if config.impl == "cuda":
-            module, _ = cuda_module()
-            if module is None or module.device().kind != "host":
-                raise ValueError("ReuseConfig.impl: got 'cuda' with NumPy arrays, expected CuPy arrays "
-                                 "(move the model to the GPU) or impl 'auto'/'reference'")
-            if not unsupported:
-                return "cuda"        # the fast path on its host build (cuda.using_device(HostDevice()))
-        else:
+        if config.impl != "cuda":
             return "reference"
-    if unsupported:
-        if config.impl == "cuda":
-            raise ValueError(f"ReuseConfig.impl: got 'cuda' with {', '.join(unsupported)}, which the CUDA "
-                             "kernels do not implement yet; use impl 'auto' or 'reference'")
-        return "reference"
+        module, _ = cuda_module()
+        if module is None or module.device().kind != "host":
+            raise ValueError("ReuseConfig.impl: got 'cuda' with NumPy arrays, expected CuPy arrays "
+                             "(move the model to the GPU) or impl 'auto'/'reference'")
+        return "cuda"        # the fast path on its host build (cuda.using_device(HostDevice()))
     if config.impl == "auto" and any(a is not None and a.dtype != np.float32 for a in arrays):
         return "reference"
     module, error = cuda_module()

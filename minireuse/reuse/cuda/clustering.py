@@ -43,6 +43,8 @@ def _calibrate(tracker, rows, L, G, planes, offsets, H, scale):
 def cluster(rows, L, G, planes, offsets, H, family, tracker, scale_source, extra=lambda cap: ()):
     """Hash, assign and accumulate centroids of ``rows`` in 3 launches (+ 3 memsets).
 
+    offsets: the unit offsets ('offset': scaled by the RMS of scale_source in the
+    kernels; 'origin': unused) or, for 'centred', the thresholds themselves.
     tracker: the call site's CapacityTracker (calibrated on its first call).
     extra(capacity): (name, shape, dtype) zeroed buffers the caller needs (same memset).
     Returns a dict: capacity, ids, counts, sums (unnormalised), the extra buffers, and
@@ -54,6 +56,9 @@ def cluster(rows, L, G, planes, offsets, H, family, tracker, scale_source, extra
     scale = None
     if family == "offset":
         launch_input_rms(scale_source, small)
+        scale = small["scale"]
+    elif family == "centred":        # offsets are the thresholds themselves (lsh.centred_thresholds)
+        small["scale"].fill(1.0)
         scale = small["scale"]
     capacity = tracker.begin_call()
     if capacity is None:
@@ -74,14 +79,19 @@ def cluster(rows, L, G, planes, offsets, H, family, tracker, scale_source, extra
 
 
 def assign_codes(codes, capacity):
-    """(ids (N, G) int32, n_clusters (G,) int32) of codes (N, G) uint32 (kernels assign_codes, centroid_sums).
+    """(ids (N, G) int32, n_clusters (G,) int32) of codes (N, G) uint32 or uint64 (kernels
+    assign_codes, centroid_sums).
 
     ids are compact per group in first-come order (not the reference's code
     order); a code beyond ``capacity`` clusters in its group gets id -1 for all
-    its rows. n_clusters counts the distinct codes, overflowed ones included.
+    its rows, and so does the one code that equals the tables' empty key (all 64
+    bits set), which is not counted. n_clusters counts the distinct codes,
+    overflowed ones included.
     """
-    check("codes", codes, np.uint32, (None, None))
     xp = device().xp
+    if getattr(codes, "dtype", None) == np.uint32:
+        codes = codes.astype(np.uint64)
+    check("codes", codes, np.uint64, (None, None))
     n, G = codes.shape
     check_index_range("codes", n * G)
     small = small_arena(G).allocate(0)

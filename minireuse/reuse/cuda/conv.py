@@ -12,16 +12,23 @@ backward:
     cluster_sums_pixels  S = per-cluster sums of dY / count per offset, db, overflow dW
     cuBLAS     dW'_q += sums_q^T @ S_q
     dX 'exact'   cuBLAS dY @ W^T, step_kernels.col2im;  'cluster'  cuBLAS D = S @ W'_q^T, dx_cluster_pixels
+
+Options as in matmul.py: 'centred' thresholds from the real (unpadded) pixels; forward
+'exact' is im2col + one GEMM; dw_sample's residuals are gathered for the sampled
+output pixels (as reference.pixel_residuals, with exactly computed pixels standing for
+themselves).
 """
 import dataclasses
 
 import numpy as np
 
 from ... import step_kernels
+from ...conv_geometry import pad_nhwc
 from .. import conv as reference
 from .. import matmul as reference_matmul
+from ..matmul import DwCorrection
 from .clustering import cluster, dx_cluster_rows
-from .lsh import Rows
+from .lsh import Rows, centred_thresholds
 from .matmul import batched_gemm, cluster_D, matmul_backward_params, matmul_forward, record, take
 from .runtime import (ROW_BLOCK, Arena, as_f32, check, check_index_range, cuda_state, device, grid_1d, i32,
                       launch, padded_hash_params, row_grid)
@@ -116,6 +123,8 @@ class CudaConvCache:
     L: int = 0
     dx_mode: str = "exact"
     overflow_gemm: bool = False  # pixel: overflow members' dW by one GEMM
+    correction: object = None    # pixel, dw_sample: DwCorrection of the sampled output pixels
+    stats: dict = None           # pixel, measure_error: the stats entry that receives dw_cos
     used: bool = False
 
 
@@ -138,9 +147,40 @@ def cuda_reuse_conv_forward(x, W, b, stride, pads, config, state, train=True):
     y = y.reshape(geo.B, geo.oh, geo.ow, geo.M)
     rel_error = None
     if config.measure_error:
-        rel_error = reference_matmul.relative_error(y, reference.exact_conv(x, W, b, stride, pads))
-    record(state, run, {"pixel_aligned": pixel}, rel_error, train)
+        # forward 'exact': y is the exact conv, its own reference (rel_error 0)
+        exact = y if config.forward == "exact" else reference.exact_conv(x, W, b, stride, pads)
+        rel_error = reference_matmul.relative_error(y, exact)
+    entry = record(state, run, {"pixel_aligned": pixel}, rel_error, train)
+    if cache is not None and config.measure_error:
+        if pixel:
+            cache.stats = entry
+        else:
+            cache.matmul.stats = entry
     return y, cache
+
+
+def exact_conv_rows(x, W, b, geo):
+    """(outputs, M): the exact convolution as im2col + one GEMM (+ b)."""
+    check_index_range("im2col columns", geo.outputs * geo.kh * geo.kw * geo.C)
+    cols, _ = step_kernels.im2col(x, geo.kh, geo.kw, geo.stride, geo.pads)
+    y = cols @ W.reshape(-1, geo.M)
+    if b is not None:
+        y += b
+    return y
+
+
+def residual_pixels(x, sums, counts, ids, rows, geo, L):
+    """(m, kh*kw*C): the im2col rows of the outputs ``rows`` minus their centroid rows; a pixel
+    slice computed exactly (id -1) stands for itself (residual 0)."""
+    xp = device().xp
+    Q, cap, _ = sums.shape
+    means = sums / xp.maximum(counts, 1)[:, :, None]
+    where = reference.pixel_index(geo.B, geo.hp, geo.wp, geo.kh, geo.kw, geo.stride, xp)[rows]   # (m, T)
+    sel = xp.take(ids, where, axis=0)                                                         # (m, T, Q)
+    keys = xp.maximum(sel, 0) + xp.arange(Q, dtype=np.int32) * np.int32(cap)
+    near = xp.take(means.reshape(Q * cap, L), keys, axis=0)                                   # (m, T, Q, L)
+    pixels = xp.take(pad_nhwc(x, geo.pads).reshape(-1, Q, L), where, axis=0)
+    return ((pixels - near) * (sel >= 0)[..., None]).reshape(len(rows), -1)
 
 
 def _pixel_forward(x, W, b, geo, config, state, train):
@@ -149,6 +189,8 @@ def _pixel_forward(x, W, b, geo, config, state, train):
     T = geo.kh * geo.kw
     rows = Rows.pixels(x, geo.pads)
     planes, offsets = padded_hash_params(state, config, Q)
+    if config.family == "centred":        # statistics of the real pixels (the padding would pull them to 0)
+        offsets = centred_thresholds(x.reshape(-1, Q, L), planes, offsets)
     tracker = cuda_state(state).tracker(("pixels", rows.rows, Q, L, H), rows.rows, H, batch=geo.B, train=train)
 
     def extra(cap):
@@ -159,16 +201,24 @@ def _pixel_forward(x, W, b, geo, config, state, train):
     cap = run["capacity"]
     # W'_q[l, (t, m)] = W[t, q*L + l, m]: one small transpose so one GEMM serves every offset
     Wq = device().xp.ascontiguousarray(W.reshape(T, Q, L, geo.M).transpose(1, 2, 0, 3)).reshape(Q, L, T * geo.M)
-    P = batched_gemm(run["sums"], Wq)                                   # (Q, cap, T*M)
-    y = device().xp.empty((geo.outputs, geo.M), dtype=np.float32)
-    check_index_range("outputs x M", geo.outputs * geo.M)
-    launch("reconstruct_pixels", row_grid(geo.outputs, geo.M), ROW_BLOCK, (
-        P, run["ids"], run["counts"], i32(cap), x, W, b, y, *geo.pixel_args(L, Q)))
+    if config.forward == "exact":
+        y = exact_conv_rows(x, W, b, geo)                               # no centroid GEMM, no reconstruct
+    else:
+        P = batched_gemm(run["sums"], Wq)                               # (Q, cap, T*M)
+        y = device().xp.empty((geo.outputs, geo.M), dtype=np.float32)
+        check_index_range("outputs x M", geo.outputs * geo.M)
+        launch("reconstruct_pixels", row_grid(geo.outputs, geo.M), ROW_BLOCK, (
+            P, run["ids"], run["counts"], i32(cap), x, W, b, y, *geo.pixel_args(L, Q)))
     cache = None
     if train:
         cache = CudaConvCache("pixel", x, W, geo, Wq=Wq, ids=run["ids"], counts=run["counts"], sums=run["sums"],
                               has_bias=b is not None, L=L, dx_mode=config.dx_mode,
                               overflow_gemm=run["overflow_gemm"])
+        if config.dw_sample > 0:
+            start, step = state.sample_rows(geo.outputs, config.dw_sample)
+            rows_s = device().xp.arange(start, geo.outputs, step)
+            cache.correction = DwCorrection(rows_s, residual_pixels(x, run["sums"], run["counts"], run["ids"],
+                                                                    rows_s, geo, L), step)
     return y, cache, run
 
 
@@ -204,6 +254,11 @@ def cuda_reuse_conv_backward(dy, cache):
     if c.overflow_gemm:
         cols, _ = step_kernels.im2col(overflow_pixels(c.x, c.ids, geo, c.L), geo.kh, geo.kw, geo.stride, geo.pads)
         dW += (cols.T @ dy2).reshape(c.W.shape)
+    if c.correction is not None:
+        dW += c.correction.dW(dy2).reshape(c.W.shape)
+    if c.stats is not None:
+        cols, _ = step_kernels.im2col(c.x, geo.kh, geo.kw, geo.stride, geo.pads)
+        c.stats["dw_cos"] = reference_matmul.cosine(dW.reshape(-1, geo.M), cols.T @ dy2)
     if c.dx_mode == "exact":
         dx = col2im(dy2 @ c.W.reshape(-1, geo.M).T, geo)
     else:

@@ -1,4 +1,4 @@
-"""Hashing on the fast path (kernels input_rms, hash_rows_h{8,16,32}); twin: reuse/lsh.py.
+"""Hashing on the fast path (kernels input_rms, hash_rows_h{8,16,32,64}); twin: reuse/lsh.py.
 
 ``Rows`` names what is hashed: the rows of X (N, K), or the padded pixels of an
 NHWC image (the pixel-aligned conv path), which the kernels read from the
@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 
+from .. import lsh as reference
 from .runtime import (MAX_GRID_Y, RMS_BLOCKS, SMEM_LIMIT, Arena, STAT_COUNT, check, device, i32, launch,
                       pad_hash_params, PROBE_LIMIT)
 from ... import runtime as kernel_runtime
@@ -74,6 +75,15 @@ def launch_hash(rows, L, G, planes, offsets, H, scale, codes=None, table=None):
         i32(PROBE_LIMIT), t.get("slots"), t.get("stats")), shared_mem=smem)
 
 
+def centred_thresholds(vectors, planes, unit_offsets):
+    """The 'centred' family's thresholds (Gp, HB) = mean + unit offsets * std of the projections
+    of vectors (n, G, L) onto planes (Gp, L, HB), on the device and without a host wait: the
+    reference's own functions (lsh.projection_stats, lsh.centred_offsets) on the device's arrays.
+    Padding bits (zero planes and offsets) get threshold 0 and are masked off by the kernels."""
+    mean, std = reference.projection_stats(vectors, planes)
+    return reference.centred_offsets(unit_offsets, mean, std).astype(np.float32, copy=False)
+
+
 def input_scale(x):
     """s = sqrt(mean(x * x)) as a 0-d float32 device array (kernel input_rms); twin: lsh.input_scale."""
     check("x", x, np.float32)
@@ -83,7 +93,8 @@ def input_scale(x):
 
 
 def hash_rows(X, L, planes, offsets):
-    """Codes (N, G) uint32 of the rows of X (N, K) in groups of L (kernel hash_rows_h*).
+    """Codes (N, G) of the rows of X (N, K) in groups of L (kernel hash_rows_h*): uint32, or
+    uint64 beyond 32 bits, as lsh.hash_codes gives them.
 
     planes (Gp, L, H), offsets (Gp, H): thresholds b (already scaled), as
     lsh.hash_codes takes them (which takes the split groups instead of X).
@@ -93,7 +104,7 @@ def hash_rows(X, L, planes, offsets):
 
 
 def hash_pixels(x, pads, L, planes, offsets):
-    """Codes (B*Hp*Wp, Q) uint32 of every padded pixel of x (B, H, W, C) per group of L channels."""
+    """Codes (B*Hp*Wp, Q) (uint32, or uint64 beyond 32 bits) of every padded pixel of x (B, H, W, C) per group of L channels."""
     check("x", x, np.float32, (None, None, None, None))
     if x.shape[3] % L:
         raise ValueError(f"L: expected a divisor of the {x.shape[3]} channels, got {L}")
@@ -108,7 +119,7 @@ def _hash_codes(rows, L, planes, offsets):
     H = planes.shape[2]
     p, o = pad_hash_params(planes, offsets)
     xp = device().xp
-    codes = xp.empty((rows.rows, G), dtype=np.uint32)
+    codes = xp.empty((rows.rows, G), dtype=np.uint64 if p.shape[2] > 32 else np.uint32)
     one = xp.ones((), dtype=np.float32)
     launch_hash(rows, L, G, p, o, H, one, codes=codes)
     return codes

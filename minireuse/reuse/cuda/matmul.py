@@ -9,16 +9,25 @@ backward:
     cuBLAS     dW_g += sums_g^T @ S_g
     dX 'exact'   cuBLAS dY @ W^T;  'cluster'  cuBLAS D = S @ W_g^T, then dx_cluster_rows
 
+Options as on the reference path: family 'centred' computes its thresholds on the
+device first (lsh.centred_thresholds); forward 'exact' replaces the centroid GEMM
+and the reconstruct by X @ W + b, the clustering staying for the backward;
+dw_sample adds the sampled residuals' dW (the reference's DwCorrection) and
+measure_error the cosine to the exact dW (dw_cos).
+
 Nothing is copied to the host inside a call (after a call site's first,
-calibrating call), so a forward + backward can be captured in a CUDA graph.
+calibrating call), so a forward + backward can be captured in a CUDA graph
+(dw_sample's start is drawn on the host every call: step_graphs does not capture it).
 """
 import dataclasses
 
 import numpy as np
 
+from .. import lsh as reference_lsh
 from .. import matmul as reference
+from ..matmul import DwCorrection
 from .clustering import cluster, dx_cluster_rows, launch_cluster_sums_rows, reconstruct_rows
-from .lsh import Rows
+from .lsh import Rows, centred_thresholds
 from .runtime import (STAT_OVERFLOW, Arena, as_f32, check, check_index_range, cuda_state, device,
                       padded_hash_params)
 
@@ -70,6 +79,8 @@ class CudaMatmulCache:
     L: int
     dx_mode: str
     overflow_gemm: bool = False   # overflow members' dW by one GEMM (the last statistics overflowed)
+    correction: object = None     # dw_sample: DwCorrection of the sampled rows
+    stats: dict = None            # measure_error: the stats entry that receives dw_cos
     used: bool = False
 
 
@@ -82,7 +93,7 @@ def take(cache):
 
 
 def record(state, run, impl_extra, rel_error, train):
-    state.record(r_c=run["r_c"], n_clusters=run["distinct"], impl="cuda", rel_error=rel_error,
+    return state.record(r_c=run["r_c"], n_clusters=run["distinct"], impl="cuda", rel_error=rel_error,
                  capacity=run["capacity"], overflow=run["stats"][STAT_OVERFLOW], train=train, **impl_extra)
 
 
@@ -93,6 +104,8 @@ def matmul_forward(X, W, b, config, state, train, scale_source, batch):
     L, H = config.L, config.H
     G = -(-K // L)
     planes, offsets = padded_hash_params(state, config, G)
+    if config.family == "centred":
+        offsets = centred_thresholds(reference_lsh.split_groups(X, L), planes, offsets)
     tracker = cuda_state(state).tracker(("rows", N, G, L, H), N, H, batch=batch, train=train)
 
     def extra(cap):
@@ -101,13 +114,36 @@ def matmul_forward(X, W, b, config, state, train, scale_source, batch):
 
     run = cluster(Rows.matrix(X), L, G, planes, offsets, H, config.family, tracker, scale_source, extra)
     Wg = group_weights(W, G, L, run.get("W_pad"))
-    P = batched_gemm(run["sums"], Wg)                                   # (G, cap, M)
-    y = reconstruct_rows(P, run["ids"], run["counts"], X, W, b, L)
+    if config.forward == "exact":
+        y = X @ W                                                      # no centroid GEMM, no reconstruct
+        if b is not None:
+            y += b
+    else:
+        P = batched_gemm(run["sums"], Wg)                               # (G, cap, M)
+        y = reconstruct_rows(P, run["ids"], run["counts"], X, W, b, L)
     cache = None
     if train:
         cache = CudaMatmulCache(X, W, Wg, run["ids"], run["counts"], run["sums"], b is not None, L,
                                 config.dx_mode, run["overflow_gemm"])
+        if config.dw_sample > 0:
+            start, step = state.sample_rows(N, config.dw_sample)
+            rows = device().xp.arange(start, N, step)
+            cache.correction = DwCorrection(rows, residual_rows(X, run["sums"], run["counts"], run["ids"],
+                                                                rows, L), step)
     return y, cache, run
+
+
+def residual_rows(X, sums, counts, ids, rows, L):
+    """(m, K): X[rows] minus the centroids that stand for them (sums (G, cap, L) unnormalised);
+    a (row, group) computed exactly (id -1) stands for itself (residual 0)."""
+    xp = device().xp
+    G, cap, _ = sums.shape
+    means = sums / xp.maximum(counts, 1)[:, :, None]
+    sel = ids[rows]                                                     # (m, G)
+    keys = xp.maximum(sel, 0) + xp.arange(G, dtype=np.int32) * np.int32(cap)
+    near = xp.take(means.reshape(G * cap, L), keys, axis=0)             # (m, G, L)
+    r = (reference_lsh.split_groups(X[rows], L) - near) * (sel >= 0)[:, :, None]
+    return r.reshape(len(rows), G * L)[:, :X.shape[1]]
 
 
 def matmul_backward_params(dy, c):
@@ -128,6 +164,10 @@ def matmul_backward_params(dy, c):
     dW = ws["dW"][:c.W.shape[0]]
     if c.overflow_gemm:
         dW += overflow_rows(c.X, c.ids, c.L).T @ dy
+    if c.correction is not None:
+        dW += c.correction.dW(dy)
+    if c.stats is not None:
+        c.stats["dw_cos"] = reference.cosine(dW, c.X.T @ dy)
     return dW, ws.get("db"), ws["S"]
 
 
@@ -159,9 +199,12 @@ def cuda_reuse_matmul_forward(X, W, b, config, state, train=True):
     y, cache, run = matmul_forward(X, W, b, config, state, train, X, X.shape[0])
     rel_error = None
     if config.measure_error:
-        exact = X @ W if b is None else X @ W + b
+        # forward 'exact': y is the exact product, its own reference (rel_error 0)
+        exact = y if config.forward == "exact" else (X @ W if b is None else X @ W + b)
         rel_error = reference.relative_error(y, exact)
-    record(state, run, {}, rel_error, train)
+    entry = record(state, run, {}, rel_error, train)
+    if cache is not None and config.measure_error:
+        cache.stats = entry
     return y, cache
 
 

@@ -297,10 +297,10 @@ def i32(v):
 
 
 def hash_bits_bucket(H):
-    """The compiled bit count (8, 16 or 32) that holds H bits."""
-    if not 1 <= H <= 32:
-        raise ValueError(f"H: expected 1..32, got {H}")
-    return 8 if H <= 8 else 16 if H <= 16 else 32
+    """The compiled bit count (8, 16, 32 or 64) that holds H bits."""
+    if not 1 <= H <= 64:
+        raise ValueError(f"H: expected 1..64, got {H}")
+    return 8 if H <= 8 else 16 if H <= 16 else 32 if H <= 32 else 64
 
 
 def table_size(capacity):

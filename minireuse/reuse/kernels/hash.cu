@@ -70,13 +70,13 @@ input_rms(const float* __restrict__ x, long long n, float* __restrict__ partials
 //   codes (rows, G) uint32;
 //   slots (rows, G): the row's slot in group g's table (keys/vals, table_size
 //   per group, see table_insert) or -1 (no slot: computed exactly).
-template <int HB>
+template <int HB, typename Code>
 __device__ __forceinline__ void hash_rows_impl(
     const float* __restrict__ x, int rows, int K, int L, int G,
     int hp, int wp, int h, int w, int top, int left,
     const float* __restrict__ planes, const float* __restrict__ unit_offsets, int H,
     int shared_planes, int planes_in_smem, const float* __restrict__ scale,
-    unsigned int* __restrict__ codes,
+    Code* __restrict__ codes,
     unsigned long long* __restrict__ keys, int* __restrict__ vals, int table_size,
     int* __restrict__ distinct, int capacity, int probe_limit,
     int* __restrict__ slots, int* __restrict__ stats)
@@ -98,7 +98,7 @@ __device__ __forceinline__ void hash_rows_impl(
     }
     __syncthreads();
     const float* P = planes_in_smem ? s_planes : gplanes;
-    const unsigned int mask = H >= 32 ? 0xFFFFFFFFu : ((1u << H) - 1u);
+    const Code mask = H >= (int)(8 * sizeof(Code)) ? ~(Code)0 : (((Code)1 << H) - (Code)1);
     const int k0 = g * L;
     const int len = min(L, K - k0);
 
@@ -122,10 +122,10 @@ __device__ __forceinline__ void hash_rows_impl(
                 }
             }
         }
-        unsigned int code = 0u;
+        Code code = 0;
 #pragma unroll
         for (int j = 0; j < HB; ++j) {
-            code |= (acc[j] > s_thr[j] ? 1u : 0u) << j;
+            code |= (Code)(acc[j] > s_thr[j] ? 1u : 0u) << j;
         }
         code &= mask;
         const long long out = (long long)r * G + g;
@@ -135,7 +135,7 @@ __device__ __forceinline__ void hash_rows_impl(
         if (keys != nullptr) {
             const int slot = table_insert(keys + (long long)g * table_size, vals + (long long)g * table_size,
                                           table_size, code, distinct + g, capacity, probe_limit);
-            if (slot < 0) {
+            if (slot < 0 && (unsigned long long)code != REUSE_EMPTY_KEY) {
                 atomicAdd(stats + STAT_TABLE_FULL, 1);
             }
             slots[out] = slot;
@@ -143,7 +143,7 @@ __device__ __forceinline__ void hash_rows_impl(
     }
 }
 
-// The three compiled bit widths (cuda/runtime.py hash_bits_bucket picks the smallest that holds H).
+// The four compiled bit widths (cuda/runtime.py hash_bits_bucket picks the smallest that holds H).
 extern "C" __global__ void __launch_bounds__(128)
 hash_rows_h8(const float* __restrict__ x, int rows, int K, int L, int G,
              int hp, int wp, int h, int w, int top, int left,
@@ -154,7 +154,7 @@ hash_rows_h8(const float* __restrict__ x, int rows, int K, int L, int G,
              int* __restrict__ distinct, int capacity, int probe_limit,
              int* __restrict__ slots, int* __restrict__ stats)
 {
-    hash_rows_impl<8>(x, rows, K, L, G, hp, wp, h, w, top, left, planes, unit_offsets, H, shared_planes,
+    hash_rows_impl<8, unsigned int>(x, rows, K, L, G, hp, wp, h, w, top, left, planes, unit_offsets, H, shared_planes,
                       planes_in_smem, scale, codes, keys, vals, table_size, distinct, capacity, probe_limit,
                       slots, stats);
 }
@@ -169,7 +169,7 @@ hash_rows_h16(const float* __restrict__ x, int rows, int K, int L, int G,
               int* __restrict__ distinct, int capacity, int probe_limit,
               int* __restrict__ slots, int* __restrict__ stats)
 {
-    hash_rows_impl<16>(x, rows, K, L, G, hp, wp, h, w, top, left, planes, unit_offsets, H, shared_planes,
+    hash_rows_impl<16, unsigned int>(x, rows, K, L, G, hp, wp, h, w, top, left, planes, unit_offsets, H, shared_planes,
                        planes_in_smem, scale, codes, keys, vals, table_size, distinct, capacity, probe_limit,
                        slots, stats);
 }
@@ -184,15 +184,31 @@ hash_rows_h32(const float* __restrict__ x, int rows, int K, int L, int G,
               int* __restrict__ distinct, int capacity, int probe_limit,
               int* __restrict__ slots, int* __restrict__ stats)
 {
-    hash_rows_impl<32>(x, rows, K, L, G, hp, wp, h, w, top, left, planes, unit_offsets, H, shared_planes,
+    hash_rows_impl<32, unsigned int>(x, rows, K, L, G, hp, wp, h, w, top, left, planes, unit_offsets, H, shared_planes,
                        planes_in_smem, scale, codes, keys, vals, table_size, distinct, capacity, probe_limit,
                        slots, stats);
 }
 
-// Table insertion of given codes (rows, G), one thread per (row, group): the
-// cluster assignment of precomputed codes (hash_rows does the same fused).
+extern "C" __global__ void __launch_bounds__(128)
+hash_rows_h64(const float* __restrict__ x, int rows, int K, int L, int G,
+              int hp, int wp, int h, int w, int top, int left,
+              const float* __restrict__ planes, const float* __restrict__ unit_offsets, int H,
+              int shared_planes, int planes_in_smem, const float* __restrict__ scale,
+              unsigned long long* __restrict__ codes,
+              unsigned long long* __restrict__ keys, int* __restrict__ vals, int table_size,
+              int* __restrict__ distinct, int capacity, int probe_limit,
+              int* __restrict__ slots, int* __restrict__ stats)
+{
+    hash_rows_impl<64, unsigned long long>(x, rows, K, L, G, hp, wp, h, w, top, left, planes, unit_offsets, H, shared_planes,
+                       planes_in_smem, scale, codes, keys, vals, table_size, distinct, capacity, probe_limit,
+                       slots, stats);
+}
+
+// Table insertion of given codes (rows, G) (uint64, any width), one thread per
+// (row, group): the cluster assignment of precomputed codes (hash_rows does the
+// same fused).
 extern "C" __global__ void
-assign_codes(const unsigned int* __restrict__ codes, int rows, int G,
+assign_codes(const unsigned long long* __restrict__ codes, int rows, int G,
              unsigned long long* __restrict__ keys, int* __restrict__ vals, int table_size,
              int* __restrict__ distinct, int capacity, int probe_limit,
              int* __restrict__ slots, int* __restrict__ stats)
@@ -203,7 +219,7 @@ assign_codes(const unsigned int* __restrict__ codes, int rows, int G,
         const int g = (int)i % G;          // rows * G < 2^31 (checked by the host)
         const int slot = table_insert(keys + (long long)g * table_size, vals + (long long)g * table_size,
                                       table_size, codes[i], distinct + g, capacity, probe_limit);
-        if (slot < 0) {
+        if (slot < 0 && codes[i] != REUSE_EMPTY_KEY) {
             atomicAdd(stats + STAT_TABLE_FULL, 1);
         }
         slots[i] = slot;

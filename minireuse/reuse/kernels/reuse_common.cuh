@@ -4,8 +4,9 @@
 #ifndef MINIREUSE_REUSE_COMMON_CUH
 #define MINIREUSE_REUSE_COMMON_CUH
 
-// Empty slot of a cluster table. Keys are 32-bit codes widened to 64 bits, so
-// every code, 0xFFFFFFFF (all H = 32 bits set) included, differs from it.
+// Empty slot of a cluster table. Keys are the codes widened to 64 bits, so every
+// code of up to 63 bits differs from it; the one 64-bit code equal to it (all
+// H = 64 bits set) gets no slot and its rows are computed exactly (table_insert).
 #define REUSE_EMPTY_KEY 0xFFFFFFFFFFFFFFFFull
 
 // Layout of the small per-call statistics vector (int32), read by the host one
@@ -44,9 +45,11 @@ __device__ __forceinline__ int source_row(int r, int hp, int wp, int h, int w, i
 }
 
 // MurmurHash3's finaliser: LSH codes differ mostly in their low bits, so the
-// table index must mix all of them.
-__device__ __forceinline__ unsigned int mix32(unsigned int h)
+// table index must mix all of them (a 64-bit code's halves are folded first;
+// a code below 2^32 mixes as itself).
+__device__ __forceinline__ unsigned int mix32(unsigned long long code)
 {
+    unsigned int h = (unsigned int)code ^ (unsigned int)(code >> 32);
     h ^= h >> 16;
     h *= 0x85ebca6bu;
     h ^= h >> 13;
@@ -61,14 +64,18 @@ __device__ __forceinline__ unsigned int mix32(unsigned int h)
 // *distinct) and writes it to vals[slot], or -1 when the id is beyond
 // `capacity` (the cluster overflows and its members are computed exactly).
 // Nobody reads vals in the same launch, so no thread ever waits for another.
-// Returns the slot, or -1 when probe_limit slots were all taken by other codes.
+// Returns the slot, or -1 when probe_limit slots were all taken by other codes
+// (or when the code is REUSE_EMPTY_KEY itself, see above).
 // Slots only ever go from empty to a key, so every thread hashing the same code
 // walks the same probe sequence and stops at the same slot.
 __device__ __forceinline__ int table_insert(unsigned long long* keys, int* vals, int table_size,
-                                            unsigned int code, int* distinct, int capacity,
+                                            unsigned long long code, int* distinct, int capacity,
                                             int probe_limit)
 {
     const unsigned long long key = code;
+    if (key == REUSE_EMPTY_KEY) {
+        return -1;
+    }
     const unsigned int mask = (unsigned int)table_size - 1u;
     unsigned int s = mix32(code) & mask;
     for (int p = 0; p < probe_limit; ++p) {
