@@ -166,7 +166,17 @@ class capturing:
 
 
 def is_capturing():
-    return _capture["active"]
+    """Whether work issued now is being recorded into a CUDA graph: inside a ``capturing``
+    block (the trainer's recording), or while the current CUDA stream captures (a capture
+    begun directly on the stream, as the kernel tests do). The one capture flag of the code."""
+    if _capture["active"]:
+        return True
+    if _cupy is None:
+        return False
+    try:
+        return _cupy.cuda.get_current_stream().is_capturing()
+    except _cupy.cuda.runtime.CUDARuntimeError:     # cupy without a usable device
+        return False
 
 
 def _pinned_slots(slots, n, dtype):

@@ -127,8 +127,8 @@ class CupyDevice:
             beta_h.ctypes.data, c.data.ptr, ldc, stride_c, batch)
 
     def capturing(self):
-        """Whether the current stream is being captured into a CUDA graph."""
-        return self.xp.cuda.get_current_stream().is_capturing()
+        """Whether the current stream is being captured into a CUDA graph (backend.is_capturing)."""
+        return backend.is_capturing()
 
     def reader(self, n):
         """A ring of pinned slots reading n int32 device values back without waiting."""
