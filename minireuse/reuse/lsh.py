@@ -69,14 +69,21 @@ def offsets(unit_offsets, family, scale):
     return unit_offsets * scale
 
 
+def pad_to_groups(a, L, axis):
+    """a with ``axis`` zero-padded to G * L entries, G = ceil(length / L) (a itself when L divides it)."""
+    xp = backend.get_array_module(a)
+    k = a.shape[axis]
+    extra = -(-k // L) * L - k
+    if not extra:
+        return a
+    shape = list(a.shape)
+    shape[axis] = extra
+    return xp.concatenate([a, xp.zeros(shape, dtype=a.dtype)], axis=axis)
+
+
 def split_groups(X, L):
     """(N, K) -> (N, G, L) with G = ceil(K / L); the last group is zero-padded."""
-    xp = backend.get_array_module(X)
-    n, k = X.shape
-    g = -(-k // L)
-    if g * L != k:
-        X = xp.concatenate([X, xp.zeros((n, g * L - k), dtype=X.dtype)], axis=1)
-    return X.reshape(n, g, L)
+    return pad_to_groups(X, L, 1).reshape(X.shape[0], -(-X.shape[1] // L), L)
 
 
 def project(Xg, planes):

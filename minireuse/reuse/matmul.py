@@ -55,12 +55,7 @@ def cosine(a, b):
 
 def group_weights(W, L):
     """(K, M) -> (G, L, M): the rows of W that multiply each column group (zero rows pad)."""
-    xp = backend.get_array_module(W)
-    k, m = W.shape
-    g = -(-k // L)
-    if g * L != k:
-        W = xp.concatenate([W, xp.zeros((g * L - k, m), dtype=W.dtype)], axis=0)
-    return W.reshape(g, L, m)
+    return lsh.pad_to_groups(W, L, 0).reshape(-(-W.shape[0] // L), L, W.shape[1])
 
 
 def hash_groups(Xg, config, state, scale_source, stats_source=None):
