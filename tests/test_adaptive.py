@@ -129,7 +129,29 @@ def test_adaptive_never_keeps_reuse_slower_than_exact():
     model, s = started()
     s.exact_ms = {"conv2": 10.0}
     s.on_epoch_end(0.1, 2.0, {"conv2": {"step_ms": 12.0, "rel_error": 0.01}})
+    assert model.layer("conv2").reuse is not None                  # one slow epoch may be noise
+    s.on_epoch_end(0.2, 1.9, {"conv2": {"step_ms": 12.0, "rel_error": 0.01}})
     assert model.layer("conv2").reuse is None and "slower than exact" in s.events[-1]["reason"]
+    assert "for 2 epochs" in s.events[-1]["reason"]
+
+
+def test_speed_guard_needs_slow_epochs_in_a_row_beyond_the_margin():
+    model, s = started()
+    s.exact_ms = {"conv2": 10.0}
+    for ms in (10.4, 10.4, 10.4, 12.0, 9.0, 12.0):                # within 5 %, or not in a row
+        s.on_epoch_end(0.1, 2.0, {"conv2": {"step_ms": ms}})
+        assert model.layer("conv2").reuse is not None
+    restored = AdaptiveStrategy(LADDER)
+    restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert restored.slow_epochs == {"conv2": 1}                    # the count survives a resume
+    _, strict = started(speed_patience=1, speed_margin=0.0)
+    strict.exact_ms = {"conv2": 10.0}
+    strict.on_epoch_end(0.1, 2.0, {"conv2": {"step_ms": 10.1}})
+    assert "slower than exact" in strict.events[-1]["reason"]
+    with pytest.raises(ValueError, match="speed_patience: got 0, expected an int >= 1"):
+        AdaptiveStrategy(LADDER, speed_patience=0)
+    with pytest.raises(ValueError, match="speed_margin: got -0.1"):
+        AdaptiveStrategy(LADDER, speed_margin=-0.1)
 
 
 def test_strategy_state_round_trip():

@@ -29,9 +29,11 @@ back once per epoch; the harm and the error are sampled on one step in
 4. error cap (off unless ``error_bound`` is set): a layer whose sampled relative
    output error exceeds ``error_bound`` moves one stage on;
 5. speed: a layer whose reuse forward+backward took longer per step than its
-   exact computation goes straight to exact, so reuse never makes training
-   slower (exact is timed on the first batch, ``probe_steps`` forward+backward
-   passes that change no parameter and draw no training randomness);
+   exact computation, by more than ``speed_margin`` (5 %) in ``speed_patience`` (2)
+   epochs in a row, goes straight to exact, so reuse does not keep training
+   slower while one noisy epoch cannot end it (exact is timed on the first batch,
+   ``probe_steps`` forward+backward passes that change no parameter and draw no
+   training randomness);
 6. end: every layer is exact for the final ``exact_tail`` fraction of training.
 
 All decisions are functions of the seed-determined run, so a resumed run makes
@@ -240,20 +242,25 @@ class AdaptiveStrategy(ReuseStrategy):
     name = "adaptive"
 
     def __init__(self, ladders, start_after=None, steady_drop=0.02, harm_bound=0.05, error_bound=None,
-                 exact_tail=0.1, sample_every=20, probe_steps=2, speed_guard=True, order_ladders=True):
+                 exact_tail=0.1, sample_every=20, probe_steps=2, speed_guard=True, order_ladders=True,
+                 speed_margin=0.05, speed_patience=2):
         super().__init__(ladders, exact_tail)
         for name, v, lo, hi in (("start_after", start_after, 0.0, 1.0), ("steady_drop", steady_drop, 0.0, 1.0),
-                                ("harm_bound", harm_bound, 0.0, None), ("error_bound", error_bound, 0.0, None)):
+                                ("harm_bound", harm_bound, 0.0, None), ("error_bound", error_bound, 0.0, None),
+                                ("speed_margin", speed_margin, 0.0, None)):
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= lo
                                       and (hi is None or v < hi)):
                 raise ValueError(f"adaptive option {name}: got {v!r}, expected a number >= {lo}"
                                  + (f" and < {hi}" if hi is not None else "") + " (or null)")
-        if not isinstance(sample_every, int) or sample_every < 1:
-            raise ValueError(f"adaptive option sample_every: got {sample_every!r}, expected an int >= 1")
+        for name, v in (("sample_every", sample_every), ("speed_patience", speed_patience)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"adaptive option {name}: got {v!r}, expected an int >= 1")
         self.start_after, self.steady_drop = start_after, steady_drop
         self.harm_bound, self.error_bound = harm_bound, error_bound
         self.sample_every, self.probe_steps = sample_every, probe_steps
         self.speed_guard, self.order_ladders = speed_guard, order_ladders
+        self.speed_margin, self.speed_patience = speed_margin or 0.0, speed_patience
+        self.slow_epochs = {}       # layer -> consecutive epochs slower than exact beyond the margin
         self.started = False
         self.ordered = not order_ladders
         self.prev_loss = None
@@ -319,8 +326,13 @@ class AdaptiveStrategy(ReuseStrategy):
         for layer in reusing:
             st = layer_stats.get(layer, {})
             exact_ms, reuse_ms, err = self.exact_ms.get(layer), st.get("step_ms"), st.get("rel_error")
-            if self.speed_guard and exact_ms is not None and reuse_ms is not None and reuse_ms > exact_ms:
-                self.advance(layer, f"reuse {reuse_ms:.1f} ms/step slower than exact {exact_ms:.1f}", to_exact=True)
+            slow = (self.speed_guard and exact_ms is not None and reuse_ms is not None
+                    and reuse_ms > exact_ms * (1 + self.speed_margin))
+            self.slow_epochs[layer] = self.slow_epochs.get(layer, 0) + 1 if slow else 0
+            if slow and self.slow_epochs[layer] >= self.speed_patience:
+                self.advance(layer, f"reuse {reuse_ms:.1f} ms/step slower than exact {exact_ms:.1f} "
+                                    f"(+{100 * self.speed_margin:.0f} %) for {self.slow_epochs[layer]} epochs",
+                             to_exact=True)
                 moved.add(layer)
             elif self.error_bound is not None and err is not None and err > self.error_bound:
                 self.advance(layer, f"sampled error {err:.3f} > bound {self.error_bound:.3f}")
@@ -337,7 +349,8 @@ class AdaptiveStrategy(ReuseStrategy):
 
     def state_dict(self):
         d = super().state_dict()
-        d.update(prev_loss=self.prev_loss, exact_ms=dict(self.exact_ms), started=self.started,
+        d.update(prev_loss=self.prev_loss, exact_ms=dict(self.exact_ms), slow_epochs=dict(self.slow_epochs),
+                 started=self.started,
                  ordered=self.ordered, start_after=self.start_after,
                  ladders={k: [c.as_dict() for c in v] for k, v in self.ladders.items()})
         return d
@@ -346,6 +359,7 @@ class AdaptiveStrategy(ReuseStrategy):
         super().load_state_dict(d)
         self.prev_loss = d.get("prev_loss")
         self.exact_ms = dict(d.get("exact_ms", {}))
+        self.slow_epochs = {k: int(v) for k, v in d.get("slow_epochs", {}).items()}
         self.started, self.ordered = bool(d.get("started", False)), bool(d.get("ordered", self.ordered))
         self.start_after = d.get("start_after", self.start_after)
         for layer, stages in d.get("ladders", {}).items():
