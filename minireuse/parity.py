@@ -13,7 +13,9 @@ The protocol is resumable and re-uses what is there. A run directory whose
 history.json has every epoch asked for, with the same settings (``same_settings``:
 all keys but where and how it ran), is not trained again; one with a checkpoint.npz
 and the same settings but fewer epochs done is resumed from it; one with other
-settings is refused, naming the keys that differ, before anything is trained.
+settings is refused, naming the keys that differ, before anything is trained. A
+reuse run records the per-layer settings it ran (the model's defaults resolved), so
+runs made under another default are not taken for runs of today's.
 ``--exact-from DIR`` takes each seed's exact run from DIR/seedS/exact (complete, same
 settings apart from the reuse keys) instead of training it, so that several reuse
 settings are compared against one set of exact runs.
@@ -39,7 +41,7 @@ import sys
 from .checkpoint import TrainingError, read_checkpoint
 from .compare import summarise
 from .tables import align_rows
-from .reuse.adaptive import stage_label
+from .reuse.adaptive import resolved_layers, stage_label
 from .fileio import atomic_write_json
 from .train import CHECKPOINT, HISTORY, Trainer
 
@@ -329,7 +331,8 @@ def run(cfg, seeds, exact_from=None, quiet=False, data=None):
     for s in seeds:
         ecfg = dict(base, seed=s, reuse="off", reuse_layers=None, reuse_options=None,
                     out=os.path.join(out, f"seed{s}", "exact"))
-        rcfg = dict(base, seed=s, out=os.path.join(out, f"seed{s}", "reuse"))
+        rcfg = dict(base, seed=s, out=os.path.join(out, f"seed{s}", "reuse"),
+                    reuse_layers=resolved_layers(strategy, base.get("reuse_layers"), base["model"]))
         if exact_from:
             path = os.path.join(exact_from, f"seed{s}", "exact")
             est = inspect_run(path, dict(ecfg, out=path), ignore=REUSE_OPTION_SETTINGS)

@@ -32,7 +32,7 @@ from .fileio import atomic_write_json
 from .models import MODELS
 from .optim import SGD, Adam, make_schedule
 from .outdir import OutLock, check_unlocked, check_writable
-from .reuse.adaptive import make_strategy
+from .reuse.adaptive import make_strategy, resolved_layers
 from .strategy_steps import StrategySteps
 from .timing import LayerTimer
 
@@ -153,6 +153,7 @@ class Trainer:
         self.data = data if data is not None else self._load_data()
         self.history = []
         self.start_epoch, self.start_step = 0, 0
+        c["reuse_layers"] = resolved_layers(c["reuse"], c["reuse_layers"], c["model"])   # saved as run
         self.strategy = make_strategy(c["reuse"], c["reuse_layers"], c["reuse_options"], model=c["model"])
         if self.strategy is not None:
             self.strategy.attach(self.model)
@@ -190,7 +191,10 @@ class Trainer:
         SAFE_TO_CHANGE (e.g. more epochs); anything else that differs is refused, naming both
         values (the CLI takes the checkpoint's settings unless a flag is given)."""
         checkpoint = read_checkpoint(path)
-        saved = checkpoint[0].get("config") or {}
+        saved = dict(checkpoint[0].get("config") or {})
+        if saved.get("reuse_layers") is None and saved.get("reuse", "off") != "off":
+            # saved before runs recorded their default settings: those of today's default
+            saved["reuse_layers"] = resolved_layers(saved["reuse"], None, saved.get("model", self.cfg["model"]))
         if saved.get("model", self.cfg["model"]) != self.cfg["model"]:
             raise TrainingError(f"checkpoint {path} was saved for model {saved['model']!r}; this run builds "
                                 f"{self.cfg['model']!r}")

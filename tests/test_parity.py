@@ -245,6 +245,20 @@ def test_settings_rule():
     assert parity.settings_differences(a, b, ignore=parity.REUSE_OPTION_SETTINGS) == []
 
 
+def test_a_run_records_the_default_settings_it_ran(tmp_path):
+    """reuse_layers null (the default) is saved as the ladder that ran, so a later default
+    does not count as the same settings; an old checkpoint that saved null still resumes."""
+    from minireuse.reuse.adaptive import DEFAULT_LADDERS, resolved_layers
+    assert resolved_layers("adaptive", None) == json.loads(json.dumps(DEFAULT_LADDERS))
+    assert resolved_layers("off", {"conv2": {"L": 8}}) is None
+    assert resolved_layers("fixed", {"conv2": {"L": 8}}) == {"conv2": {"L": 8}}
+    t = Trainer(dict(reuse="adaptive", out=str(tmp_path / "run")), data=learnable_data(), quiet=True)
+    assert t.cfg["reuse_layers"] == resolved_layers("adaptive", None)
+    older = {"conv2": [{"L": 32, "H": 32, "dx_mode": "cluster"}]}
+    diffs = parity.settings_differences(dict(t.cfg, reuse_layers=older), t.cfg)
+    assert [d[0] for d in diffs] == ["reuse_layers"]
+
+
 def test_stages_group_epochs_by_setting_and_average_their_statistics():
     s1 = dict(L=64, H=32, family="offset", dx_mode="cluster", measure_error=False)
     s2 = dict(L=32, H=32, family="origin", shared_planes=False)

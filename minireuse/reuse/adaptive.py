@@ -394,6 +394,18 @@ def model_defaults(model):
     return MODEL_DEFAULTS.get(model, (DEFAULT_LADDERS, DEFAULT_FIXED))
 
 
+def resolved_layers(kind, layers=None, model="cifarnet"):
+    """The per-layer settings a strategy of this kind runs: ``layers`` when given, else the
+    model's defaults as plain dicts (None for 'off'). A run saves these, so a run made with
+    another default never counts as a run with the same settings."""
+    if kind == "off":
+        return None
+    if layers:
+        return layers
+    ladders, fixed = model_defaults(model)
+    return json.loads(json.dumps(fixed if kind == "fixed" else ladders))
+
+
 def make_strategy(kind, layers=None, options=None, model="cifarnet"):
     """A strategy by name ('off' gives None) from per-layer settings (or the model's defaults:
     CifarNet's, or MODEL_DEFAULTS[model])."""
