@@ -131,6 +131,18 @@ class _Recorded:
                 dst[...] = src
 
 
+def prepare_replay(model, optimizer):
+    """The host work before a replay of a recorded step: the optimizer's per-step device
+    scalars (``prepare_step``: the step count, the learning rate, Adam's corrections) and the
+    per-step device state of every layer that has some (the protocol: a ``prepare_replay()``
+    method, e.g. Dropout's mask key). Layers without per-step state need nothing."""
+    optimizer.prepare_step()
+    for layer in model.layers:
+        prepare = getattr(layer, "prepare_replay", None)
+        if prepare is not None:
+            prepare()
+
+
 class StepGraphs:
     """Recorded training steps of one run, keyed by batch shapes and layer settings.
 

@@ -16,6 +16,7 @@ is recorded once as a CUDA graph and replayed (minireuse.step_graphs). Checkpoin
 written and read by minireuse.checkpoint.
 """
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -249,13 +250,6 @@ class Trainer:
         loss, logits = self._step_body(xb, yb)
         self.totals.add(loss, logits, yb)
 
-    def _prepare_replay(self):
-        """Host work of a replayed step: count it, upload the learning rate and dropout keys."""
-        self.opt.prepare_step()
-        for layer in self.model.layers:
-            if hasattr(layer, "prepare_replay"):
-                layer.prepare_replay()
-
     def begin_run(self):
         """Set up what steps accumulate into and, on the GPU with graphs, the graph runner."""
         xp = backend.xp()
@@ -263,8 +257,10 @@ class Trainer:
         self.reader = backend.AsyncReader(2, xp=xp)
         self._graphs = None
         if self.graph_mode != "off":
-            from .step_graphs import StepGraphs
-            self._graphs = StepGraphs(self._graph_body, self.model, self._prepare_replay, mode=self.graph_mode)
+            from .step_graphs import StepGraphs, prepare_replay
+            self._graphs = StepGraphs(self._graph_body, self.model, functools.partial(prepare_replay, self.model,
+                                                                                      self.opt),
+                                      mode=self.graph_mode)
 
     @property
     def graphs(self):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from minireuse import backend
-from minireuse.step_graphs import GraphError, resolve_mode, reuse_capturable, settings_key, uncapturable_layers
+from minireuse.step_graphs import (GraphError, prepare_replay, resolve_mode, reuse_capturable, settings_key,
+                                   uncapturable_layers)
 from minireuse.models import cifarnet
 from minireuse.reuse import ReuseConfig
 from minireuse.train import Trainer
@@ -201,3 +202,13 @@ def test_device_scalars_and_reader_on_the_gpu():
         assert tag == "first"
     finally:
         backend._state["device"] = old
+
+
+def test_prepare_replay_runs_the_optimizer_and_every_layer_with_per_step_state():
+    calls = []
+    layer = lambda name, state: type(name, (), {"prepare_replay": (lambda self: calls.append(name))}
+                                     if state else {})()
+    model = type("M", (), {"layers": [layer("dropout1", True), layer("relu", False), layer("dropout2", True)]})()
+    opt = type("O", (), {"prepare_step": lambda self: calls.append("opt")})()
+    prepare_replay(model, opt)
+    assert calls == ["opt", "dropout1", "dropout2"]
