@@ -561,6 +561,36 @@ def test_dense_overflow_is_exact(xp, dx_mode, via):
 
 
 @pytest.mark.parametrize("via", ["atomics", "gemm"])
+@pytest.mark.parametrize("path", ["pixel", "general", "dense"])
+def test_full_dw_sample_with_overflow_is_the_exact_dW(xp, path, via):
+    """dw_sample 1 completes the centroid dW to the exact X^T dY, also where members overflowed
+    (computed exactly already: their residual must count zero, not x - a wrong centroid)."""
+    if path == "dense":
+        config = ReuseConfig(L=4, H=12, seed=1, dw_sample=1.0)
+        X, W, b, dy = _dense_data(config, n=211, kind="random")
+        state = ReuseState()
+        _overflow_via(_force_capacity(state, ("rows", 211, -(-X.shape[1] // 4), 4, 12), 211, 12, 3), via)
+        _, cache = cuda.cuda_reuse_matmul_forward(dev(xp, X), dev(xp, W), dev(xp, b), config, state)
+        dW = cuda.cuda_reuse_matmul_backward(dev(xp, dy), cache)[1]
+        want = X.astype(np.float64).T @ dy
+    else:
+        config = ReuseConfig(L=4, H=16, seed=3, dw_sample=1.0, pixel_aligned=path == "pixel")
+        (x, W, b, dy), stride, pads = _conv_data(config)
+        state = ReuseState()
+        B, h, w, c = x.shape
+        hp, wp = h + pads[0] + pads[1], w + pads[2] + pads[3]
+        rows = B * hp * wp if path == "pixel" else B * (hp - 2) * (wp - 2)
+        key = ("pixels", rows, c // 4, 4, 16) if path == "pixel" else ("rows", rows, 9 * c // 4, 4, 16)
+        _overflow_via(_force_capacity(state, key, rows, 16, 2), via)
+        _, cache = cuda.cuda_reuse_conv_forward(dev(xp, x), dev(xp, W), dev(xp, b), stride, pads, config, state)
+        dW = cuda.cuda_reuse_conv_backward(dev(xp, dy), cache)[1].reshape(-1, W.shape[3])
+        cols, _ = ref_im2col(x.astype(np.float64), 3, 3, stride, pads)
+        want = cols.T @ dy.reshape(-1, W.shape[3])
+    assert int(host(state.last["overflow"])) > 0
+    close(dW, want, f"{path} dW", atol=1e-4 * float(np.abs(want).max()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("via", ["atomics", "gemm"])
 @pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
 @pytest.mark.parametrize("path", ["pixel", "general"])
 def test_conv_overflow_is_exact(xp, path, dx_mode, via):

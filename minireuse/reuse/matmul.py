@@ -120,8 +120,8 @@ def reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, L, dx_mode="exact", 
     """y = X @ W + b with deep reuse under a given assignment (ids, n_clusters) of groups of L.
 
     Returns (y, cache). forward 'exact': y is the exact product and the cache the
-    same as with 'reuse' (the backward reuses the clusters). sample: row indices
-    whose residuals correct dW (dw_sample). Tests hold the
+    same as with 'reuse' (the backward reuses the clusters). sample: (row
+    indices, scale) whose residuals correct dW (dw_sample). Tests hold the
     assignment fixed through this function (numerical gradients, identity
     assignment = exact product).
     """

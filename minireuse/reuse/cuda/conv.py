@@ -170,17 +170,14 @@ def exact_conv_rows(x, W, b, geo):
 
 
 def residual_pixels(x, sums, counts, ids, rows, geo, L):
-    """(m, kh*kw*C): the im2col rows of the outputs ``rows`` minus their centroid rows; a pixel
-    slice computed exactly (id -1) stands for itself (residual 0)."""
+    """(m, kh*kw*C): the reference's pixel_residuals of the outputs ``rows`` (sums (Q, cap, L)
+    unnormalised); a pixel slice computed exactly (id -1) stands for itself (residual 0)."""
     xp = device().xp
-    Q, cap, _ = sums.shape
     means = sums / xp.maximum(counts, 1)[:, :, None]
     where = reference.pixel_index(geo.B, geo.hp, geo.wp, geo.kh, geo.kw, geo.stride, xp)[rows]   # (m, T)
-    sel = xp.take(ids, where, axis=0)                                                         # (m, T, Q)
-    keys = xp.maximum(sel, 0) + xp.arange(Q, dtype=np.int32) * np.int32(cap)
-    near = xp.take(means.reshape(Q * cap, L), keys, axis=0)                                   # (m, T, Q, L)
-    pixels = xp.take(pad_nhwc(x, geo.pads).reshape(-1, Q, L), where, axis=0)
-    return ((pixels - near) * (sel >= 0)[..., None]).reshape(len(rows), -1)
+    exact = xp.repeat(xp.take(ids, where, axis=0) < 0, L, axis=2).reshape(len(rows), -1)     # (m, T*Q*L)
+    pixels = pad_nhwc(x, geo.pads).reshape(-1, geo.C // L, L)
+    return reference.pixel_residuals(pixels, means, xp.maximum(ids, 0), where) * ~exact
 
 
 def _pixel_forward(x, W, b, geo, config, state, train):

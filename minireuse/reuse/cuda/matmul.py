@@ -134,16 +134,12 @@ def matmul_forward(X, W, b, config, state, train, scale_source, batch):
 
 
 def residual_rows(X, sums, counts, ids, rows, L):
-    """(m, K): X[rows] minus the centroids that stand for them (sums (G, cap, L) unnormalised);
-    a (row, group) computed exactly (id -1) stands for itself (residual 0)."""
+    """(m, K): the reference's row_residuals of X[rows] against the centroids (sums (G, cap, L)
+    unnormalised); a (row, group) computed exactly (id -1) stands for itself (residual 0)."""
     xp = device().xp
-    G, cap, _ = sums.shape
     means = sums / xp.maximum(counts, 1)[:, :, None]
-    sel = ids[rows]                                                     # (m, G)
-    keys = xp.maximum(sel, 0) + xp.arange(G, dtype=np.int32) * np.int32(cap)
-    near = xp.take(means.reshape(G * cap, L), keys, axis=0)             # (m, G, L)
-    r = (reference_lsh.split_groups(X[rows], L) - near) * (sel >= 0)[:, :, None]
-    return r.reshape(len(rows), G * L)[:, :X.shape[1]]
+    exact = xp.repeat(ids[rows] < 0, L, axis=1)[:, :X.shape[1]]
+    return reference.row_residuals(X, means, xp.maximum(ids, 0), rows) * ~exact
 
 
 def matmul_backward_params(dy, c):
