@@ -114,7 +114,7 @@ def modes(name, layer, args):
             if path == "pixel" and c_in % L:
                 continue
             for H, family, dx_mode, forward, dw_sample in itertools.product(
-                    args.H, args.family, args.dx_mode, args.forward, getattr(args, "dw_sample", [0.0])):
+                    args.H, args.family, args.dx_mode, args.forward, args.dw_sample):
                 cfg = dict(L=L, H=H, family=family, dx_mode=dx_mode, forward=forward, impl=args.impl,
                            pixel_aligned=(path == "pixel"), seed=args.seed, dw_sample=dw_sample)
                 ReuseConfig.coerce(cfg)  # validate before timing anything

@@ -43,8 +43,8 @@ import dataclasses
 from .. import backend
 from ..conv_geometry import col2im, im2col, pad_nhwc
 from .clustering import assign_clusters, assignment_matrix, centroids, group_keys
-from .matmul import (DwCorrection, cosine, hash_groups, impl_label, relative_error, reuse_matmul_backward,
-                     reuse_matmul_forward, reuse_matmul_forward_assigned)
+from .matmul import (DwCorrection, cosine, dw_sample_draw, hash_groups, impl_label, relative_error,
+                     reuse_matmul_backward, reuse_matmul_forward, reuse_matmul_forward_assigned)
 
 
 def use_pixel_aligned(config, c_in):
@@ -181,7 +181,7 @@ def pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L,
     pixel_ids (B*Hp*Wp, Q) and n_clusters (Q,) cluster the padded pixels per
     channel group of L channels; pixels = pixel_vectors(x, pads, L) if the caller has it.
     forward 'exact': y is the exact conv, the cache the same as with 'reuse'.
-    sample: (output indices, scale) whose residuals correct dW (dw_sample).
+    sample: draw(n) -> (start, step) of the outputs whose residuals correct dW (dw_sample).
     """
     xp = backend.get_array_module(x, W, b)
     b_, h, w, c_in = x.shape
@@ -196,9 +196,9 @@ def pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L,
     R = assignment_matrix(keys, q * cmax * t, x.dtype)
     cache = PixelCache(x.shape, W, stride, pads, pixel_ids, R, C, counts, b is not None, dx_mode)
     if sample is not None:
-        rows, scale = sample
-        where = pixel_index(b_, hp, wp, kh, kw, stride, xp)[rows]
-        cache.correction = DwCorrection(rows, pixel_residuals(pixels, C, pixel_ids, where), scale)
+        where = pixel_index(b_, hp, wp, kh, kw, stride, xp)
+        cache.correction = DwCorrection.drawn(sample, keys.shape[0], xp,
+                                              lambda rows: pixel_residuals(pixels, C, pixel_ids, where[rows]))
     if forward == "exact":
         return exact_conv(x, W, b, stride, pads), cache   # no centroid GEMM, no reconstruct
     P = C @ offset_weights(W, L)                       # (Q, Cmax, T*M): every offset at once
@@ -217,14 +217,9 @@ def pixel_conv_forward(x, W, b, stride, pads, config, state, train=True):
     real_pixels = x.reshape(-1, pixels.shape[1], L)    # 'centred' statistics skip the padding
     codes = hash_groups(pixels, config, state, x, stats_source=real_pixels)
     pixel_ids, n_clusters = assign_clusters(codes, config.H)
-    sample = None
-    if train and config.dw_sample > 0:
-        oh = (x.shape[1] + pads[0] + pads[1] - W.shape[0]) // stride + 1
-        ow = (x.shape[2] + pads[2] + pads[3] - W.shape[1]) // stride + 1
-        start, step = state.sample_rows(x.shape[0] * oh * ow, config.dw_sample)
-        sample = (xp.arange(start, x.shape[0] * oh * ow, step), step)
     y, cache = pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L, config.dx_mode,
-                                           pixels=pixels, forward=config.forward, sample=sample)
+                                           pixels=pixels, forward=config.forward,
+                                           sample=dw_sample_draw(config, state, train))
     rel_error = None
     if config.measure_error:
         # forward 'exact': y is the exact conv, its own reference (rel_error 0)

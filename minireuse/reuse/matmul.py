@@ -102,6 +102,14 @@ class DwCorrection:
     residual: object     # (m, K) x - its centroids, for the sampled rows
     scale: float         # the sampling step
 
+    @classmethod
+    def drawn(cls, draw, n, xp, residuals):
+        """The correction of a systematic sample of n rows: draw(n) -> (start, step)
+        (ReuseState.sample_rows), residuals(rows) -> (m, K) for those rows."""
+        start, step = draw(n)
+        rows = xp.arange(start, n, step)
+        return cls(rows, residuals(rows), step)
+
     def dW(self, dy):
         return self.scale * (self.residual.T @ dy[self.rows])
 
@@ -120,8 +128,8 @@ def reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, L, dx_mode="exact", 
     """y = X @ W + b with deep reuse under a given assignment (ids, n_clusters) of groups of L.
 
     Returns (y, cache). forward 'exact': y is the exact product and the cache the
-    same as with 'reuse' (the backward reuses the clusters). sample: (row
-    indices, scale) whose residuals correct dW (dw_sample). Tests hold the
+    same as with 'reuse' (the backward reuses the clusters). sample: draw(n) ->
+    (start, step) of the rows whose residuals correct dW (dw_sample). Tests hold the
     assignment fixed through this function (numerical gradients, identity
     assignment = exact product).
     """
@@ -140,9 +148,16 @@ def reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, L, dx_mode="exact", 
         y += b
     cache = MatmulCache(W, Wg, R, ids, C, counts, b is not None, dx_mode)
     if sample is not None:
-        rows, scale = sample
-        cache.correction = DwCorrection(rows, row_residuals(X, C, ids, rows), scale)
+        cache.correction = DwCorrection.drawn(sample, X.shape[0], backend.get_array_module(X),
+                                              lambda rows: row_residuals(X, C, ids, rows))
     return y, cache
+
+
+def dw_sample_draw(config, state, train):
+    """draw(n) -> (start, step) of this call's dw_sample rows, or None (off, or evaluation)."""
+    if not train or config.dw_sample <= 0:
+        return None
+    return lambda n: state.sample_rows(n, config.dw_sample)
 
 
 def reuse_matmul_forward(X, W, b, config, state, train=True, scale_source=None):
@@ -156,12 +171,8 @@ def reuse_matmul_forward(X, W, b, config, state, train=True, scale_source=None):
     Xg = lsh.split_groups(X, config.L)
     codes = hash_groups(Xg, config, state, X if scale_source is None else scale_source)
     ids, n_clusters = assign_clusters(codes, config.H)
-    sample = None
-    if train and config.dw_sample > 0:
-        start, step = state.sample_rows(X.shape[0], config.dw_sample)
-        sample = (xp.arange(start, X.shape[0], step), step)
     y, cache = reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, config.L, config.dx_mode,
-                                             config.forward, sample)
+                                             config.forward, dw_sample_draw(config, state, train))
     rel_error = None
     if config.measure_error:
         # forward 'exact': y is the exact product, its own reference (rel_error 0)

@@ -211,11 +211,10 @@ def _pixel_forward(x, W, b, geo, config, state, train):
         cache = CudaConvCache("pixel", x, W, geo, Wq=Wq, ids=run["ids"], counts=run["counts"], sums=run["sums"],
                               has_bias=b is not None, L=L, dx_mode=config.dx_mode,
                               overflow_gemm=run["overflow_gemm"])
-        if config.dw_sample > 0:
-            start, step = state.sample_rows(geo.outputs, config.dw_sample)
-            rows_s = device().xp.arange(start, geo.outputs, step)
-            cache.correction = DwCorrection(rows_s, residual_pixels(x, run["sums"], run["counts"], run["ids"],
-                                                                    rows_s, geo, L), step)
+        draw = reference_matmul.dw_sample_draw(config, state, train)
+        if draw is not None:
+            cache.correction = DwCorrection.drawn(draw, geo.outputs, device().xp, lambda rows: residual_pixels(
+                x, run["sums"], run["counts"], run["ids"], rows, geo, L))
     return y, cache, run
 
 

@@ -125,11 +125,10 @@ def matmul_forward(X, W, b, config, state, train, scale_source, batch):
     if train:
         cache = CudaMatmulCache(X, W, Wg, run["ids"], run["counts"], run["sums"], b is not None, L,
                                 config.dx_mode, run["overflow_gemm"])
-        if config.dw_sample > 0:
-            start, step = state.sample_rows(N, config.dw_sample)
-            rows = device().xp.arange(start, N, step)
-            cache.correction = DwCorrection(rows, residual_rows(X, run["sums"], run["counts"], run["ids"],
-                                                                rows, L), step)
+        draw = reference.dw_sample_draw(config, state, train)
+        if draw is not None:
+            cache.correction = DwCorrection.drawn(draw, N, device().xp, lambda rows: residual_rows(
+                X, run["sums"], run["counts"], run["ids"], rows, L))
     return y, cache, run
 
 
