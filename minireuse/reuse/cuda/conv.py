@@ -1,6 +1,6 @@
 """The deep-reuse convolution on the fast path; twin: reuse/conv.py.
 
-General path (L does not divide the channels): fused im2col, then the product of
+General path (L does not divide the channels): im2col (one kernel), then the product of
 matmul.py on the im2col rows; dX goes back through the one col2im kernel
 (step_kernels.col2im), from dY @ W^T ('exact') or from the cluster rows ('cluster').
 
@@ -74,6 +74,12 @@ class ConvGeometry:
                                        self.top, self.left, self.hp, self.wp, self.oh, self.ow, self.M))
 
 
+def im2col(x, geo):
+    """cols (outputs, kh*kw*C) of x (B, H, W, C): the one im2col kernel (step_kernels.im2col)."""
+    check_index_range("im2col columns", geo.outputs * geo.kh * geo.kw * geo.C)
+    return step_kernels.im2col(x, geo.kh, geo.kw, geo.stride, geo.pads)[0]
+
+
 def col2im(dcols, geo):
     """dx (B, H, W, C) from im2col-shaped columns (N, kh*kw*C): the one col2im kernel (step_kernels.col2im)."""
     check_index_range("input", geo.B * geo.h * geo.w * geo.C)
@@ -140,8 +146,7 @@ def cuda_reuse_conv_forward(x, W, b, stride, pads, config, state, train=True):
     if pixel:
         y, cache, run = _pixel_forward(x, W, b, geo, config, state, train)
     else:
-        check_index_range("im2col columns", geo.outputs * geo.kh * geo.kw * geo.C)
-        cols, _ = step_kernels.im2col(x, geo.kh, geo.kw, stride, geo.pads)
+        cols = im2col(x, geo)
         y, mcache, run = matmul_forward(cols, W.reshape(-1, geo.M), b, config, state, train, x, geo.B)
         cache = CudaConvCache("general", x, W, geo, matmul=mcache) if train else None
     y = y.reshape(geo.B, geo.oh, geo.ow, geo.M)
@@ -161,9 +166,7 @@ def cuda_reuse_conv_forward(x, W, b, stride, pads, config, state, train=True):
 
 def exact_conv_rows(x, W, b, geo):
     """(outputs, M): the exact convolution as im2col + one GEMM (+ b)."""
-    check_index_range("im2col columns", geo.outputs * geo.kh * geo.kw * geo.C)
-    cols, _ = step_kernels.im2col(x, geo.kh, geo.kw, geo.stride, geo.pads)
-    y = cols @ W.reshape(-1, geo.M)
+    y = im2col(x, geo) @ W.reshape(-1, geo.M)
     if b is not None:
         y += b
     return y
@@ -248,13 +251,11 @@ def cuda_reuse_conv_backward(dy, cache):
     dW = device().xp.ascontiguousarray(ws["dWq"].reshape(Q, c.L, T, geo.M).transpose(2, 0, 1, 3))
     dW = dW.reshape(c.W.shape)
     if c.overflow_gemm:
-        cols, _ = step_kernels.im2col(overflow_pixels(c.x, c.ids, geo, c.L), geo.kh, geo.kw, geo.stride, geo.pads)
-        dW += (cols.T @ dy2).reshape(c.W.shape)
+        dW += (im2col(overflow_pixels(c.x, c.ids, geo, c.L), geo).T @ dy2).reshape(c.W.shape)
     if c.correction is not None:
         dW += c.correction.dW(dy2).reshape(c.W.shape)
     if c.stats is not None:
-        cols, _ = step_kernels.im2col(c.x, geo.kh, geo.kw, geo.stride, geo.pads)
-        c.stats["dw_cos"] = reference_matmul.cosine(dW.reshape(-1, geo.M), cols.T @ dy2)
+        c.stats["dw_cos"] = reference_matmul.cosine(dW.reshape(-1, geo.M), im2col(c.x, geo).T @ dy2)
     if c.dx_mode == "exact":
         dx = col2im(dy2 @ c.W.reshape(-1, geo.M).T, geo)
     else:
