@@ -1,7 +1,7 @@
 """Layer-level benchmark: exact and deep-reuse forward/backward of CifarNet's layers.
 
     python -m minireuse bench layers [--layers conv1,conv2,fc3] [--L 16,64] [--H 12,20]
-                              [--family offset,origin,centred] [--paths pixel,general]
+                              [--family offset,origin,centred,pca] [--paths pixel,general]
                               [--forward reuse,exact] [--dw-sample 0,0.125] [--json FILE]
 
 Inputs are real CIFAR-10 images (a deterministic random fixture, said so in the
@@ -57,7 +57,7 @@ def add_arguments(parser):
     parser.add_argument("--H", type=comma_list(int), default=[12, 20],
                         help="hash bits, 1..64 (default 12,20)")
     parser.add_argument("--family", type=comma_list(str), default=["offset", "origin"],
-                        help="hash families: offset, origin and/or centred (default offset,origin)")
+                        help="hash families: offset, origin, centred and/or pca (default offset,origin)")
     parser.add_argument("--paths", type=comma_list(str), default=["pixel", "general"],
                         help="conv paths: pixel (pixel-aligned, when L divides c_in) and/or general")
     parser.add_argument("--dx-mode", type=comma_list(str), default=["cluster"], help="exact and/or cluster")

@@ -67,6 +67,20 @@ def resolve_mode(mode, device):
     return mode
 
 
+def host_bound_setting(reuse):
+    """Why a reuse setting's steps are never recorded, or None.
+
+    dw_sample draws its rows on the host every step (a replay would freeze them);
+    family 'pca' fits its planes with an eigendecomposition (cuSOLVER on a GPU)
+    that is not known to be capturable.
+    """
+    if getattr(reuse, "dw_sample", 0) > 0:
+        return "its dw_sample rows are drawn on the host every step"
+    if getattr(reuse, "family", None) == "pca":
+        return "its 'pca' planes are fitted by an eigendecomposition every step"
+    return None
+
+
 def reuse_capturable(layer):
     """Whether a deep-reuse layer's current step can be recorded.
 
@@ -74,10 +88,10 @@ def reuse_capturable(layer):
     for); without that attribute, a layer whose last call ran the CUDA fast path
     (impl 'cuda', which never reads device values on the host) is taken as
     capturable, and the reference path (cluster counts read on the host) is not;
-    neither is a setting with dw_sample (its sample is drawn on the host every step).
+    neither is a setting that host_bound_setting names.
     """
-    if getattr(layer.reuse, "dw_sample", 0) > 0:
-        return False        # dw_sample's rows are drawn on the host every step: a replay would freeze them
+    if host_bound_setting(layer.reuse):
+        return False
     state = layer.reuse_state
     flag = getattr(state, "capturable", None)
     if flag is not None:
@@ -93,8 +107,7 @@ def uncapturable_layers(model):
         reuse = getattr(layer, "reuse", None)
         if reuse is not None and reuse.enabled:
             if not reuse_capturable(layer):
-                why = ("its dw_sample rows are drawn on the host every step" if getattr(reuse, "dw_sample", 0) > 0
-                       else "its deep-reuse implementation synchronises with the host")
+                why = host_bound_setting(reuse) or "its deep-reuse implementation synchronises with the host"
                 out.append(f"{layer.name} ({why})")
         elif not getattr(layer, "capturable", True):
             out.append(layer.name)

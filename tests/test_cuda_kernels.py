@@ -111,7 +111,10 @@ def margin(vectors, planes, offsets):
 
 
 def hash_setup(config, G, scale, stats_vectors=None):
-    """Planes and thresholds of config; 'centred' takes its statistics from stats_vectors (n, G, L)."""
+    """Planes and thresholds of config; 'centred' takes its statistics from stats_vectors (n, G, L),
+    'pca' fits its planes to them."""
+    if config.family == "pca":
+        return lsh.pca_params(stats_vectors.astype(np.float32), config.H, config.shared_planes)
     planes, unit = lsh.draw_hash_params(config.L, config.H, G, config.seed, config.shared_planes)
     planes = planes.astype(np.float32)
     if config.family == "centred":
@@ -409,7 +412,8 @@ DENSE_CONFIGS = [dict(L=4, H=10), dict(L=7, H=32, family="origin"), dict(L=5, H=
                  # the options beyond the published method
                  dict(L=4, H=40), dict(L=7, H=64, family="origin"), dict(L=6, H=12, family="centred"),
                  dict(L=4, H=10, forward="exact"), dict(L=4, H=10, dw_sample=0.3),
-                 dict(L=7, H=20, family="centred", forward="exact", dw_sample=0.5, shared_planes=False)]
+                 dict(L=7, H=20, family="centred", forward="exact", dw_sample=0.5, shared_planes=False),
+                 dict(L=6, H=12, family="pca"), dict(L=5, H=40, family="pca", shared_planes=False)]
 
 
 @pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
@@ -483,6 +487,8 @@ CONV_CASES = [
     ("pixel", dict(L=4, H=10, forward="exact", dw_sample=0.25), dict(stride=2, pads=(0, 1, 1, 1))),
     ("general", dict(L=5, H=64, family="centred", forward="exact"), {}),
     ("general", dict(L=5, H=20, dw_sample=0.4), {}),
+    ("pixel", dict(L=4, H=10, family="pca"), {}),
+    ("general", dict(L=5, H=20, family="pca", forward="exact"), {}),
 ]
 
 
@@ -504,12 +510,13 @@ def test_conv_forward_backward(xp, path, fields, geometry, dx_mode):
                  conv2d_backward(dy, want_cache), f"{path} conv")
 
 
+@pytest.mark.parametrize("family", ["centred", "pca"])
 @pytest.mark.parametrize("pixel_aligned", [True, False])
-def test_centred_thresholds_follow_the_reference(xp, pixel_aligned):
-    """'centred' on unclustered data far from the origin: every code depends on where the
-    thresholds lie (the pixel path's statistics skip the zero padding, the general path's
-    include the im2col rows' padding, as on the reference path)."""
-    config = ReuseConfig(L=4, H=6, family="centred", seed=1, pixel_aligned=pixel_aligned)
+def test_fitted_thresholds_follow_the_reference(xp, pixel_aligned, family):
+    """'centred' and 'pca' on unclustered data far from the origin: every code depends on where
+    the thresholds lie (the pixel path's statistics and fit skip the zero padding, the general
+    path's include the im2col rows' padding, as on the reference path)."""
+    config = ReuseConfig(L=4, H=6, family=family, seed=1, pixel_aligned=pixel_aligned)
     pads = (2, 1, 1, 2)
 
     def make(rng):

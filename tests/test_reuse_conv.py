@@ -179,7 +179,8 @@ def test_pixel_aligned_auto_needs_L_to_divide_c_in_and_shared_planes():
 
 @pytest.mark.parametrize("reuse", [dict(L=4, H=6), dict(L=5, H=6, dx_mode="cluster"),
                                    dict(L=4, H=6, pixel_aligned=False, family="origin"),
-                                   dict(L=4, H=10, family="centred"), dict(L=5, H=40, family="centred")])
+                                   dict(L=4, H=10, family="centred"), dict(L=5, H=40, family="centred"),
+                                   dict(L=4, H=10, family="pca"), dict(L=5, H=20, family="pca")])
 def test_conv_layer_end_to_end_and_back_to_exact(device, reuse):
     xp = device
     rng = np.random.default_rng(0)

@@ -169,3 +169,95 @@ def test_centred_family_splits_inputs_far_from_the_origin_where_origin_does_not(
 def test_offsets_refuses_the_centred_family(xp):
     with pytest.raises(ValueError, match="centred"):
         lsh.offsets(xp.ones((1, 3)), "centred", 1.0)
+
+
+# ---------------------------------------------------------------- the 'pca' family
+
+def greedy_cuts(std, H):
+    """The oracle of allot_cuts: bit by bit, to the axis whose cells are widest."""
+    cuts = np.zeros(len(std), dtype=int)
+    for _ in range(H):
+        cuts[np.argmax(std / (cuts + 1))] += 1
+    return cuts
+
+
+def anisotropic_groups(rng, n, g, L, spreads):
+    """(n, g, L): each group a cloud with its own principal axes (a random rotation), scale and place."""
+    Xg = np.empty((n, g, L))
+    for j in range(g):
+        rotation, _ = np.linalg.qr(rng.standard_normal((L, L)))
+        Xg[:, j] = (rng.standard_normal((n, L)) * spreads * (j + 1)) @ rotation.T + rng.uniform(-3, 3, L)
+    return Xg
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_pca_planes_are_principal_axes_cut_as_the_rule_says(xp, shared):
+    L, H = 6, 11
+    Xg = anisotropic_groups(np.random.default_rng(8), 600, 3, L, np.array([5.0, 3.0, 2.0, 1.0, 0.5, 0.1]))
+    planes, thresholds = (backend.asnumpy(a) for a in lsh.pca_params(xp.asarray(Xg), H, shared))
+    fitted = Xg.reshape(-1, 1, L) if shared else Xg
+    assert planes.shape == (fitted.shape[1], L, H) and thresholds.shape == (fitted.shape[1], H)
+    for j in range(fitted.shape[1]):
+        v = fitted[:, j]
+        variance, axes = np.linalg.eigh(np.cov(v.T, bias=True))
+        std, axes = np.sqrt(variance[::-1]), axes[:, ::-1]
+        match = np.abs(axes.T @ planes[j])                       # (axis, bit): 1 where bit h cuts axis a
+        np.testing.assert_allclose(match.max(axis=0), 1.0, atol=1e-9)
+        axis_of = match.argmax(axis=0)
+        cuts = greedy_cuts(std, H)
+        assert np.bincount(axis_of, minlength=L).tolist() == cuts.tolist()
+        for a in np.flatnonzero(cuts):
+            bits = np.flatnonzero(axis_of == a)
+            along = (thresholds[j, bits] - v.mean(axis=0) @ planes[j][:, bits]) / std[a]
+            expected = (np.arange(1, cuts[a] + 1) / (cuts[a] + 1) - 0.5) * lsh.PCA_SPAN
+            np.testing.assert_allclose(np.sort(along), expected, atol=1e-9)
+    config = ReuseConfig(L=L, H=H, family="pca", shared_planes=shared)
+    codes = backend.asnumpy(hash_groups(xp.asarray(Xg), config, ReuseState(), None))
+    np.testing.assert_array_equal(codes, python_codes(explicit_projections(Xg, planes) > thresholds))
+
+
+def test_pca_fits_every_kth_vector_at_most_the_limit(xp, monkeypatch):
+    Xg = xp.asarray(anisotropic_groups(np.random.default_rng(9), 1000, 2, 5, np.array([4.0, 2, 1, 0.5, 0.2])))
+    want = [backend.asnumpy(a) for a in lsh.pca_params(Xg[::10], 7, False)]
+    monkeypatch.setattr(lsh, "PCA_FIT_VECTORS", 100)
+    got = [backend.asnumpy(a) for a in lsh.pca_params(Xg, 7, False)]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    full = backend.asnumpy(lsh.pca_params(Xg, 7, True)[1])   # shared: 2000 vectors, every 20th
+    monkeypatch.setattr(lsh, "PCA_FIT_VECTORS", 4096)
+    np.testing.assert_array_equal(full, backend.asnumpy(lsh.pca_params(Xg.reshape(-1, 1, 5)[::20], 7, True)[1]))
+
+
+def centroid_error(Xg, codes):
+    """||X - its cluster's centroid|| / ||X - mean||, over every group."""
+    X, codes = backend.asnumpy(Xg), backend.asnumpy(codes)
+    err = norm = 0.0
+    for g in range(X.shape[1]):
+        _, ids = np.unique(codes[:, g], return_inverse=True)
+        sums = np.zeros((ids.max() + 1, X.shape[2]))
+        np.add.at(sums, ids, X[:, g])
+        centroid = sums / np.bincount(ids)[:, None]
+        err += ((X[:, g] - centroid[ids]) ** 2).sum()
+        norm += ((X[:, g] - X[:, g].mean(axis=0)) ** 2).sum()
+    return np.sqrt(err / norm)
+
+
+def test_pca_clusters_vectors_of_few_main_axes_tighter_than_random_planes(xp):
+    """Vectors spread along 3 of 16 axes: the cuts follow those axes, random planes mostly do not,
+    so 'pca' with 10 bits makes fewer clusters than the random families with 12, and tighter ones."""
+    spreads = np.r_[np.array([6.0, 4.0, 3.0]), np.full(13, 0.05)]
+    Xg = xp.asarray(anisotropic_groups(np.random.default_rng(10), 4000, 2, 16, spreads))
+    err, clusters = {}, {}
+    for family, H in (("offset", 12), ("centred", 12), ("pca", 10)):
+        codes = codes_of(xp, Xg, H, family=family, shared=False)
+        err[family] = centroid_error(Xg, codes)
+        clusters[family] = int(assign_clusters(codes, H)[1].max())
+    assert clusters["pca"] <= min(clusters["offset"], clusters["centred"])
+    assert err["pca"] < 0.8 * min(err["offset"], err["centred"])
+
+
+def test_pca_of_identical_vectors_is_one_cluster(xp):
+    Xg = xp.asarray(np.tile(np.array([0.3, -1.2, 2.0, 0.7]), (50, 2, 1)))
+    planes, thresholds = lsh.pca_params(Xg, 9, False)
+    assert bool(xp.isfinite(planes).all()) and bool(xp.isfinite(thresholds).all())
+    assert backend.asnumpy(assign_clusters(codes_of(xp, Xg, 9, family="pca", shared=False), 9)[1]).tolist() == [1, 1]

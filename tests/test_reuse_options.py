@@ -33,7 +33,7 @@ def fake_cupy(monkeypatch):
 
 
 @pytest.mark.parametrize("option", [dict(H=40), dict(H=64), dict(family="centred"), dict(forward="exact"),
-                                    dict(dw_sample=0.25)])
+                                    dict(dw_sample=0.25), dict(family="pca")])
 def test_every_option_runs_the_cuda_kernels_on_gpu_arrays(fake_cupy, option):
     x = np.ones((2, 3), dtype=np.float32)
     assert dispatch.resolve_impl(ReuseConfig(**option), x) == "cuda"
@@ -47,7 +47,8 @@ def test_bad_dw_sample_is_refused(value):
         ReuseConfig(dw_sample=value)
 
 
-@pytest.mark.parametrize("option", [dict(H=40), dict(family="centred"), dict(forward="exact")])
+@pytest.mark.parametrize("option", [dict(H=40), dict(family="centred"), dict(forward="exact"),
+                                    dict(family="pca")])
 def test_cuda_impl_on_numpy_arrays_keeps_the_numpy_error(option):
     x, W = np.ones((4, 8)), np.ones((8, 2))
     with pytest.raises(ValueError, match="with NumPy arrays"):

@@ -78,6 +78,10 @@ def test_what_may_be_recorded():
     conv2.reuse_state.capturable = True
     assert not reuse_capturable(conv2)
     assert "dw_sample rows are drawn on the host" in uncapturable_layers(model)[0]
+    conv2.set_reuse(setting.replace(family="pca"))                    # planes fitted by eigh every step
+    conv2.reuse_state.capturable = True
+    assert not reuse_capturable(conv2)
+    assert "'pca' planes are fitted" in uncapturable_layers(model)[0]
 
 
 def test_graph_keys_follow_settings_and_error_sampling():

@@ -12,7 +12,7 @@ import numpy as np
 from .. import backend
 from . import lsh
 
-FAMILIES = ("offset", "origin", "centred")
+FAMILIES = ("offset", "origin", "centred", "pca")
 DX_MODES = ("exact", "cluster")
 FORWARDS = ("reuse", "exact")
 IMPLS = ("auto", "reference", "cuda")
@@ -36,7 +36,9 @@ class ReuseConfig:
     family: 'offset' (planes with offsets at the scale of the input), 'origin'
     (random hyperplanes through the origin, the published family) or 'centred'
     (thresholds at the mean of each projection plus its unit offset times its std,
-    over the vectors hashed in the call);
+    over the vectors hashed in the call) or 'pca' (no random planes: cuts along the
+    principal axes of the vectors hashed in the call, more along the axes they
+    spread most; lsh.pca_params);
     dx_mode: 'exact' (dY @ W^T) or 'cluster' (gradient of the clustered forward);
     shared_planes: one set of H planes for every group (False: one per group);
     pixel_aligned: conv only; 'auto' uses it when L divides c_in and planes are shared;

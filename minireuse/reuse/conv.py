@@ -35,8 +35,9 @@ gathered from the padded pixels and their centroids from the pixels' clusters.
 
 forward 'exact' (both paths): y is the exact convolution (im2col + GEMM) while
 the pixels or rows are still hashed and clustered for the backward above; the
-'centred' family takes its projection statistics over the real input pixels on
-the pixel-aligned path (the zero padding would pull the mean towards zero).
+'centred' family takes its projection statistics, and 'pca' fits its axes, over
+the real input pixels on the pixel-aligned path (the zero padding would pull the
+mean towards zero).
 """
 import dataclasses
 

@@ -7,10 +7,12 @@ same group) are close in angle ('origin': planes through the origin, b = 0) or i
 position ('offset': b_h drawn at the scale of the projections, so the planes cut
 through the cloud of inputs instead of all meeting at zero; 'centred': b_h =
 mean + u_h * std of the projections onto r_h over the vectors hashed, so the
-planes cut through the cloud wherever it lies, even far from the origin).
-Codes are uint32 up to 32 bits and uint64 beyond (up to 64).
+planes cut through the cloud wherever it lies, even far from the origin; 'pca':
+no random planes at all, the planes are the principal axes of the vectors hashed
+and the H bits are cuts along them, see pca_params). Codes are uint32 up to 32
+bits and uint64 beyond (up to 64).
 
-Hash parameters are always drawn on the host with NumPy, so the CPU and the GPU
+Random hash parameters are always drawn on the host with NumPy, so the CPU and the GPU
 paths (reference and CUDA) see the very same planes for a seed.
 """
 import numpy as np
@@ -19,6 +21,10 @@ from .. import backend
 
 # Rows hashed per step: keeps the (rows, G, H) projections near 16 MB whatever N is.
 HASH_CHUNK_ELEMENTS = 1 << 22
+# 'pca': the principal axes are fitted on every k-th vector, at most this many per group,
+PCA_FIT_VECTORS = 4096
+# and an axis' cuts spread evenly over its mean +- PCA_SPAN / 2 standard deviations.
+PCA_SPAN = 4.0
 
 
 def draw_hash_params(L, H, G, seed, shared):
@@ -119,6 +125,61 @@ def projection_stats(Xg, planes):
 def centred_offsets(unit_offsets, mean, std):
     """The 'centred' thresholds b (Gp, H) = mean + unit offsets * std of the projections."""
     return mean + unit_offsets * std
+
+
+def principal_axes(Xg, shared):
+    """(mean (Gp, L), std (Gp, L), axes (Gp, L, L)) of the vectors Xg (N, G, L).
+
+    axes[g][:, j] is group g's j-th principal axis (by decreasing variance) and
+    std[g, j] the standard deviation of the vectors along it; per group (Gp = G)
+    or over the vectors of every group (shared: Gp = 1). Fitted on every k-th
+    vector, at most PCA_FIT_VECTORS per group, on Xg's device (no host wait).
+    """
+    xp = backend.get_array_module(Xg)
+    n, g, L = Xg.shape
+    V = Xg.reshape(n * g, 1, L) if shared else Xg
+    V = V[::max(1, -(-V.shape[0] // PCA_FIT_VECTORS))].transpose(1, 0, 2)      # (Gp, m, L)
+    mean = V.mean(axis=1)
+    D = V - mean[:, None, :]
+    variance, axes = xp.linalg.eigh(D.transpose(0, 2, 1) @ D / D.shape[1])     # ascending
+    return mean, xp.sqrt(xp.maximum(variance[:, ::-1], 0)), axes[:, :, ::-1]
+
+
+def allot_cuts(std, H):
+    """(axis (Gp, H), cut (Gp, H), cuts (Gp, L)): the principal axis that each of H bits cuts.
+
+    Bit after bit goes to the axis whose cells are widest, std_j / (cuts_j + 1): in
+    closed form, the H largest std_j / k over axes j and k = 1..H. Axis j then has
+    cuts_j cuts, numbered cut = 1..cuts_j, and its bits are a thermometer code of
+    cuts_j + 1 levels. No loop and no host wait.
+    """
+    xp = backend.get_array_module(std)
+    gp, L = std.shape
+    width = std[:, :, None] / xp.arange(1, H + 1, dtype=std.dtype)            # (Gp, L, H)
+    top = xp.argsort(-width.reshape(gp, L * H), axis=1)[:, :H]
+    axis, cut = top // H, top % H + 1
+    cuts = (axis[:, :, None] == xp.arange(L)).sum(axis=1)
+    return axis, cut, cuts
+
+
+def pca_params(Xg, H, shared):
+    """(planes (Gp, L, H), thresholds (Gp, H)) of the 'pca' family, fitted to the vectors Xg (N, G, L).
+
+    The planes are principal axes of the vectors (principal_axes), the bits cuts
+    along them (allot_cuts): axis j with c cuts is cut at its mean plus
+    (k / (c + 1) - 1/2) * PCA_SPAN standard deviations, k = 1..c, so the codes are
+    the cells of a grid over the main axes, finer along the axes the vectors
+    spread most. Refitted on every call, like 'centred', and with no random draw.
+    """
+    xp = backend.get_array_module(Xg)
+    mean, std, axes = principal_axes(Xg, shared)
+    axis, cut, cuts = allot_cuts(std, H)
+    planes = xp.take_along_axis(axes, axis[:, None, :], axis=2)                 # (Gp, L, H)
+    levels = xp.take_along_axis(cuts, axis, axis=1) + 1
+    spread = xp.take_along_axis(std, axis, axis=1)
+    centre = (mean[:, None, :] @ planes)[:, 0, :]                                # mean . plane
+    thresholds = centre + (cut / levels - 0.5).astype(Xg.dtype) * (PCA_SPAN * spread)
+    return planes, thresholds
 
 
 def code_dtype(H, xp):

@@ -4,7 +4,8 @@ Read top to bottom, this is the whole technique for one product X (N, K) @ W (K,
 
 1. split the K columns into G groups of L (zero-pad the last): Xg (N, G, L)
 2. hash every neuron vector Xg[n, g] to an H-bit code, H <= 64   (lsh.py)
-   (family 'centred': thresholds from the mean and std of the projections)
+   (family 'centred': thresholds from the mean and std of the projections;
+    'pca': planes along the principal axes of the vectors, cut into a grid)
 3. equal codes in a group form a cluster: ids (N, G)              (clustering.py)
 4. centroids C (G, Cmax, L), one GEMM per group: P_g = C_g @ W_g
 5. reconstruct y[n] = sum_g P[g, ids[n, g]] (+ b)
@@ -63,10 +64,14 @@ def hash_groups(Xg, config, state, scale_source, stats_source=None):
 
     scale_source: the array whose RMS scales the 'offset' thresholds;
     stats_source: the vectors (n, G, L) whose projections centre the 'centred'
-    thresholds (Xg itself by default; the unpadded pixels on the pixel-aligned path).
+    thresholds, or that 'pca' fits its axes to (Xg itself by default; the unpadded
+    pixels on the pixel-aligned path).
     """
     xp = backend.get_array_module(Xg)
     n, g, L = Xg.shape
+    if config.family == "pca":
+        planes, b = lsh.pca_params(Xg if stats_source is None else stats_source, config.H, config.shared_planes)
+        return lsh.hash_codes(Xg, planes, b)
     planes, unit_offsets = state.hash_params(L, config.H, g, config.family, config.seed,
                                              config.shared_planes, xp, Xg.dtype)
     if config.family == "centred":

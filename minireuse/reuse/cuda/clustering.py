@@ -44,7 +44,7 @@ def cluster(rows, L, G, planes, offsets, H, family, tracker, scale_source, extra
     """Hash, assign and accumulate centroids of ``rows`` in 3 launches (+ 3 memsets).
 
     offsets: the unit offsets ('offset': scaled by the RMS of scale_source in the
-    kernels; 'origin': unused) or, for 'centred', the thresholds themselves.
+    kernels; 'origin': unused) or, for 'centred' and 'pca', the thresholds themselves.
     tracker: the call site's CapacityTracker (calibrated on its first call).
     extra(capacity): (name, shape, dtype) zeroed buffers the caller needs (same memset).
     Returns a dict: capacity, ids, counts, sums (unnormalised), the extra buffers, and
@@ -57,7 +57,8 @@ def cluster(rows, L, G, planes, offsets, H, family, tracker, scale_source, extra
     if family == "offset":
         launch_input_rms(scale_source, small)
         scale = small["scale"]
-    elif family == "centred":        # offsets are the thresholds themselves (lsh.centred_thresholds)
+    elif family in ("centred", "pca"):   # offsets are the thresholds themselves (lsh.centred_thresholds,
+                                         # lsh.pca_hash_params)
         small["scale"].fill(1.0)
         scale = small["scale"]
     capacity = tracker.begin_call()

@@ -13,7 +13,7 @@ backward:
     cuBLAS     dW'_q += sums_q^T @ S_q
     dX 'exact'   cuBLAS dY @ W^T, step_kernels.col2im;  'cluster'  cuBLAS D = S @ W'_q^T, dx_cluster_pixels
 
-Options as in matmul.py: 'centred' thresholds from the real (unpadded) pixels; forward
+Options as in matmul.py: 'centred' thresholds and 'pca' planes from the real (unpadded) pixels; forward
 'exact' is im2col + one GEMM; dw_sample's residuals are gathered for the sampled
 output pixels (as reference.pixel_residuals, with exactly computed pixels standing for
 themselves).
@@ -28,7 +28,7 @@ from .. import conv as reference
 from .. import matmul as reference_matmul
 from ..matmul import DwCorrection
 from .clustering import cluster, dx_cluster_rows
-from .lsh import Rows, centred_thresholds
+from .lsh import Rows, centred_thresholds, pca_hash_params
 from .matmul import batched_gemm, cluster_D, matmul_backward_params, matmul_forward, record, take
 from .runtime import (ROW_BLOCK, Arena, as_f32, check, check_index_range, cuda_state, device, grid_1d, i32,
                       launch, padded_hash_params, row_grid)
@@ -188,7 +188,10 @@ def _pixel_forward(x, W, b, geo, config, state, train):
     Q = geo.C // L
     T = geo.kh * geo.kw
     rows = Rows.pixels(x, geo.pads)
-    planes, offsets = padded_hash_params(state, config, Q)
+    if config.family == "pca":            # fitted to the real pixels, as 'centred' below
+        planes, offsets = pca_hash_params(x.reshape(-1, Q, L), H, config.shared_planes)
+    else:
+        planes, offsets = padded_hash_params(state, config, Q)
     if config.family == "centred":        # statistics of the real pixels (the padding would pull them to 0)
         offsets = centred_thresholds(x.reshape(-1, Q, L), planes, offsets)
     tracker = cuda_state(state).tracker(("pixels", rows.rows, Q, L, H), rows.rows, H, batch=geo.B, train=train)

@@ -84,6 +84,14 @@ def centred_thresholds(vectors, planes, unit_offsets):
     return reference.centred_offsets(unit_offsets, mean, std).astype(np.float32, copy=False)
 
 
+def pca_hash_params(vectors, H, shared):
+    """The 'pca' family's planes (Gp, L, HB) and thresholds (Gp, HB), fitted to vectors (n, G, L)
+    on the device and without a host wait: the reference's lsh.pca_params on the device's
+    arrays, zero-padded to the compiled width (the kernels mask the padding bits off)."""
+    planes, thresholds = reference.pca_params(vectors, H, shared)
+    return pad_hash_params(planes.astype(np.float32, copy=False), thresholds.astype(np.float32, copy=False))
+
+
 def input_scale(x):
     """s = sqrt(mean(x * x)) as a 0-d float32 device array (kernel input_rms); twin: lsh.input_scale."""
     check("x", x, np.float32)

@@ -10,7 +10,8 @@ backward:
     dX 'exact'   cuBLAS dY @ W^T;  'cluster'  cuBLAS D = S @ W_g^T, then dx_cluster_rows
 
 Options as on the reference path: family 'centred' computes its thresholds on the
-device first (lsh.centred_thresholds); forward 'exact' replaces the centroid GEMM
+device first (lsh.centred_thresholds), family 'pca' its planes and thresholds
+(lsh.pca_hash_params); forward 'exact' replaces the centroid GEMM
 and the reconstruct by X @ W + b, the clustering staying for the backward;
 dw_sample adds the sampled residuals' dW (the reference's DwCorrection) and
 measure_error the cosine to the exact dW (dw_cos).
@@ -27,7 +28,7 @@ from .. import lsh as reference_lsh
 from .. import matmul as reference
 from ..matmul import DwCorrection
 from .clustering import cluster, dx_cluster_rows, launch_cluster_sums_rows, reconstruct_rows
-from .lsh import Rows, centred_thresholds
+from .lsh import Rows, centred_thresholds, pca_hash_params
 from .runtime import (STAT_OVERFLOW, Arena, as_f32, check, check_index_range, cuda_state, device,
                       padded_hash_params)
 
@@ -103,7 +104,10 @@ def matmul_forward(X, W, b, config, state, train, scale_source, batch):
     M = W.shape[1]
     L, H = config.L, config.H
     G = -(-K // L)
-    planes, offsets = padded_hash_params(state, config, G)
+    if config.family == "pca":
+        planes, offsets = pca_hash_params(reference_lsh.split_groups(X, L), H, config.shared_planes)
+    else:
+        planes, offsets = padded_hash_params(state, config, G)
     if config.family == "centred":
         offsets = centred_thresholds(reference_lsh.split_groups(X, L), planes, offsets)
     tracker = cuda_state(state).tracker(("rows", N, G, L, H), N, H, batch=batch, train=train)
