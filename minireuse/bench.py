@@ -2,11 +2,11 @@
 
     python -m minireuse bench layers [--layers conv1,conv2,fc3] [--L 16,64] [--H 12,20]
                               [--family offset,origin,centred,pca] [--paths pixel,general]
-                              [--forward reuse,exact] [--dw-sample 0,0.125] [--json FILE]
+                              [--forward reuse,exact] [--dw-sample 0,0.125] [--weights FILE] [--json FILE]
 
 Inputs are real CIFAR-10 images (a deterministic random fixture, said so in the
 output, when the data cannot be loaded) passed through the preceding layers of a
-randomly initialised CifarNet: conv1 sees the normalised images, conv2 the
+randomly initialised CifarNet (or of a trained one, --weights RUN/model.npz): conv1 sees the normalised images, conv2 the
 output of conv1 + ReLU + pool + LRN, fc3 that of conv2 + ReLU + LRN + pool,
 flattened. Each mode is timed as forward then backward of the same layer object,
 alternating with the exact layer (medians after warm-up; CUDA events on the
@@ -48,7 +48,11 @@ def comma_list(kind):
 
 def add_arguments(parser):
     parser.add_argument("--model", default="cifarnet", choices=["alexnet", "cifarnet", "vgg19"],
-                        help="whose layers, on the real activations of a randomly initialised model")
+                        help="whose layers, on the real activations of a randomly initialised model "
+                             "(or of a trained one: --weights)")
+    parser.add_argument("--weights", metavar="FILE", default=None,
+                        help="the model's parameters from a model.npz or checkpoint.npz (a trained "
+                             "model's activations are far less isotropic than a random one's)")
     parser.add_argument("--layers", type=comma_list(str), default=None,
                         help=f"comma-separated layer names (default: {','.join(LAYERS)} for cifarnet, every "
                              "conv layer for the other models)")
@@ -217,6 +221,10 @@ def run_layer_bench(args):
     backend.set_device(args.device)
     model_name = getattr(args, "model", "cifarnet")
     model = build_model(model_name, args.seed)
+    weights = getattr(args, "weights", None)
+    if weights:
+        from .evaluate import load_weights
+        load_weights(model, weights)
     names = [l.name for l in model.reuse_layers()]
     layers = args.layers or default_layers(model_name, model)
     unknown = sorted(set(layers) - set(names))
@@ -231,14 +239,14 @@ def run_layer_bench(args):
         for name, (layer, x) in inputs.items():
             rows += bench_layer(name, layer, x, grids[name], args, progress)
     return dict(device=backend.describe_device(), commit=git_commit(), data=source, batch=args.batch,
-                repeats=args.repeats, warmup=args.warmup, model=model_name, rows=rows)
+                repeats=args.repeats, warmup=args.warmup, model=model_name, weights=weights, rows=rows)
 
 
 def run(args):
     report = run_layer_bench(args)
     print(f"device: {report['device']}; commit: {report['commit']}; batch {report['batch']}; "
           f"medians of {report['repeats']} after {report['warmup']} warm-up")
-    print(f"inputs: {report['data']}")
+    print(f"inputs: {report['data']}" + (f"; weights: {report['weights']}" if report.get("weights") else ""))
     print(format_table(report["rows"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -103,3 +103,24 @@ def test_bench_times_the_exact_forward_mode(tmp_path, capsys):
     row = json.loads(out.read_text())["rows"][1]
     assert row["config"]["forward"] == "exact" and row["rel_error"] == pytest.approx(0.0, abs=1e-6)
     assert 0 < row["r_c"] <= 1
+
+
+def test_bench_runs_on_the_activations_of_given_weights(tmp_path, capsys, monkeypatch):
+    trained = bench.build_model("cifarnet", seed=3)
+    trained.save(tmp_path / "model.npz")
+    seen = {}
+
+    def bench_layer(name, layer, x, grid, args, progress):
+        seen[name] = layer.params["W"].copy()
+        return []
+    monkeypatch.setattr(bench, "bench_layer", bench_layer)
+    args = bench_args("--layers", "conv2", "--L", "64", "--H", "16", "--family", "pca", "--paths", "pixel",
+                      "--batch", "2", "--device", "cpu", "--data", str(tmp_path / "no-cifar"), "--quiet",
+                      "--weights", str(tmp_path / "model.npz"))
+    assert bench.run(args) == 0
+    np.testing.assert_array_equal(seen["conv2"], trained.layer("conv2").params["W"])
+    assert f"weights: {tmp_path / 'model.npz'}" in capsys.readouterr().out
+    assert not np.array_equal(seen["conv2"], bench.build_model("cifarnet", seed=0).layer("conv2").params["W"])
+    with pytest.raises(Exception, match="no-such.npz"):
+        bench.run(bench_args("--layers", "conv2", "--device", "cpu", "--data", str(tmp_path / "no-cifar"),
+                             "--quiet", "--weights", str(tmp_path / "no-such.npz")))
