@@ -273,3 +273,20 @@ def test_each_model_has_reuse_defaults_on_its_own_layers():
             for layer in strategy.ladders:
                 model.layer(layer)                  # every default names a layer of the model
     assert set(make_strategy("adaptive", model="vgg19").ladders) == {"conv1_2", "conv2_1"}
+
+
+def test_rise_patience_waits_for_rising_epochs_in_a_row():
+    model, s = started(rise_patience=2)
+    s.on_epoch_end(0.3, 1.5, {})
+    s.on_epoch_end(0.4, 1.6, {})                        # one rise: wait
+    assert s.stage["conv2"] == 0
+    s.on_epoch_end(0.5, 1.4, {})                        # fell: the count starts again
+    s.on_epoch_end(0.55, 1.45, {})
+    restored = AdaptiveStrategy(LADDER, rise_patience=2)
+    restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert restored.rising_epochs == 1                  # the count survives a resume
+    s.on_epoch_end(0.6, 1.5, {})                        # the second rise in a row
+    assert s.stage["conv2"] == 1 and "2 epochs in a row" in s.events[-1]["reason"]
+    assert s.rising_epochs == 0
+    with pytest.raises(ValueError, match="rise_patience: got 0, expected an int >= 1"):
+        AdaptiveStrategy(LADDER, rise_patience=0)

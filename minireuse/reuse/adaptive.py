@@ -25,7 +25,8 @@ back once per epoch; the harm and the error are sampled on one step in
    weights). When the epoch's mean relative loss increase exceeds ``harm_bound``,
    the reuse layer with the largest sampled error moves one stage towards exact;
 3. divergence: when the training loss of an epoch trained with reuse rose against
-   the epoch before, every reusing layer moves one stage towards exact;
+   the epoch before, in ``rise_patience`` (default 1) such epochs in a row, every
+   reusing layer moves one stage towards exact;
 4. error cap (off unless ``error_bound`` is set): a layer whose sampled relative
    output error exceeds ``error_bound`` moves one stage on;
 5. speed: a layer whose reuse forward+backward took longer per step than its
@@ -243,7 +244,7 @@ class AdaptiveStrategy(ReuseStrategy):
 
     def __init__(self, ladders, start_after=None, steady_drop=0.02, harm_bound=0.05, error_bound=None,
                  exact_tail=0.1, sample_every=20, probe_steps=2, speed_guard=True, order_ladders=True,
-                 speed_margin=0.05, speed_patience=2):
+                 speed_margin=0.05, speed_patience=2, rise_patience=1):
         super().__init__(ladders, exact_tail)
         for name, v, lo, hi in (("start_after", start_after, 0.0, 1.0), ("steady_drop", steady_drop, 0.0, 1.0),
                                 ("harm_bound", harm_bound, 0.0, None), ("error_bound", error_bound, 0.0, None),
@@ -252,7 +253,8 @@ class AdaptiveStrategy(ReuseStrategy):
                                       and (hi is None or v < hi)):
                 raise ValueError(f"adaptive option {name}: got {v!r}, expected a number >= {lo}"
                                  + (f" and < {hi}" if hi is not None else "") + " (or null)")
-        for name, v in (("sample_every", sample_every), ("speed_patience", speed_patience)):
+        for name, v in (("sample_every", sample_every), ("speed_patience", speed_patience),
+                        ("rise_patience", rise_patience)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"adaptive option {name}: got {v!r}, expected an int >= 1")
         self.start_after, self.steady_drop = start_after, steady_drop
@@ -261,6 +263,8 @@ class AdaptiveStrategy(ReuseStrategy):
         self.speed_guard, self.order_ladders = speed_guard, order_ladders
         self.speed_margin, self.speed_patience = speed_margin or 0.0, speed_patience
         self.slow_epochs = {}       # layer -> consecutive epochs slower than exact beyond the margin
+        self.rise_patience = rise_patience
+        self.rising_epochs = 0      # consecutive reuse epochs whose training loss rose
         self.started = False
         self.ordered = not order_ladders
         self.prev_loss = None
@@ -338,9 +342,13 @@ class AdaptiveStrategy(ReuseStrategy):
                 self.advance(layer, f"sampled error {err:.3f} > bound {self.error_bound:.3f}")
                 moved.add(layer)
         left = [l for l in reusing if l not in moved]
-        if left and prev is not None and train_loss is not None and train_loss > prev:
+        rose = prev is not None and train_loss is not None and train_loss > prev
+        self.rising_epochs = self.rising_epochs + 1 if rose and reusing else 0
+        if left and rose and self.rising_epochs >= self.rise_patience:
+            in_row = f", {self.rising_epochs} epochs in a row" if self.rise_patience > 1 else ""
             for layer in left:
-                self.advance(layer, f"loss rose under reuse ({prev:.4f} -> {train_loss:.4f})")
+                self.advance(layer, f"loss rose under reuse ({prev:.4f} -> {train_loss:.4f}{in_row})")
+            self.rising_epochs = 0
         elif left and harm is not None and self.harm_bound is not None and harm > self.harm_bound:
             worst = max(left, key=lambda l: layer_stats.get(l, {}).get("rel_error") or 0.0)
             self.advance(worst, f"reuse raised the sampled loss by {100 * harm:.1f} % > "
@@ -350,6 +358,7 @@ class AdaptiveStrategy(ReuseStrategy):
     def state_dict(self):
         d = super().state_dict()
         d.update(prev_loss=self.prev_loss, exact_ms=dict(self.exact_ms), slow_epochs=dict(self.slow_epochs),
+                 rising_epochs=self.rising_epochs,
                  started=self.started,
                  ordered=self.ordered, start_after=self.start_after,
                  ladders={k: [c.as_dict() for c in v] for k, v in self.ladders.items()})
@@ -360,6 +369,7 @@ class AdaptiveStrategy(ReuseStrategy):
         self.prev_loss = d.get("prev_loss")
         self.exact_ms = dict(d.get("exact_ms", {}))
         self.slow_epochs = {k: int(v) for k, v in d.get("slow_epochs", {}).items()}
+        self.rising_epochs = int(d.get("rising_epochs", 0))
         self.started, self.ordered = bool(d.get("started", False)), bool(d.get("ordered", self.ordered))
         self.start_after = d.get("start_after", self.start_after)
         for layer, stages in d.get("ladders", {}).items():
