@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
+from .checkpoint import load_weights
 from .data.sample import sample_images
 from .tables import align_rows
 from .timing import timed
@@ -223,7 +224,6 @@ def run_layer_bench(args):
     model = build_model(model_name, args.seed)
     weights = getattr(args, "weights", None)
     if weights:
-        from .evaluate import load_weights
         load_weights(model, weights)
     names = [l.name for l in model.reuse_layers()]
     layers = args.layers or default_layers(model_name, model)

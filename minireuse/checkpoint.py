@@ -75,6 +75,15 @@ def model_arrays(path):
     return {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
 
 
+def load_weights(model, path):
+    """Parameters of ``model`` from a model.npz (Sequential.save) or a training checkpoint.npz."""
+    arrays = model_arrays(path)
+    try:
+        model.load_state_dict(arrays)
+    except ValueError as e:
+        raise TrainingError(f"{path} does not hold this model's parameters: {e}") from e
+
+
 def load_checkpoint(path, model, opt, checkpoint=None):
     """Restore model and optimizer from ``path`` (or from its already read ``checkpoint`` =
     read_checkpoint(path)); returns its meta dict."""

@@ -16,22 +16,13 @@ import time
 import numpy as np
 
 from . import backend
-from .checkpoint import TrainingError, model_arrays
+from .checkpoint import load_weights
 from .losses import SoftmaxCrossEntropy
 from .models import MODELS
 from .reuse import ReuseConfig
 from .reuse.adaptive import load_settings, model_defaults, stage_label
 from .tables import align_rows
 from .timing import LayerTimer
-
-
-def load_weights(model, path):
-    """Parameters of ``model`` from a model.npz (Sequential.save) or a training checkpoint.npz."""
-    arrays = model_arrays(path)
-    try:
-        model.load_state_dict(arrays)
-    except ValueError as e:
-        raise TrainingError(f"{path} does not hold this model's parameters: {e}") from e
 
 
 def reuse_settings(reuse, reuse_config, model="cifarnet"):
