@@ -195,7 +195,7 @@ def cmd_parity(a):
         raise ValueError("parity trains one pair of runs per seed of --seeds; --seed is for train and compare")
     cfg = train_config(a)
     del cfg["seed"]
-    result = parity.run(cfg, a.seeds, exact_from=a.exact_from, quiet=a.quiet)
+    result = parity.run(cfg, a.seeds, exact_from=a.exact_from, quiet=a.quiet, control=a.control)
     print(result["table"])
     return 0
 
@@ -227,6 +227,9 @@ def build_parser():
     p.add_argument("--exact-from", metavar="DIR", default=None,
                    help="take each seed's exact run from DIR/seedS/exact (an earlier parity OUT) "
                         "instead of training it")
+    p.add_argument("--control", action="store_true",
+                   help="also train each seed's control run (OUT/seedS/control: the reuse layers with the "
+                        "exact gradients, so only float rounding differs from exact): the table's noise floor")
     p.set_defaults(func=cmd_parity, out="runs/parity", seed=None)
     p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts",
                        formatter_class=Formatter)

@@ -20,6 +20,14 @@ runs made under another default are not taken for runs of today's.
 settings apart from the reuse keys) instead of training it, so that several reuse
 settings are compared against one set of exact runs.
 
+``--control`` also trains, per seed, OUT/seedS/control: the reuse layers with the
+exact gradients through the reuse code (strategy 'fixed' from the first step, each
+layer's first setting with forward 'exact', dx_mode 'exact' and dw_sample 1, so its
+dW is the centroid dW plus every residual: X^T dY up to the order of additions).
+Its difference from the exact run is what a rounding-sized perturbation alone does
+to a run at this budget: the table's own noise floor, printed per seed and across
+seeds with the reuse run's difference from it.
+
 It prints a table and writes OUT/parity.json (atomically): per seed the final and
 best test accuracy of both runs and their difference (reuse - exact, in points), the
 training time of both and, for every layer that used reuse, its forward+backward
@@ -193,8 +201,20 @@ def _seconds(exact_s, reuse_s):
     return dict(exact_seconds=exact_s, reuse_seconds=reuse_s, ratio=_ratio(exact_s, reuse_s))
 
 
-def seed_entry(seed, exact_history, reuse_history, exact_run, reuse_run):
-    """One seed's numbers from the two runs' histories (see the module docstring)."""
+def control_layers(layers):
+    """The control's settings from resolved reuse layers ({name: setting or [settings]}): per
+    layer its first setting with the exact gradients (forward and dX exact, dW corrected by
+    every residual), as a one-stage ladder."""
+    out = {}
+    for name, stages in (layers or {}).items():
+        first = stages[0] if isinstance(stages, list) else stages
+        out[name] = [dict(first, forward="exact", dx_mode="exact", dw_sample=1.0, enabled=True)]
+    return out
+
+
+def seed_entry(seed, exact_history, reuse_history, exact_run, reuse_run, control_history=None,
+               control_run=None):
+    """One seed's numbers from the runs' histories (see the module docstring)."""
     ex, re_ = summarise(exact_history), summarise(reuse_history)
     layers = [n for n, rec in re_["layers"].items() if rec["reuse_epochs"] > 0]
     layer_times = {n: _seconds(ex["layers"].get(n, {}).get("seconds", 0.0), re_["layers"][n]["seconds"])
@@ -204,7 +224,15 @@ def seed_entry(seed, exact_history, reuse_history, exact_run, reuse_run):
                 diff_best_pts=100 * (re_["best_test_acc"] - ex["best_test_acc"]),
                 time_ratio=_ratio(ex["train_seconds"], re_["train_seconds"]),
                 reuse_layers=layer_times,
-                stages={n: reuse_stages(reuse_history, n) for n in layers})
+                stages={n: reuse_stages(reuse_history, n) for n in layers},
+                **(control_entry(ex, re_, summarise(control_history), control_run)
+                   if control_history is not None else {}))
+
+
+def control_entry(ex, re_, co, control_run):
+    return dict(control=co, control_run=control_run,
+                control_diff_pts=100 * (co["final_test_acc"] - ex["final_test_acc"]),
+                reuse_vs_control_pts=100 * (re_["final_test_acc"] - co["final_test_acc"]))
 
 
 def aggregate(per_seed):
@@ -216,7 +244,12 @@ def aggregate(per_seed):
                                   for run in ("exact", "reuse")))
                     for n in layers}
     k = len(per_seed)
-    return dict(n_seeds=k,
+    control = {}
+    if per_seed and all("control" in p for p in per_seed):
+        control = dict(control_diff_pts=spread(p["control_diff_pts"] for p in per_seed),
+                       reuse_vs_control_pts=spread(p["reuse_vs_control_pts"] for p in per_seed),
+                       mean_control_final_acc=sum(p["control"]["final_test_acc"] for p in per_seed) / k)
+    return dict(n_seeds=k, **control,
                 diff_final_pts=spread(p["diff_final_pts"] for p in per_seed),
                 diff_best_pts=spread(p["diff_best_pts"] for p in per_seed),
                 mean_exact_final_acc=total("exact", "final_test_acc") / k,
@@ -274,6 +307,18 @@ def format_table(result):
     rows.append(("min / max", "", "", f"{pts(df['min'])} / {pts(df['max'])}", "", "",
                  f"{pts(db['min'])} / {pts(db['max'])}", "", "", "", *("" for _ in layers), ""))
     lines = head + [""] + align_rows(rows)
+    if "control_diff_pts" in agg:
+        crows = [("seed", "control final", "control - exact", "reuse - control", "run")]
+        for p in per_seed:
+            crows.append((str(p["seed"]), pct(p["control"]["final_test_acc"]), pts(p["control_diff_pts"]) + " pts",
+                          pts(p["reuse_vs_control_pts"]) + " pts", p["control_run"]["source"]))
+        cd, rc = agg["control_diff_pts"], agg["reuse_vs_control_pts"]
+        crows.append(("mean +- std", pct(agg["mean_control_final_acc"]), f"{pts(cd['mean'])} +- {cd['std']:.2f}",
+                      f"{pts(rc['mean'])} +- {rc['std']:.2f}", ""))
+        crows.append(("min / max", "", f"{pts(cd['min'])} / {pts(cd['max'])}",
+                      f"{pts(rc['min'])} / {pts(rc['max'])}", ""))
+        lines += ["", "control (exact gradients through the reuse code: the noise floor of a difference):"]
+        lines += align_rows(crows)
     stage_rows = []
     with_cos = any(s["mean_dw_cos"] is not None for p in per_seed for st in p["stages"].values() for s in st)
     for p in per_seed:
@@ -315,11 +360,11 @@ def _count_test_images(cfg):
     return min(n, cfg["limit_test"]) if cfg.get("limit_test") else n
 
 
-def run(cfg, seeds, exact_from=None, quiet=False, data=None):
+def run(cfg, seeds, exact_from=None, quiet=False, data=None, control=False):
     """The protocol for a train config (its "reuse" the strategy, "out" the parity
     directory; any "seed" is replaced by each of ``seeds``). Returns the parity.json dict
     (its "table" the printed report). Every run directory is checked before anything is
-    trained."""
+    trained. control: also train each seed's control run (module docstring)."""
     seeds = parse_seeds(",".join(str(s) for s in seeds)) if not isinstance(seeds, str) else parse_seeds(seeds)
     base = {**Trainer.DEFAULTS, **{k: v for k, v in cfg.items() if k != "seed"}}
     strategy = base["reuse"]
@@ -344,12 +389,17 @@ def run(cfg, seeds, exact_from=None, quiet=False, data=None):
         else:
             est = inspect_run(ecfg["out"], ecfg)
             esrc = None
-        plan.append((s, [(ecfg, est, esrc), (rcfg, inspect_run(rcfg["out"], rcfg), None)]))
+        runs = [(ecfg, est, esrc), (rcfg, inspect_run(rcfg["out"], rcfg), None)]
+        if control:
+            ccfg = dict(base, seed=s, reuse="fixed", reuse_layers=control_layers(rcfg["reuse_layers"]),
+                        reuse_options=None, out=os.path.join(out, f"seed{s}", "control"))
+            runs.append((ccfg, inspect_run(ccfg["out"], ccfg), None))
+        plan.append((s, runs))
 
     per_seed = []
     for s, runs in plan:
         got = []
-        for (c, st, src), kind in zip(runs, ("exact", "reuse")):
+        for (c, st, src), kind in zip(runs, ("exact", "reuse", "control")):
             if st.state == "complete":
                 src = src or "reused"
                 _log(f"seed {s} {kind}: using the complete run in {st.path}")
@@ -369,11 +419,11 @@ def run(cfg, seeds, exact_from=None, quiet=False, data=None):
                 if trainer.start_epoch >= c["epochs"]:
                     trainer.write_history()  # the checkpoint was ahead of history.json
             got.append((history, dict(dir=os.path.abspath(st.path), source=src)))
-        (eh, erun), (rh, rrun) = got
-        per_seed.append(seed_entry(s, eh, rh, erun, rrun))
+        (eh, erun), (rh, rrun), *controls = got
+        per_seed.append(seed_entry(s, eh, rh, erun, rrun, *(controls[0] if controls else ())))
 
     n_test = len(data[2]) if data is not None else _count_test_images(base)
-    result = dict(strategy=strategy, seeds=seeds, epochs=base["epochs"], test_images=n_test,
+    result = dict(strategy=strategy, seeds=seeds, epochs=base["epochs"], test_images=n_test, control=control,
                   train_images=len(data[0]) if data is not None else None, limit_test=base["limit_test"],
                   exact_from=os.path.abspath(exact_from) if exact_from else None,
                   settings={k: v for k, v in base.items() if k not in ("out", "seed")},
@@ -383,5 +433,5 @@ def run(cfg, seeds, exact_from=None, quiet=False, data=None):
     return result
 
 
-__all__ = ["run", "parse_seeds", "settings_differences", "inspect_run", "stage_label", "reuse_stages",
+__all__ = ["run", "parse_seeds", "settings_differences", "inspect_run", "stage_label", "reuse_stages", "control_layers",
            "spread", "seed_entry", "aggregate", "format_table", "ParityError", "RESULT"]

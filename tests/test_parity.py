@@ -292,3 +292,39 @@ def test_aggregate_from_per_seed_numbers():
     assert agg["train_seconds"]["ratio"] == pytest.approx(33.0 / 24.0)
     assert agg["layers"]["conv2"]["ratio"] == pytest.approx(12.0 / 5.0)
     assert parity.spread([1.5])["std"] == 0.0
+
+
+def test_control_layers_keep_the_hashing_and_take_the_exact_gradients():
+    got = parity.control_layers({"conv2": [{"L": 64, "H": 32, "dx_mode": "cluster", "forward": "reuse"},
+                                           {"L": 32, "H": 8}],
+                                 "fc3": {"L": 16, "H": 12, "family": "pca", "enabled": False}})
+    assert got == {"conv2": [{"L": 64, "H": 32, "dx_mode": "exact", "forward": "exact", "dw_sample": 1.0,
+                              "enabled": True}],
+                   "fc3": [{"L": 16, "H": 12, "family": "pca", "dx_mode": "exact", "forward": "exact",
+                            "dw_sample": 1.0, "enabled": True}]}
+
+
+def test_control_runs_beside_the_pairs_and_report_the_noise_floor(first_run, fixture_dir):
+    out, _ = first_run
+    out2 = fixture_dir / "par_control"
+    r = parity_cli(fixture_dir, out2, "--control", "--exact-from", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "control (exact gradients through the reuse code" in r.stdout
+    saved = json.load(open(out2 / "parity.json"))
+    assert saved["control"] is True
+    for p in saved["per_seed"]:
+        d = out2 / f"seed{p['seed']}" / "control"
+        settings = json.load(open(d / "history.json"))["settings"]
+        assert settings["reuse"] == "fixed" and settings["reuse_layers"] == {
+            "conv2": [{"L": 16, "H": 8, "forward": "exact", "dx_mode": "exact", "dw_sample": 1.0, "enabled": True}]}
+        assert p["control_run"] == dict(dir=str(d), source="trained")
+        e, re_, co = p["exact"], p["reuse"], p["control"]
+        assert p["control_diff_pts"] == pytest.approx(100 * (co["final_test_acc"] - e["final_test_acc"]))
+        assert p["reuse_vs_control_pts"] == pytest.approx(100 * (re_["final_test_acc"] - co["final_test_acc"]))
+        # the control computes what exact computes, up to rounding: the same test accuracy on this fixture
+        assert abs(co["final_test_acc"] - e["final_test_acc"]) <= 1 / 16 + 1e-9
+    vals = [p["control_diff_pts"] for p in saved["per_seed"]]
+    assert saved["aggregate"]["control_diff_pts"]["mean"] == pytest.approx(statistics.mean(vals))
+    r = parity_cli(fixture_dir, out2, "--control", "--exact-from", str(out))     # complete: nothing retrained
+    assert r.returncode == 0 and r.stderr.count("using the complete run") == 6
+    assert "control - exact" in r.stdout
