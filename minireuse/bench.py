@@ -6,11 +6,12 @@
 
 Inputs are real CIFAR-10 images (a deterministic random fixture, said so in the
 output, when the data cannot be loaded) passed through the preceding layers of a
-randomly initialised CifarNet (or of a trained one, --weights RUN/model.npz): conv1 sees the normalised images, conv2 the
-output of conv1 + ReLU + pool + LRN, fc3 that of conv2 + ReLU + LRN + pool,
-flattened. Each mode is timed as forward then backward of the same layer object,
-alternating with the exact layer (medians after warm-up; CUDA events on the
-GPU); a mode's speed-ups are ratios against those paired exact runs.
+randomly initialised CifarNet, or of a trained one (--weights RUN/model.npz):
+conv1 sees the normalised images, conv2 the output of conv1 + ReLU + pool + LRN,
+fc3 that of conv2 + ReLU + LRN + pool, flattened. Each mode is timed as forward
+then backward of the same layer object, alternating with the exact layer (medians
+after warm-up; CUDA events on the GPU); a mode's speed-ups are ratios against
+those paired exact runs.
 rel_error = ||y - y_exact|| / ||y_exact|| (0 with --forward exact, which times
 reuse in the backward only).
 """

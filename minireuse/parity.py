@@ -230,6 +230,7 @@ def seed_entry(seed, exact_history, reuse_history, exact_run, reuse_run, control
 
 
 def control_entry(ex, re_, co, control_run):
+    """A seed's control numbers: the control run's summary and its differences (points)."""
     return dict(control=co, control_run=control_run,
                 control_diff_pts=100 * (co["final_test_acc"] - ex["final_test_acc"]),
                 reuse_vs_control_pts=100 * (re_["final_test_acc"] - co["final_test_acc"]))
@@ -310,8 +311,9 @@ def format_table(result):
     if "control_diff_pts" in agg:
         crows = [("seed", "control final", "control - exact", "reuse - control", "run")]
         for p in per_seed:
-            crows.append((str(p["seed"]), pct(p["control"]["final_test_acc"]), pts(p["control_diff_pts"]) + " pts",
-                          pts(p["reuse_vs_control_pts"]) + " pts", p["control_run"]["source"]))
+            crows.append((str(p["seed"]), pct(p["control"]["final_test_acc"]),
+                          pts(p["control_diff_pts"]) + " pts", pts(p["reuse_vs_control_pts"]) + " pts",
+                          p["control_run"]["source"]))
         cd, rc = agg["control_diff_pts"], agg["reuse_vs_control_pts"]
         crows.append(("mean +- std", pct(agg["mean_control_final_acc"]), f"{pts(cd['mean'])} +- {cd['std']:.2f}",
                       f"{pts(rc['mean'])} +- {rc['std']:.2f}", ""))
@@ -423,8 +425,9 @@ def run(cfg, seeds, exact_from=None, quiet=False, data=None, control=False):
         per_seed.append(seed_entry(s, eh, rh, erun, rrun, *(controls[0] if controls else ())))
 
     n_test = len(data[2]) if data is not None else _count_test_images(base)
-    result = dict(strategy=strategy, seeds=seeds, epochs=base["epochs"], test_images=n_test, control=control,
-                  train_images=len(data[0]) if data is not None else None, limit_test=base["limit_test"],
+    result = dict(strategy=strategy, seeds=seeds, epochs=base["epochs"], test_images=n_test,
+                  control=control, train_images=len(data[0]) if data is not None else None,
+                  limit_test=base["limit_test"],
                   exact_from=os.path.abspath(exact_from) if exact_from else None,
                   settings={k: v for k, v in base.items() if k not in ("out", "seed")},
                   per_seed=per_seed, aggregate=aggregate(per_seed))
@@ -433,5 +436,5 @@ def run(cfg, seeds, exact_from=None, quiet=False, data=None, control=False):
     return result
 
 
-__all__ = ["run", "parse_seeds", "settings_differences", "inspect_run", "stage_label", "reuse_stages", "control_layers",
-           "spread", "seed_entry", "aggregate", "format_table", "ParityError", "RESULT"]
+__all__ = ["run", "parse_seeds", "settings_differences", "inspect_run", "stage_label", "reuse_stages",
+           "control_layers", "spread", "seed_entry", "aggregate", "format_table", "ParityError", "RESULT"]

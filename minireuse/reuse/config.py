@@ -34,7 +34,7 @@ class ReuseConfig:
     L: sub-vector (group) length; H: hash bits per group (1..64; codes are uint32
     up to 32 bits, uint64 beyond);
     family: 'offset' (planes with offsets at the scale of the input), 'origin'
-    (random hyperplanes through the origin, the published family) or 'centred'
+    (random hyperplanes through the origin, the published family), 'centred'
     (thresholds at the mean of each projection plus its unit offset times its std,
     over the vectors hashed in the call) or 'pca' (no random planes: cuts along the
     principal axes of the vectors hashed in the call, more along the axes they
