@@ -215,7 +215,7 @@ def pixel_conv_forward(x, W, b, stride, pads, config, state, train=True):
     xp = backend.get_array_module(x, W, b)
     L = config.L
     pixels = pixel_vectors(x, pads, L)
-    real_pixels = x.reshape(-1, pixels.shape[1], L)    # 'centred' statistics skip the padding
+    real_pixels = x.reshape(-1, pixels.shape[1], L)    # 'centred' statistics and the 'pca' fit skip the padding
     codes = hash_groups(pixels, config, state, x, stats_source=real_pixels)
     pixel_ids, n_clusters = assign_clusters(codes, config.H)
     y, cache = pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L, config.dx_mode,

@@ -69,13 +69,13 @@ def hash_groups(Xg, config, state, scale_source, stats_source=None):
     """
     xp = backend.get_array_module(Xg)
     n, g, L = Xg.shape
+    fitted_to = Xg if stats_source is None else stats_source
     if config.family == "pca":
-        planes, b = lsh.pca_params(Xg if stats_source is None else stats_source, config.H, config.shared_planes)
-        return lsh.hash_codes(Xg, planes, b)
+        return lsh.hash_codes(Xg, *lsh.pca_params(fitted_to, config.H, config.shared_planes))
     planes, unit_offsets = state.hash_params(L, config.H, g, config.family, config.seed,
                                              config.shared_planes, xp, Xg.dtype)
     if config.family == "centred":
-        mean, std = lsh.projection_stats(Xg if stats_source is None else stats_source, planes)
+        mean, std = lsh.projection_stats(fitted_to, planes)
         b = lsh.centred_offsets(unit_offsets, mean, std)
     else:
         b = lsh.offsets(unit_offsets, config.family, lsh.input_scale(scale_source))

@@ -28,10 +28,10 @@ from .. import conv as reference
 from .. import matmul as reference_matmul
 from ..matmul import DwCorrection
 from .clustering import cluster, dx_cluster_rows
-from .lsh import Rows, centred_thresholds, pca_hash_params
+from .lsh import Rows, family_hash_params
 from .matmul import batched_gemm, cluster_D, matmul_backward_params, matmul_forward, record, take
 from .runtime import (ROW_BLOCK, Arena, as_f32, check, check_index_range, cuda_state, device, grid_1d, i32,
-                      launch, padded_hash_params, row_grid)
+                      launch, row_grid)
 
 
 @dataclasses.dataclass
@@ -188,12 +188,8 @@ def _pixel_forward(x, W, b, geo, config, state, train):
     Q = geo.C // L
     T = geo.kh * geo.kw
     rows = Rows.pixels(x, geo.pads)
-    if config.family == "pca":            # fitted to the real pixels, as 'centred' below
-        planes, offsets = pca_hash_params(x.reshape(-1, Q, L), H, config.shared_planes)
-    else:
-        planes, offsets = padded_hash_params(state, config, Q)
-    if config.family == "centred":        # statistics of the real pixels (the padding would pull them to 0)
-        offsets = centred_thresholds(x.reshape(-1, Q, L), planes, offsets)
+    # 'centred' statistics and the 'pca' fit over the real pixels (the padding would pull them to 0)
+    planes, offsets = family_hash_params(state, config, Q, lambda: x.reshape(-1, Q, L))
     tracker = cuda_state(state).tracker(("pixels", rows.rows, Q, L, H), rows.rows, H, batch=geo.B, train=train)
 
     def extra(cap):

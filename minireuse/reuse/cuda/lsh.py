@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import lsh as reference
 from .runtime import (MAX_GRID_Y, RMS_BLOCKS, SMEM_LIMIT, Arena, STAT_COUNT, check, device, i32, launch,
-                      pad_hash_params, PROBE_LIMIT)
+                      pad_hash_params, padded_hash_params, PROBE_LIMIT)
 from ... import runtime as kernel_runtime
 
 
@@ -90,6 +90,19 @@ def pca_hash_params(vectors, H, shared):
     arrays, zero-padded to the compiled width (the kernels mask the padding bits off)."""
     planes, thresholds = reference.pca_params(vectors, H, shared)
     return pad_hash_params(planes.astype(np.float32, copy=False), thresholds.astype(np.float32, copy=False))
+
+
+def family_hash_params(state, config, G, vectors):
+    """Planes (Gp, L, HB) and offsets (Gp, HB) for the hash kernels under config's family:
+    the drawn parameters, padded ('offset', 'origin': unit offsets the kernels scale), with the
+    'centred' thresholds computed from, or the 'pca' planes and thresholds fitted to, the
+    vectors (n, G, L) that ``vectors()`` gives (called only for those two families)."""
+    if config.family == "pca":
+        return pca_hash_params(vectors(), config.H, config.shared_planes)
+    planes, offsets = padded_hash_params(state, config, G)
+    if config.family == "centred":
+        offsets = centred_thresholds(vectors(), planes, offsets)
+    return planes, offsets
 
 
 def input_scale(x):

@@ -28,9 +28,8 @@ from .. import lsh as reference_lsh
 from .. import matmul as reference
 from ..matmul import DwCorrection
 from .clustering import cluster, dx_cluster_rows, launch_cluster_sums_rows, reconstruct_rows
-from .lsh import Rows, centred_thresholds, pca_hash_params
-from .runtime import (STAT_OVERFLOW, Arena, as_f32, check, check_index_range, cuda_state, device,
-                      padded_hash_params)
+from .lsh import Rows, family_hash_params
+from .runtime import STAT_OVERFLOW, Arena, as_f32, check, check_index_range, cuda_state, device
 
 
 def batched_gemm(a, b, out=None, trans_a=False, trans_b=False, beta=0.0):
@@ -104,12 +103,7 @@ def matmul_forward(X, W, b, config, state, train, scale_source, batch):
     M = W.shape[1]
     L, H = config.L, config.H
     G = -(-K // L)
-    if config.family == "pca":
-        planes, offsets = pca_hash_params(reference_lsh.split_groups(X, L), H, config.shared_planes)
-    else:
-        planes, offsets = padded_hash_params(state, config, G)
-    if config.family == "centred":
-        offsets = centred_thresholds(reference_lsh.split_groups(X, L), planes, offsets)
+    planes, offsets = family_hash_params(state, config, G, lambda: reference_lsh.split_groups(X, L))
     tracker = cuda_state(state).tracker(("rows", N, G, L, H), N, H, batch=batch, train=train)
 
     def extra(cap):
