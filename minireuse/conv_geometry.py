@@ -3,11 +3,14 @@
 Below both the layers (layers/conv.py, layers/pool.py) and deep reuse (reuse/),
 which share it. Columns are ordered (dy, dx, c), so with weights (kh, kw, c_in,
 c_out) the conv is cols @ W.reshape(K, M) with no copy of W. On CuPy arrays,
-col2im is one fused gather kernel (step_kernels.col2im); the array code is its twin.
+col2im is one fused gather kernel (step_kernels.col2im); on NumPy arrays the CPU
+fast path (cpu/conv.py) pads, copies and adds on every core. The array code below
+is their twin.
 """
 import numpy as np
 
-from . import backend, step_kernels
+from . import backend, cpu, step_kernels
+from .cpu import conv as cpu_conv
 
 
 def conv_padding(padding, size, k, stride):
@@ -33,6 +36,8 @@ def conv_padding(padding, size, k, stride):
 
 def pad_nhwc(x, pads):
     """Zero-pad the two spatial axes of an NHWC array by (top, bottom, left, right)."""
+    if cpu.supports(x):
+        return cpu_conv.pad(x, pads)
     xp = backend.get_array_module(x)
     top, bottom, left, right = pads
     if not any(pads):
@@ -47,6 +52,8 @@ def im2col(x, kh, kw, stride, pads):
     steps one pixel, axis (out_y, out_x) steps ``stride`` pixels; the reshape
     to a matrix makes the one copy.
     """
+    if cpu.supports(x):
+        return cpu_conv.im2col(x, kh, kw, stride, pads)
     xp = backend.get_array_module(x)
     b, h, w, c = x.shape
     xpad = xp.ascontiguousarray(pad_nhwc(x, pads))
@@ -62,6 +69,8 @@ def col2im(cols, x_shape, kh, kw, stride, pads):
     """Adjoint of im2col: scatter-add the columns back into a (B, H, W, C) array."""
     if step_kernels.supports(cols):          # CuPy: one gather kernel instead of kh*kw launches
         return step_kernels.col2im(cols, x_shape, kh, kw, stride, pads)
+    if cpu.supports(cols):
+        return cpu_conv.col2im(cols, x_shape, kh, kw, stride, pads)
     xp = backend.get_array_module(cols)
     b, h, w, c = x_shape
     hp, wp = h + pads[0] + pads[1], w + pads[2] + pads[3]

@@ -7,8 +7,9 @@ product of ``minireuse.reuse`` (same layer, same parameters).
 """
 import numpy as np
 
-from .. import backend
+from .. import backend, cpu
 from .. import reuse as deep_reuse
+from ..cpu import conv as cpu_conv
 from ..conv_geometry import col2im, conv_padding, im2col, pad_nhwc  # noqa: F401 (the layer API names them)
 from .base import ReusableLayer, default_dtype
 from .init import resolve
@@ -81,12 +82,18 @@ class Conv2D(ReusableLayer):
             dx, dW, db = deep_reuse.conv2d_backward(dy, cache)
         else:
             cols, x_shape, pads = cache
+            self._cache = cache = None      # the columns can go once dW has them
+            W = self.params["W"]
             dy2 = dy.reshape(-1, self.c_out)
-            W2 = self.params["W"].reshape(-1, self.c_out)
-            dW = (cols.T @ dy2).reshape(self.params["W"].shape)
+            dW = (cols.T @ dy2).reshape(W.shape)
             db = dy2.sum(axis=0)
-            dx = (col2im(dy2 @ W2.T, x_shape, self.kh, self.kw, self.stride, pads)
-                  if self.needs_input_grad else None)
+            del cols
+            if not self.needs_input_grad:
+                dx = None
+            elif cpu.supports(dy, W):       # the CPU fast path: dX as a conv of dY, no col2im
+                dx = cpu_conv.input_grad(dy, W, x_shape, self.stride, pads)
+            else:
+                dx = col2im(dy2 @ W.reshape(-1, self.c_out).T, x_shape, self.kh, self.kw, self.stride, pads)
         self.grads["W"] = dW
         if "b" in self.params:
             self.grads["b"] = db

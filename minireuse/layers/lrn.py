@@ -6,9 +6,11 @@
 (tf.nn.local_response_normalization; alpha is NOT divided by the window size.)
 
 On CuPy arrays, forward and backward are one fused kernel each (minireuse.step_kernels,
-looping over the 2r+1 window per element); the array code below is their twin.
+looping over the 2r+1 window per element); on NumPy arrays the CPU fast path
+(minireuse.cpu.ops) runs them on every core. The array code below is their twin.
 """
-from .. import backend, step_kernels
+from .. import backend, cpu, step_kernels
+from ..cpu import ops as cpu_ops
 from .base import Layer
 
 
@@ -34,26 +36,33 @@ class LocalResponseNorm(Layer):
         self.r, self.bias, self.alpha, self.beta = int(depth_radius), float(bias), float(alpha), float(beta)
 
     def forward(self, x, train=True):
-        if step_kernels.supports(x):
-            y, scale, d = step_kernels.lrn_forward(x, self.r, self.bias, self.alpha, self.beta)
-            if train:
-                self._cache = (x, d, scale)
-            return y
-        d = self.bias + self.alpha * window_sum(x * x, self.r)
-        scale = d ** -self.beta
+        fast = _fast_ops(x)
+        if fast is not None:
+            y, scale, d = fast.lrn_forward(x, self.r, self.bias, self.alpha, self.beta)
+        else:
+            d = self.bias + self.alpha * window_sum(x * x, self.r)
+            scale = d ** -self.beta
+            y = x * scale
         if train:
             self._cache = (x, d, scale)
-        return x * scale
+        return y
 
     def backward(self, dy):
         # y_d = x_d * D_d^-b with D_j = bias + alpha * sum_{i in win(j)} x_i^2, so
         # dx_i = dy_i * D_i^-b - 2 alpha b x_i * sum_{j in win(i)} dy_j x_j D_j^(-b-1)
         # (the window is symmetric: i in win(j) <=> j in win(i)).
         x, d, scale = self._cache
-        if step_kernels.supports(dy, x):
-            self._cache = None
-            return step_kernels.lrn_backward(dy, x, scale, d, self.r, self.alpha, self.beta)
-        t = dy * x * scale / d
-        dx = dy * scale - (2.0 * self.alpha * self.beta) * x * window_sum(t, self.r)
         self._cache = None
-        return dx
+        fast = _fast_ops(dy, x)
+        if fast is not None:
+            return fast.lrn_backward(dy, x, scale, d, self.r, self.alpha, self.beta)
+        t = dy * x * scale / d
+        return dy * scale - (2.0 * self.alpha * self.beta) * x * window_sum(t, self.r)
+
+
+def _fast_ops(*arrays):
+    """The module whose lrn_forward/lrn_backward run these arrays: the GPU's fused kernels,
+    the CPU fast path, or None for the array code."""
+    if step_kernels.supports(*arrays):
+        return step_kernels
+    return cpu_ops if cpu.supports(*arrays) else None

@@ -3,9 +3,12 @@
 On CuPy arrays with windows that do not overlap (stride >= pool size, CifarNet's
 2x2/2), forward and backward are one fused kernel each (minireuse.step_kernels): the
 forward keeps the position of each window's first maximum (one byte per output)
-and the backward is a gather from it. The array code below is their twin.
+and the backward is a gather from it. On NumPy arrays with windows that tile the
+input (CifarNet's 2x2/2), the CPU fast path (minireuse.cpu.ops) does the same on
+every core. The array code below is their twin.
 """
-from .. import backend, step_kernels
+from .. import backend, cpu, step_kernels
+from ..cpu import ops as cpu_ops
 from .base import Layer
 from ..conv_geometry import conv_padding
 
@@ -51,6 +54,11 @@ class MaxPool2D(Layer):
             if train:
                 self._cache = ("fused", arg, x.shape, pads)
             return y
+        if cpu.supports(x) and cpu_ops.tiles_input(x.shape, self.k, self.stride, pads):
+            y, arg = cpu_ops.maxpool_forward(x, self.k)
+            if train:
+                self._cache = ("cpu", arg, x.shape)
+            return y
         t, b, l, r = pads
         xpad = xp.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), constant_values=-xp.inf) if any(pads) else x
         y = self._window(xpad, 0, 0, oh, ow)
@@ -69,6 +77,9 @@ class MaxPool2D(Layer):
         if kind == "fused":
             arg, x_shape, pads = cache
             return step_kernels.maxpool_backward(dy, arg, x_shape, self.k, self.stride, pads)
+        if kind == "cpu":
+            arg, x_shape = cache
+            return cpu_ops.maxpool_backward(dy, arg, x_shape, self.k)
         xp = backend.get_array_module(dy)
         xpad, y, (n, h, w, c), (t, b, l, r) = cache
         oh, ow = dy.shape[1:3]

@@ -1,12 +1,14 @@
 """Parameter-free layers: ReLU, Flatten, Dropout.
 
 On CuPy arrays, ReLU's backward and Dropout's forward are one fused kernel each
-(minireuse.step_kernels); the array code below is their twin and runs on NumPy (Dropout's
-GPU masks come from a counter-based generator instead of NumPy's, see Dropout).
+(minireuse.step_kernels); on NumPy arrays ReLU runs on every core (minireuse.cpu.ops).
+The array code below is their twin (Dropout's GPU masks come from a counter-based
+generator instead of NumPy's, see Dropout).
 """
 import numpy as np
 
-from .. import backend, step_kernels
+from .. import backend, cpu, step_kernels
+from ..cpu import ops as cpu_ops
 from .base import Layer
 
 _MASK64 = (1 << 64) - 1
@@ -29,16 +31,18 @@ def call_key(seed, call):
 
 class ReLU(Layer):
     def forward(self, x, train=True):
-        xp = backend.get_array_module(x)
-        y = xp.maximum(x, 0)
+        y = cpu_ops.relu_forward(x) if cpu.supports(x) else backend.get_array_module(x).maximum(x, 0)
         if train:
             self._y = y
         return y
 
     def backward(self, dy):
-        dx = step_kernels.relu_backward(dy, self._y) if step_kernels.supports(dy, self._y) else dy * (self._y > 0)
-        self._y = None
-        return dx
+        y, self._y = self._y, None
+        if step_kernels.supports(dy, y):
+            return step_kernels.relu_backward(dy, y)
+        if cpu.supports(dy, y):
+            return cpu_ops.relu_backward(dy, y)
+        return dy * (y > 0)
 
 
 class Flatten(Layer):

@@ -1,0 +1,118 @@
+"""Fast CPU twins of conv_geometry's padding, im2col and col2im, and a conv's input gradient.
+
+Same results as the array code (im2col and padding bit for bit: they are copies),
+with the work split over shards of images on every core:
+
+- im2col pads a few images at a time into a small buffer of the shard (cache
+  sized) and copies their windows straight into the columns: no padded copy of
+  the whole batch;
+- col2im adds the kh*kw window offsets into a few padded images at a time, which
+  stay in cache over the kh*kw strided adds (the array code makes each add a pass
+  over the whole padded batch);
+- the input gradient of a stride-1 conv, col2im(dY @ W^T), is the convolution of dY,
+  padded by (k - 1 - pad) on each side, with the kernel flipped in both spatial
+  axes and its channel axes swapped:
+
+      dx[u, v] = sum over i, j of dYpad[u + i, v + j] @ W[kh-1-i, kw-1-j]^T
+
+  so it is im2col and one GEMM of the forward's shape (K = kh*kw*c_out rows):
+  no (N, K) product written out and read back by col2im.
+"""
+import numpy as np
+
+from . import parallel
+
+# images padded and copied together inside a shard: a few fit in a core's cache
+IMAGES_PER_CHUNK = 4
+
+
+def _geometry(x_shape, kh, kw, stride, pads):
+    b, h, w, c = x_shape
+    hp, wp = h + pads[0] + pads[1], w + pads[2] + pads[3]
+    return b, h, w, c, hp, wp, (hp - kh) // stride + 1, (wp - kw) // stride + 1
+
+
+def pad(x, pads):
+    """Zero-pad the spatial axes of an NHWC array by (top, bottom, left, right)."""
+    if not any(pads):
+        return x
+    top, bottom, left, right = pads
+    b, h, w, c = x.shape
+    out = np.empty((b, h + top + bottom, w + left + right, c), dtype=x.dtype)
+
+    def shard(lo, hi):
+        o = out[lo:hi]
+        o[:, :top] = 0
+        o[:, top + h:] = 0
+        o[:, top:top + h, :left] = 0
+        o[:, top:top + h, left + w:] = 0
+        o[:, top:top + h, left:left + w] = x[lo:hi]
+
+    parallel(shard, b, out[0].size)
+    return out
+
+
+def im2col(x, kh, kw, stride, pads):
+    """(B, H, W, C) -> (B*OH*OW, kh*kw*C), columns ordered (dy, dx, c): conv_geometry.im2col."""
+    b, h, w, c, hp, wp, oh, ow = _geometry(x.shape, kh, kw, stride, pads)
+    top, _, left, _ = pads
+    cols = np.empty((b, oh, ow, kh, kw, c), dtype=x.dtype)
+
+    def shard(lo, hi):
+        buf = np.zeros((min(IMAGES_PER_CHUNK, hi - lo), hp, wp, c), dtype=x.dtype)  # borders stay 0
+        for i0 in range(lo, hi, IMAGES_PER_CHUNK):
+            n = min(IMAGES_PER_CHUNK, hi - i0)
+            xpad = buf[:n]
+            xpad[:, top:top + h, left:left + w] = x[i0:i0 + n]
+            sb, sh, sw, sc = xpad.strides
+            windows = np.lib.stride_tricks.as_strided(
+                xpad, shape=(n, oh, ow, kh, kw, c), strides=(sb, stride * sh, stride * sw, sh, sw, sc))
+            cols[i0:i0 + n] = windows
+
+    parallel(shard, b, cols[0].size)
+    return cols.reshape(b * oh * ow, kh * kw * c), (oh, ow)
+
+
+def col2im(cols, x_shape, kh, kw, stride, pads):
+    """Adjoint of im2col: conv_geometry.col2im (the same sums, in the same order per element)."""
+    b, h, w, c, hp, wp, oh, ow = _geometry(x_shape, kh, kw, stride, pads)
+    top, _, left, _ = pads
+    cols = cols.reshape(b, oh, ow, kh, kw, c)
+    dx = np.empty(x_shape, dtype=cols.dtype)
+
+    def shard(lo, hi):
+        buf = np.empty((min(IMAGES_PER_CHUNK, hi - lo), hp, wp, c), dtype=cols.dtype)
+        for i0 in range(lo, hi, IMAGES_PER_CHUNK):
+            n = min(IMAGES_PER_CHUNK, hi - i0)
+            dxpad = buf[:n]
+            dxpad[...] = 0
+            for i in range(kh):
+                for j in range(kw):
+                    dxpad[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :] += cols[i0:i0 + n, :, :, i, j, :]
+            dx[i0:i0 + n] = dxpad[:, top:top + h, left:left + w, :]
+
+    parallel(shard, b, cols[0].size)
+    return dx
+
+
+def flipped_pads(x_shape, kh, kw, stride, pads):
+    """The padding of dY whose stride-1 convolution with the flipped kernel is the conv's dX,
+    or None when there is none (stride > 1, or a pad of k or more)."""
+    _, h, w, _, hp, wp, oh, ow = _geometry(x_shape, kh, kw, stride, pads)
+    if stride != 1:
+        return None
+    top, _, left, _ = pads
+    dpads = (kh - 1 - top, h + top - oh, kw - 1 - left, w + left - ow)
+    return dpads if min(dpads) >= 0 else None
+
+
+def input_grad(dy, W, x_shape, stride, pads):
+    """dX of a conv (B, OH, OW, M) -> (B, H, W, C): col2im(dY @ W^T), as a convolution of dY
+    with the flipped kernel where flipped_pads allows, else col2im of the product."""
+    kh, kw, c, m = W.shape
+    dpads = flipped_pads(x_shape, kh, kw, stride, pads)
+    if dpads is None:
+        return col2im(dy.reshape(-1, m) @ W.reshape(-1, m).T, x_shape, kh, kw, stride, pads)
+    cols, _ = im2col(dy, kh, kw, 1, dpads)
+    flipped = np.ascontiguousarray(W[::-1, ::-1].transpose(0, 1, 3, 2)).reshape(kh * kw * m, c)
+    return (cols @ flipped).reshape(x_shape)

@@ -1,0 +1,205 @@
+"""The CPU fast path (minireuse.cpu) against the layers' array code, on asymmetric random data.
+
+Every case runs the same layer twice, once with the fast path switched off (the
+array code: the oracle) and once with it on, and at one and two threads.
+"""
+import numpy as np
+import pytest
+
+from minireuse import cpu
+from minireuse.conv_geometry import col2im, im2col, pad_nhwc
+from minireuse.cpu import conv as cpu_conv
+from minireuse.cpu import ops as cpu_ops
+from minireuse.layers import Conv2D, LocalResponseNorm, MaxPool2D, ReLU
+from minireuse.losses import SoftmaxCrossEntropy
+from minireuse.models.sequential import Sequential
+from minireuse.layers import Dense, Flatten
+from minireuse.optim import SGD
+
+from gradcheck import check_layer_backward
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    before = cpu.threads()
+    cpu.set_threads(request.param)
+    yield request.param
+    cpu.set_threads(before)
+
+
+def both_paths(fn):
+    """(fn() on the array code, fn() on the fast path)."""
+    with cpu.fast_path(False):
+        ref = fn()
+    with cpu.fast_path(True):
+        fast = fn()
+    return ref, fast
+
+
+GEOMETRIES = [  # (batch, h, w, c, kh, kw, stride, pads)
+    (5, 7, 6, 3, 3, 2, 1, (1, 1, 0, 1)),
+    (9, 8, 8, 4, 5, 5, 1, (2, 2, 2, 2)),
+    (3, 9, 7, 2, 3, 3, 2, (1, 2, 0, 1)),
+    (1, 6, 5, 3, 4, 3, 1, (0, 0, 0, 0)),
+    (6, 10, 10, 2, 5, 5, 3, (2, 3, 1, 0)),
+]
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pad_im2col_col2im_are_the_array_code_bit_for_bit(threads, rng, geo, dtype):
+    b, h, w, c, kh, kw, stride, pads = geo
+    x = rng.standard_normal((b, h, w, c)).astype(dtype)
+    (ref_pad, ref_cols), (fast_pad, fast_cols) = both_paths(
+        lambda: (pad_nhwc(x, pads), im2col(x, kh, kw, stride, pads)))
+    np.testing.assert_array_equal(fast_pad, ref_pad)
+    assert fast_cols[1] == ref_cols[1]
+    np.testing.assert_array_equal(fast_cols[0], ref_cols[0])
+    dcols = rng.standard_normal(ref_cols[0].shape).astype(dtype)
+    ref_dx, fast_dx = both_paths(lambda: col2im(dcols, x.shape, kh, kw, stride, pads))
+    np.testing.assert_array_equal(fast_dx, ref_dx)
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES)
+def test_conv_input_grad_equals_col2im_of_the_product(threads, rng, geo):
+    b, h, w, c, kh, kw, stride, pads = geo
+    m = 3
+    W = rng.standard_normal((kh, kw, c, m))
+    with cpu.fast_path(False):
+        _, (oh, ow) = im2col(np.zeros((b, h, w, c)), kh, kw, stride, pads)
+        dy = rng.standard_normal((b, oh, ow, m))
+        expected = col2im(dy.reshape(-1, m) @ W.reshape(-1, m).T, (b, h, w, c), kh, kw, stride, pads)
+    flipped = cpu_conv.flipped_pads((b, h, w, c), kh, kw, stride, pads)
+    assert (flipped is None) == (stride != 1)
+    np.testing.assert_allclose(cpu_conv.input_grad(dy, W, (b, h, w, c), stride, pads), expected,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_a_pad_of_the_kernel_size_or_more_takes_col2im():
+    assert cpu_conv.flipped_pads((1, 6, 6, 1), 3, 3, 1, (3, 0, 0, 0)) is None
+    assert cpu_conv.flipped_pads((1, 6, 6, 1), 3, 3, 1, (2, 2, 2, 2)) == (0, 0, 0, 0)
+
+
+def conv_step(layer, x, dy):
+    y = layer.forward(x, True)
+    dx = layer.backward(dy)
+    return y, dx, {k: v.copy() for k, v in layer.grads.items()}
+
+
+@pytest.mark.parametrize("stride,padding", [(1, "same"), (2, "same"), (1, "valid"), (1, 1)])
+@pytest.mark.parametrize("first", [False, True])
+def test_conv2d_layer_matches_the_array_code(threads, rng, stride, padding, first):
+    layer = Conv2D(3, 5, (5, 3), stride=stride, padding=padding, dtype=np.float32, rng=rng)
+    layer.needs_input_grad = not first
+    x = rng.standard_normal((6, 9, 8, 3)).astype(np.float32)
+    dy = rng.standard_normal(layer.output_shape(x.shape)).astype(np.float32)
+    ref, fast = both_paths(lambda: conv_step(layer, x, dy))
+    np.testing.assert_allclose(fast[0], ref[0], rtol=1e-5, atol=1e-5)
+    if first:
+        assert ref[1] is None and fast[1] is None
+    else:
+        np.testing.assert_allclose(fast[1], ref[1], rtol=1e-5, atol=1e-5)
+    for k in ref[2]:
+        np.testing.assert_allclose(fast[2][k], ref[2][k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("r,c,beta", [(4, 64, 0.75), (2, 7, 0.5), (5, 3, 0.6), (0, 4, 0.75)])
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+def test_lrn_matches_the_array_code(threads, rng, r, c, beta, dtype, tol):
+    layer = LocalResponseNorm(depth_radius=r, bias=1.5, alpha=0.3, beta=beta)
+    x = (2.0 * rng.standard_normal((4, 5, 3, c)) + 0.5).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    ref, fast = both_paths(lambda: (layer.forward(x, True), layer.backward(dy)))
+    for a, b in zip(fast, ref):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_maxpool_matches_the_array_code_with_ties_and_nan(threads, rng):
+    layer = MaxPool2D(2, 2)
+    x = rng.integers(-2, 3, (5, 6, 8, 3)).astype(np.float32)   # many ties, within windows too
+    x[0, 0, 0, 0] = x[0, 1, 1, 0] = np.nan                      # a NaN maximum: no gradient
+    x[1, 2, 3, 1] = np.nan
+    dy = rng.standard_normal((5, 3, 4, 3)).astype(np.float32)
+    ref, fast = both_paths(lambda: (layer.forward(x, True), layer.backward(dy)))
+    np.testing.assert_array_equal(fast[0], ref[0])
+    np.testing.assert_array_equal(fast[1], ref[1])
+    assert np.isnan(fast[0][0, 0, 0, 0]) and not fast[1][0, :2, :2, 0].any()
+
+
+@pytest.mark.parametrize("k,stride,padding,shape", [(3, 2, "valid", (2, 7, 7, 2)), (2, 2, "same", (2, 5, 6, 2)),
+                                                     (2, 1, "valid", (2, 4, 4, 2))])
+def test_pools_that_do_not_tile_take_the_array_code(k, stride, padding, shape):
+    layer = MaxPool2D(k, stride, padding=padding)
+    pads = layer._geometry(*shape[1:3])[0]
+    assert not cpu_ops.tiles_input(shape, k, stride, pads)
+
+
+def test_relu_matches_the_array_code(threads, rng):
+    layer = ReLU()
+    x = rng.standard_normal((3, 70, 70, 5)).astype(np.float32)   # large enough for two shards
+    x[0, 0, 0, :2] = (0.0, -0.0)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    ref, fast = both_paths(lambda: (layer.forward(x, True), layer.backward(dy)))
+    np.testing.assert_array_equal(fast[0], ref[0])
+    np.testing.assert_array_equal(fast[1], ref[1])
+
+
+def test_fast_layers_pass_the_gradient_check(rng):
+    x = rng.standard_normal((2, 6, 6, 3))
+    for layer in (Conv2D(3, 4, 3, dtype=np.float64, rng=rng), LocalResponseNorm(2, 1.0, 0.5, 0.75)):
+        with cpu.fast_path(True):
+            check_layer_backward(layer, x, rng)
+
+
+def test_shards_cover_the_range_once():
+    cpu.set_threads(3)
+    try:
+        for n, per in [(1, 10 ** 6), (7, 10 ** 6), (128, 10 ** 5), (5, 1)]:
+            parts = cpu.shards(n, per)
+            assert parts[0][0] == 0 and parts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert len(parts) <= 3
+        assert len(cpu.shards(5, 1)) == 1          # too little work for a second thread
+    finally:
+        cpu.set_threads(None)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_set_threads_refuses_what_is_not_a_positive_int(bad):
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        cpu.set_threads(bad)
+
+
+def small_cifarnet(seed):
+    rng = np.random.default_rng(seed)
+    lrn = dict(depth_radius=2, bias=1.0, alpha=0.001 / 9.0, beta=0.75)
+    return Sequential([
+        Conv2D(3, 8, 5, padding="same", rng=rng, name="conv1"), ReLU(name="relu1"), MaxPool2D(2, 2, name="pool1"),
+        LocalResponseNorm(**lrn, name="norm1"),
+        Conv2D(8, 8, 5, padding="same", rng=rng, name="conv2"), ReLU(name="relu2"),
+        LocalResponseNorm(**lrn, name="norm2"), MaxPool2D(2, 2, name="pool2"),
+        Flatten(), Dense(4 * 4 * 8, 10, rng=rng, name="fc")])
+
+
+def test_fifty_training_steps_have_the_array_codes_losses():
+    """The fast path computes the same function: 50 SGD steps on a fixed batch sequence
+    give the array code's losses within float32 rounding."""
+    data = np.random.default_rng(7)
+    batches = [(data.standard_normal((8, 16, 16, 3)).astype(np.float32), data.integers(0, 10, 8))
+               for _ in range(5)]
+
+    def losses():
+        model = small_cifarnet(3)
+        opt, loss = SGD(model, lr=0.01, momentum=0.9), SoftmaxCrossEntropy()
+        out = []
+        for step in range(50):
+            x, y = batches[step % len(batches)]
+            out.append(loss.forward(model.forward(x, True), y))
+            model.backward(loss.backward())
+            opt.step()
+        return np.array(out)
+
+    ref, fast = both_paths(losses)
+    assert ref[-1] < ref[0] - 2.0                 # it learned the batches
+    np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-5)
