@@ -106,6 +106,12 @@ def add_train_arguments(p, resume=True, reuse_default="off"):
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="never download CIFAR-10 when it is missing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads_argument(p)
+
+
+def add_threads_argument(p):
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for the fast path and BLAS (default: every core)")
 
 
 def seed_list(s):
@@ -239,6 +245,7 @@ def build_parser():
     p = sub.add_parser("evaluate", help="a trained model's test accuracy and speed, exact and with deep "
                        "reuse at inference, side by side", formatter_class=Formatter)
     evaluate.add_arguments(p, positive_int)
+    add_threads_argument(p)
     p.set_defaults(func=evaluate.run)
     from . import plot
     p = sub.add_parser("plot", help="a figure of training runs: accuracy, loss, r_c and error of the reuse "
@@ -252,6 +259,7 @@ def build_parser():
     q = what.add_parser("layers", help="each conv/dense layer, exact and under deep-reuse settings: "
                         "forward/backward time, r_c, error", formatter_class=Formatter)
     bench.add_arguments(q)
+    add_threads_argument(q)
     q.set_defaults(func=bench.run)
     q = what.add_parser("step", help="a whole training step: minireuse exact and reuse, with and without "
                         "CUDA graphs, and PyTorch eager when installed", formatter_class=Formatter)
@@ -271,6 +279,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse(argv)
     a.argv = argv
+    if getattr(a, "threads", None) is not None:
+        from . import cpu
+        cpu.set_threads(a.threads)
     from .backend import BackendMismatchError, DeviceError
     from .data import CorruptDataError, DataNotFoundError
     from .step_graphs import GraphError

@@ -11,37 +11,43 @@ loads, else a fixed random fixture, and the report says which), cycled. Rows:
 
     minireuse exact            eager
     minireuse exact + graph    the step replayed as a CUDA graph (GPU only)
-    minireuse reuse            a fixed reuse setting (--reuse-config, default conv2's
-                               DEFAULT_FIXED of minireuse.reuse.adaptive), eager
-    minireuse reuse + graph    (GPU only; reported as not capturable when its
-                               implementation is not)
-    pytorch eager              the same network in PyTorch (cuDNN on the GPU, all
-                               CPU threads on the CPU) when ``import torch`` works;
+    minireuse default reuse    `make cifar`'s setting while it reuses (the first stage of
+                               the adaptive default: conv2 L64 H32, backward only)
+    minireuse fast reuse       the fastest settings measured (reuse in the forward too:
+                               DEFAULT_FIXED, offset L64 H32; and pca L64 H16)
+    minireuse reuse ... + graph   each reuse row recorded as a CUDA graph (GPU only;
+                               reported as not capturable when its implementation is not)
+    pytorch eager              the same network in PyTorch (cuDNN on the GPU, the
+                               --threads CPU threads on the CPU) when ``import torch`` works;
                                PyTorch is optional (pip install -e '.[compare]'):
                                without it the row says it was skipped and why
     data pipeline              BatchIterator's gather + crop/flip + normalise, per batch
 
-Each time is the median of --steps steps after --warmup steps (CUDA events on the
-GPU, perf_counter on the CPU), also given as seconds per 50,000-image epoch and as
-ratios against PyTorch and against minireuse exact eager, all from the same run.
+With --reuse-config FILE, one reuse row with that setting replaces the default and
+fast rows. Each time is the median of --steps steps after --warmup steps (CUDA
+events on the GPU, perf_counter on the CPU), also given as seconds per 50,000-image
+epoch and as ratios against PyTorch and against minireuse exact eager, all from the
+same run. On the CPU, minireuse (its fast path and BLAS) and PyTorch use the same
+--threads threads.
 """
 import importlib.util
 import json
 import math
-import os
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-from . import backend
+from . import backend, cpu
 from .bench import git_commit
 from .data.sample import sample_images
 from .tables import align_rows
 from .timing import Clock
 
 EPOCH_IMAGES = 50_000
+# the fastest setting of the parity runs (docs/adaptive.md: conv2 2.12x over a run)
+PCA_FAST = {"conv2": dict(L=64, H=16, dx_mode="cluster", family="pca")}
 # how to get the PyTorch row: the optional extra of setup.cfg, or torch itself
 TORCH_INSTALL_HINT = "pip install -e '.[compare]' (or pip install torch)"
 
@@ -63,7 +69,8 @@ def add_arguments(parser):
     parser.add_argument("--torch", choices=["auto", "off"], default="auto",
                         help="time PyTorch too when it imports (default auto)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for PyTorch (default: all cores)")
+                        help="CPU threads for minireuse (its fast path and BLAS) and for PyTorch "
+                             "(default: every core)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -110,7 +117,7 @@ def time_minireuse(batches, cfg, steps, warmup, gpu):
                 clock.time(t.run_step, *step_args)
         times = clock.times()
     t.timer.collect()
-    impl = ("cupy + fused kernels" if gpu else "numpy")
+    impl = "cupy + fused kernels" if gpu else cpu.describe()
     reuse_impls = sorted({l.reuse_state.last["impl"] for l in t.model.reuse_layers()
                           if l.reuse is not None and l.reuse_state is not None and l.reuse_state.last})
     if reuse_impls:
@@ -173,7 +180,7 @@ def time_torch(batches, steps, warmup, gpu, threads):
         torch.backends.cudnn.benchmark = True
         impl = f"pytorch {torch.__version__} eager, cuDNN {torch.backends.cudnn.version()}, NCHW"
     else:
-        torch.set_num_threads(threads or os.cpu_count())
+        torch.set_num_threads(threads or cpu.threads())
         impl = f"pytorch {torch.__version__} eager, {torch.get_num_threads()} CPU threads, NCHW"
     torch.manual_seed(0)
     model, groups = torch_cifarnet(torch)
@@ -238,9 +245,24 @@ def pytorch_row(batches, steps, warmup, gpu, threads, say):
 # ---------------------------------------------------------------- the report
 
 def reuse_label(layers):
-    """'conv2 L64 H32' from {layer: setting or [settings]} (a fixed strategy uses the first)."""
+    """'conv2 L64 H32' from {layer: setting or [settings]} (a fixed strategy uses the first);
+    the family when it is not the default, and 'backward only' for an exact forward."""
     first = {name: (s[0] if isinstance(s, list) else s) for name, s in layers.items()}
-    return ", ".join(f"{name} L{s.get('L', 16)} H{s.get('H', 12)}" for name, s in first.items())
+    return ", ".join(f"{name}" + (f" {s['family']}" if s.get("family", "offset") != "offset" else "")
+                     + f" L{s.get('L', 16)} H{s.get('H', 12)}"
+                     + (", backward only" if s.get("forward") == "exact" else "") for name, s in first.items())
+
+
+def reuse_rows(reuse_config):
+    """[(row name, layers, options)]: the file's setting, or the default and the fast settings."""
+    from .reuse.adaptive import DEFAULT_FIXED, DEFAULT_LADDERS, load_settings
+    if reuse_config:
+        layers, options = load_settings(reuse_config)
+        return [(f"minireuse reuse ({reuse_label(layers)})", layers, options)]
+    default = {name: ladder[0] for name, ladder in DEFAULT_LADDERS.items()}
+    return [(f"minireuse default reuse ({reuse_label(default)})", default, {}),
+            (f"minireuse fast reuse ({reuse_label(DEFAULT_FIXED)})", DEFAULT_FIXED, {}),
+            (f"minireuse fast reuse ({reuse_label(PCA_FAST)})", PCA_FAST, {})]
 
 
 def format_table(report):
@@ -272,7 +294,6 @@ def format_table(report):
 
 def run_step_bench(args):
     """Time every row; returns the report dict."""
-    from .reuse.adaptive import DEFAULT_FIXED, load_settings
     device = backend.set_device(args.device)
     gpu = device == "gpu"
     if args.graph == "on" and not gpu:
@@ -288,8 +309,9 @@ def run_step_bench(args):
         warmup = max(warmup, 2)      # one eager warm-up step, then the recording
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
-    layers, options = (load_settings(args.reuse_config) if args.reuse_config
-                       else (DEFAULT_FIXED, {}))
+    if args.threads is not None:
+        cpu.set_threads(args.threads)
+    reuse_plans = reuse_rows(args.reuse_config)
 
     def say(msg):
         if not args.quiet:
@@ -304,12 +326,10 @@ def run_step_bench(args):
     # the trainers of the rows write nothing, but a Trainer checks its output directory: a
     # scratch one, so the bench never touches (or waits for) a real run's directory
     base = dict(device=device, seed=args.seed, graph="off", out=tempfile.mkdtemp(prefix="minireuse-bench-"))
-    plans = [("minireuse exact", dict(base)),
-             ("minireuse exact + graph", dict(base, graph="auto")),
-             (f"minireuse reuse ({reuse_label(layers)})",
-              dict(base, reuse="fixed", reuse_layers=layers, reuse_options=options)),
-             (f"minireuse reuse ({reuse_label(layers)}) + graph",
-              dict(base, reuse="fixed", reuse_layers=layers, reuse_options=options, graph="auto"))]
+    plans = [("minireuse exact", dict(base)), ("minireuse exact + graph", dict(base, graph="auto"))]
+    for name, layers, options in reuse_plans:
+        reuse = dict(base, reuse="fixed", reuse_layers=layers, reuse_options=options)
+        plans += [(name, reuse), (f"{name} + graph", dict(reuse, graph="auto"))]
     rows = []
     for name, cfg in plans:
         if cfg["graph"] != "off" and not graph_rows:

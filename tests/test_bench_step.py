@@ -5,9 +5,15 @@ import json
 
 import pytest
 
-from minireuse import backend, bench_step
+from minireuse import backend, bench_step, cpu
 
 from cifar_fixture import write_cifar_fixture
+
+
+@pytest.fixture(autouse=True)
+def every_core_after():
+    yield
+    cpu.set_threads(None)
 
 
 def parse(*argv):
@@ -25,9 +31,11 @@ def test_cpu_run_prints_a_labelled_table_and_json(tmp_path, capsys):
     assert "NOT CIFAR-10" in printed and "device: cpu" in printed
     report = json.loads(out.read_text())
     names = [r["name"] for r in report["rows"]]
-    assert names == ["minireuse exact", "minireuse reuse (conv2 L64 H32)", "data pipeline"]  # no graph rows on a CPU
+    assert names == ["minireuse exact", "minireuse default reuse (conv2 L64 H32, backward only)",
+                     "minireuse fast reuse (conv2 L64 H32)", "minireuse fast reuse (conv2 pca L64 H16)",
+                     "data pipeline"]  # no graph rows on a CPU
     exact, reuse = report["rows"][0], report["rows"][1]
-    assert exact["ms"] > 0 and exact["steps"] == 2 and exact["implementation"] == "numpy"
+    assert exact["ms"] > 0 and exact["steps"] == 2 and exact["implementation"].startswith("numpy, fast path, ")
     assert "numpy-reference" in reuse["implementation"]
     assert exact["epoch_s"] == pytest.approx(exact["ms"] * 6250 / 1e3)
     assert report["batch"] == 8 and report["steps_per_epoch"] == 6250
@@ -60,3 +68,24 @@ def test_graph_on_on_the_cpu_is_refused(tmp_path):
 def test_bad_sizes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="--batch must be a positive integer"):
         bench_step.run_step_bench(parse("--device", "cpu", "--batch", "0", "--torch", "off"))
+
+
+def test_threads_size_minireuse_and_pytorch_together(tmp_path):
+    args = parse("--device", "cpu", "--data", str(tmp_path / "none"), "--batch", "8", "--batches", "1",
+                 "--steps", "1", "--warmup", "0", "--threads", "1", "--torch", "off", "--quiet",
+                 "--reuse-config", str(write_setting(tmp_path)))
+    report = bench_step.run_step_bench(args)
+    assert cpu.threads() == 1
+    assert [r["name"] for r in report["rows"]][:2] == ["minireuse exact", "minireuse reuse (conv2 L16 H8)"]
+    assert report["rows"][0]["implementation"] == "numpy, fast path, 1 threads"
+
+
+def test_threads_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        bench_step.run_step_bench(parse("--device", "cpu", "--threads", "0", "--torch", "off"))
+
+
+def write_setting(tmp_path):
+    path = tmp_path / "setting.json"
+    path.write_text(json.dumps({"layers": {"conv2": {"L": 16, "H": 8}}}))
+    return path
