@@ -125,6 +125,7 @@ def test_maxpool_matches_the_array_code_with_ties_and_nan(threads, rng):
     np.testing.assert_array_equal(fast[0], ref[0])
     np.testing.assert_array_equal(fast[1], ref[1])
     assert np.isnan(fast[0][0, 0, 0, 0]) and not fast[1][0, :2, :2, 0].any()
+    assert (fast[1] != 0).sum() == (dy != 0).sum() - 2     # one position per window, but the NaN ones
 
 
 @pytest.mark.parametrize("k,stride,padding,shape", [(3, 2, "valid", (2, 7, 7, 2)), (2, 2, "same", (2, 5, 6, 2)),

