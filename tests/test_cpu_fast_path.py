@@ -204,3 +204,23 @@ def test_fifty_training_steps_have_the_array_codes_losses():
     ref, fast = both_paths(losses)
     assert ref[-1] < ref[0] - 2.0                 # it learned the batches
     np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_columns_reuse_memory_only_once_their_backward_is_done(rng):
+    layer = Conv2D(3, 4, 3, dtype=np.float32, rng=rng)
+    x1, x2 = (rng.standard_normal((4, 6, 6, 3)).astype(np.float32) for _ in range(2))
+    dy = rng.standard_normal((4, 6, 6, 4)).astype(np.float32)
+    with cpu.fast_path(False):
+        layer.forward(x1, True)
+        layer.backward(dy)
+        expected = {k: v.copy() for k, v in layer.grads.items()}
+    layer.forward(x1, True)
+    first = layer._spare
+    layer.forward(x2, False)              # the pending backward's columns must survive this
+    assert not np.shares_memory(layer._spare, first)
+    layer.backward(dy)
+    for k in expected:
+        np.testing.assert_allclose(layer.grads[k], expected[k], rtol=1e-5, atol=1e-5)
+    spare = layer._spare
+    layer.forward(x2, True)               # backward done: the next step writes into the same memory
+    assert np.shares_memory(layer._spare, spare)

@@ -52,11 +52,26 @@ def pad(x, pads):
     return out
 
 
-def im2col(x, kh, kw, stride, pads):
-    """(B, H, W, C) -> (B*OH*OW, kh*kw*C), columns ordered (dy, dx, c): conv_geometry.im2col."""
+def _buffer(shape, dtype, spare):
+    """An array of this shape: the front of ``spare`` when it is large enough, else a new one.
+
+    A new array of hundreds of MB costs a page fault per page when first written
+    (CifarNet's conv2 columns: about 20 ms of a step); memory already touched does not.
+    """
+    size = int(np.prod(shape))
+    if spare is not None and spare.dtype == dtype and spare.size >= size and spare.flags.c_contiguous:
+        return spare.reshape(-1)[:size].reshape(shape)
+    return np.empty(shape, dtype=dtype)
+
+
+def im2col(x, kh, kw, stride, pads, spare=None):
+    """(B, H, W, C) -> (B*OH*OW, kh*kw*C), columns ordered (dy, dx, c): conv_geometry.im2col.
+
+    spare: an array no longer in use whose memory may hold the columns.
+    """
     b, h, w, c, hp, wp, oh, ow = _geometry(x.shape, kh, kw, stride, pads)
     top, _, left, _ = pads
-    cols = np.empty((b, oh, ow, kh, kw, c), dtype=x.dtype)
+    cols = _buffer((b, oh, ow, kh, kw, c), x.dtype, spare)
 
     def shard(lo, hi):
         buf = np.zeros((min(IMAGES_PER_CHUNK, hi - lo), hp, wp, c), dtype=x.dtype)  # borders stay 0
@@ -106,13 +121,46 @@ def flipped_pads(x_shape, kh, kw, stride, pads):
     return dpads if min(dpads) >= 0 else None
 
 
-def input_grad(dy, W, x_shape, stride, pads):
+_scratch = {}
+
+
+def conv_forward(x, W, b, stride, pads):
+    """The exact conv y = im2col(x) @ W (+ b) for callers that keep no columns.
+
+    The columns go into memory kept from the last call (per dtype; one training
+    thread calls this): they never leave this function, and a fresh array would
+    cost its page faults again every step.
+    """
+    kh, kw, _, m = W.shape
+    cols, (oh, ow) = im2col(x, kh, kw, stride, pads, _scratch.get(x.dtype))
+    _scratch[x.dtype] = cols
+    y = cols @ W.reshape(-1, m)
+    if b is not None:
+        y += b
+    return y.reshape(x.shape[0], oh, ow, m)
+
+
+def weight_grads(cols, dy2):
+    """(dW as (K, M), db) of a conv from its columns and dY (N, M): cols^T dY and the column sums.
+
+    dY^T cols (M x K) runs faster than cols^T dY in OpenBLAS (54 against 66 ms for
+    CifarNet's conv2, 16 against 23 for conv1; 2-core CPU), and a product with ones
+    sums the columns faster than a reduction along the rows.
+    """
+    dW = np.ascontiguousarray((dy2.T @ cols).T)
+    return dW, np.ones(dy2.shape[0], dtype=dy2.dtype) @ dy2
+
+
+def input_grad(dy, W, x_shape, stride, pads, spare=None):
     """dX of a conv (B, OH, OW, M) -> (B, H, W, C): col2im(dY @ W^T), as a convolution of dY
-    with the flipped kernel where flipped_pads allows, else col2im of the product."""
+    with the flipped kernel where flipped_pads allows, else col2im of the product.
+
+    spare: an array no longer in use whose memory may hold the columns of dY.
+    """
     kh, kw, c, m = W.shape
     dpads = flipped_pads(x_shape, kh, kw, stride, pads)
     if dpads is None:
         return col2im(dy.reshape(-1, m) @ W.reshape(-1, m).T, x_shape, kh, kw, stride, pads)
-    cols, _ = im2col(dy, kh, kw, 1, dpads)
+    cols, _ = im2col(dy, kh, kw, 1, dpads, spare)
     flipped = np.ascontiguousarray(W[::-1, ::-1].transpose(0, 1, 3, 2)).reshape(kh * kw * m, c)
     return (cols @ flipped).reshape(x_shape)

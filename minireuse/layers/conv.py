@@ -23,6 +23,9 @@ class Conv2D(ReusableLayer):
     between steps with ``set_reuse``.
     """
 
+    _cache = None
+    _spare = None      # CPU fast path: the last columns' memory, rewritten by the next im2col
+
     def __init__(self, c_in, c_out, kernel_size, stride=1, padding="same", bias=True,
                  weight_init="glorot_uniform", bias_init="zeros", reuse=None,
                  dtype=None, rng=None, name=None):
@@ -68,7 +71,7 @@ class Conv2D(ReusableLayer):
                                                 self.reuse_state, train=train)
             self._cache = ("reuse", cache)
             return y
-        cols, (oh, ow) = im2col(x, self.kh, self.kw, self.stride, pads)
+        cols, (oh, ow) = self._im2col(x, pads)
         y = cols @ W.reshape(-1, self.c_out)
         if b is not None:
             y += b
@@ -76,26 +79,36 @@ class Conv2D(ReusableLayer):
             self._cache = ("exact", (cols, x.shape, pads))
         return y.reshape(x.shape[0], oh, ow, self.c_out)
 
+    def _im2col(self, x, pads):
+        """im2col; the CPU fast path writes into the memory of the last step's columns
+        once their backward is done (no forward's cache still holds them)."""
+        if not cpu.supports(x):
+            return im2col(x, self.kh, self.kw, self.stride, pads)
+        spare = self._spare if self._cache is None else None
+        cols, hw = cpu_conv.im2col(x, self.kh, self.kw, self.stride, pads, spare)
+        self._spare = cols
+        return cols, hw
+
     def backward(self, dy):
         kind, cache = self._cache
+        self._cache = None
         if kind == "reuse":
             dx, dW, db = deep_reuse.conv2d_backward(dy, cache)
+        elif cpu.supports(dy, self.params["W"]):   # the CPU fast path: dX as a conv of dY, no col2im
+            cols, x_shape, pads = cache
+            dW, db = cpu_conv.weight_grads(cols, dy.reshape(-1, self.c_out))
+            dW = dW.reshape(self.params["W"].shape)
+            dx = (cpu_conv.input_grad(dy, self.params["W"], x_shape, self.stride, pads, spare=cols)
+                  if self.needs_input_grad else None)
         else:
             cols, x_shape, pads = cache
-            self._cache = cache = None      # the columns can go once dW has them
-            W = self.params["W"]
             dy2 = dy.reshape(-1, self.c_out)
-            dW = (cols.T @ dy2).reshape(W.shape)
+            W2 = self.params["W"].reshape(-1, self.c_out)
+            dW = (cols.T @ dy2).reshape(self.params["W"].shape)
             db = dy2.sum(axis=0)
-            del cols
-            if not self.needs_input_grad:
-                dx = None
-            elif cpu.supports(dy, W):       # the CPU fast path: dX as a conv of dY, no col2im
-                dx = cpu_conv.input_grad(dy, W, x_shape, self.stride, pads)
-            else:
-                dx = col2im(dy2 @ W.reshape(-1, self.c_out).T, x_shape, self.kh, self.kw, self.stride, pads)
+            dx = (col2im(dy2 @ W2.T, x_shape, self.kh, self.kw, self.stride, pads)
+                  if self.needs_input_grad else None)
         self.grads["W"] = dW
         if "b" in self.params:
             self.grads["b"] = db
-        self._cache = None
         return dx

@@ -41,8 +41,9 @@ mean towards zero).
 """
 import dataclasses
 
-from .. import backend
+from .. import backend, cpu
 from ..conv_geometry import col2im, im2col, pad_nhwc
+from ..cpu import conv as cpu_conv
 from .clustering import assign_clusters, assignment_matrix, centroids, group_keys, transposed_product
 from .matmul import (DwCorrection, cosine, dw_sample_draw, hash_groups, impl_label, relative_error,
                      reuse_matmul_backward, reuse_matmul_forward, reuse_matmul_forward_assigned)
@@ -60,6 +61,8 @@ def use_pixel_aligned(config, c_in):
 
 def exact_conv(x, W, b, stride, pads):
     """The exact convolution (im2col + GEMM): forward 'exact', and the reference of the reuse error."""
+    if cpu.supports(x, W):     # the CPU fast path: the same product, its columns in reused memory
+        return cpu_conv.conv_forward(x, W, b, stride, pads)
     kh, kw, _, m = W.shape
     cols, (oh, ow) = im2col(x, kh, kw, stride, pads)
     y = cols @ W.reshape(-1, m)
