@@ -11,6 +11,17 @@ def _devices():
     return ["cpu", gpu]
 
 
+@pytest.fixture(autouse=True)
+def cpu_by_default():
+    """Every test starts on the CPU, whatever the machine has: on a GPU machine 'auto' would
+    pick CuPy, and a test building layers without the ``device`` fixture would mix CuPy
+    parameters with NumPy inputs. GPU cases opt in through ``device``."""
+    old = backend._state["device"]
+    backend.set_device("cpu")
+    yield
+    backend._state["device"] = old
+
+
 @pytest.fixture(params=_devices())
 def device(request):
     """Select the device for the test; yields the array module."""

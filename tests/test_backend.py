@@ -32,7 +32,6 @@ def test_mixing_numpy_and_cupy_names_both():
     layer = Dense(3, 2)
     with pytest.raises(backend.BackendMismatchError, match="mixed numpy and cupy"):
         layer.forward(np.zeros((1, 3), dtype=np.float32))
-    backend.set_device("auto")
 
 
 def test_mixing_is_detected_by_type(monkeypatch):
@@ -53,4 +52,9 @@ def test_seeding_makes_cpu_runs_reproducible():
     np.testing.assert_array_equal(draws[0], draws[2])
     np.testing.assert_array_equal(draws[1], draws[3])
     assert not np.array_equal(draws[1], backend.random_generator((3, 2)).random(3))
-    backend.set_device("auto")
+
+
+def test_tests_start_on_the_cpu_whatever_the_machine_has():
+    """conftest's cpu_by_default: a GPU machine's 'auto' would put layers built here on CuPy."""
+    assert backend._state["device"] == "cpu"
+    assert Dense(3, 2).params["W"].__class__ is np.ndarray
