@@ -157,6 +157,15 @@ def test_compare_extra_installs_pytorch():
     assert "[compare]" in bench_step.TORCH_INSTALL_HINT
 
 
+def test_gpu_extras_bring_cupys_toolkit_and_the_readme_names_them():
+    """CuPy 14 wheels compile kernels only with a CUDA toolkit: its [ctk] extra brings one."""
+    extras = setup_cfg()["options.extras_require"]
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for extra, wheel in (("gpu-cuda13", "cupy-cuda13x[ctk]"), ("gpu-cuda12", "cupy-cuda12x[ctk]")):
+        assert listed(extras[extra]) == [wheel]
+        assert f"'.[{extra}]'" in readme and f"`{wheel}`" in readme
+
+
 # ---------------------------------------------------------------- package data (item 12)
 
 def test_package_data_is_declared_and_matches_the_files():
