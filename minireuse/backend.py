@@ -32,7 +32,16 @@ class BackendMismatchError(TypeError):
     """NumPy and CuPy arrays were mixed in one operation."""
 
 
+# One tiny kernel that gpu_available() compiles and runs: CuPy's wheels compile kernels
+# with NVRTC from a CUDA toolkit (CuPy 14: a local one or the [ctk] extra), so a machine
+# with a driver and a device but no toolkit counts devices and fails at the first kernel.
+_PROBE_KERNEL = r'''extern "C" __global__ void minireuse_probe(float* a) { a[threadIdx.x] += 1.0f; }'''
+_gpu_checked = {"usable": False}
+
+
 def _gpu_unavailable_reason():
+    if _gpu_checked["usable"]:
+        return None
     if _cupy is None:
         return f"cupy could not be imported: {type(_CUPY_ERROR).__name__}: {_CUPY_ERROR}"
     try:
@@ -41,11 +50,31 @@ def _gpu_unavailable_reason():
         return f"cupy imported but CUDA reported: {type(e).__name__}: {e}"
     if n == 0:
         return "cupy imported but no CUDA device is present"
+    reason = _kernel_probe_reason()
+    # a usable GPU stays usable: the checks above cost a driver call (and the probe a
+    # compile), too much for every layer, phase and step that asks
+    _gpu_checked["usable"] = reason is None
+    return reason
+
+
+def _kernel_probe_reason():
+    """None when one tiny kernel compiles and runs on the current device, else why not."""
+    try:
+        a = _cupy.zeros(1, dtype=np.float32)
+        _cupy.RawKernel(_PROBE_KERNEL, "minireuse_probe")((1,), (1,), (a,))
+        value = float(a.get()[0])
+    except Exception as e:
+        return (f"cupy sees a CUDA device but could not compile and run a kernel ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); CuPy 14 compiles with a "
+                "local CUDA toolkit or the wheel's [ctk] extra, e.g. pip install 'cupy-cuda13x[ctk]'")
+    if value != 1.0:
+        return f"cupy ran a test kernel on the device and read back {value} instead of 1.0"
     return None
 
 
 def gpu_available():
-    """True when cupy imports and at least one CUDA device is visible."""
+    """True when cupy imports, a CUDA device is visible and one tiny kernel compiles and runs
+    on it (checked once per process after it succeeds)."""
     return _gpu_unavailable_reason() is None
 
 
