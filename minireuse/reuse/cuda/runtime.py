@@ -355,9 +355,10 @@ class CapacityTracker:
     and table-full counts) go back to the host through a ring of pinned slots
     (``device().reader``); each call reads the newest slot whose copy has landed and
     never waits, so a GPU running several calls behind still feeds capacity back
-    (with that lag). A captured call copies into the reader's capture slot inside
-    the graph; ``after_replay`` marks it after each replay and reads it, so replays
-    adapt capacity too (a changed capacity selects another recording).
+    (with that lag). A captured call copies into the reader's own device array inside
+    the graph; ``after_replay`` queues that array's copy into the ring after each
+    replay and reads the newest landed slot, so replays adapt capacity too (a changed
+    capacity selects another recording).
     The capacity grows to HEADROOM x the observed need when a group overflowed or
     came within the margin, and shrinks when SHRINK x too large; a table that filled
     up doubles it.
