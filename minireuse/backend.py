@@ -173,7 +173,7 @@ def random_generator(seed):
 # copies; values the host wants to see (the running loss) come back the same way and
 # are read only once their copy has landed. Both are plain array writes on the CPU.
 
-_capture = {"active": False}
+_capture = {"active": False, "on_success": None}
 
 
 class capturing:
@@ -181,17 +181,35 @@ class capturing:
 
     Layers and optimizers ask ``is_capturing()`` to keep host-side work (advancing a
     dropout key, counting a step) out of the recording: the graph runner does it
-    before every replay instead.
+    before every replay instead. What must hold only for a recording that ended well
+    (a call site that a replay will feed) is registered with ``on_capture_success`` and
+    runs when the recorder calls ``succeeded()``; a failed recording (the step then
+    runs eagerly) runs none of it.
     """
 
     def __enter__(self):
-        self._outer = _capture["active"]
-        _capture["active"] = True
+        self._outer = dict(_capture)
+        self._on_success = []
+        _capture.update(active=True, on_success=self._on_success)
         return self
 
     def __exit__(self, *exc):
-        _capture["active"] = self._outer
+        _capture.update(self._outer)
         return False
+
+    def succeeded(self):
+        """The recording of this block ended well: run what waited for that."""
+        for fn in self._on_success:
+            fn()
+
+
+def on_capture_success(fn):
+    """Run fn once the recording now in progress has ended well (``capturing.succeeded``);
+    at once for a capture begun directly on the stream, outside any ``capturing`` block."""
+    if _capture["on_success"] is None:
+        fn()
+    else:
+        _capture["on_success"].append(fn)
 
 
 def is_capturing():

@@ -897,6 +897,33 @@ def test_capacity_adapts_while_the_device_runs_behind(lag):
     assert tracker.capacity == capacities[-1]
 
 
+class CapturingHostDevice(cuda.HostDevice):
+    """The host runner inside backend.capturing(): the fast path sees a recording in progress."""
+
+    def capturing(self):
+        return backend.is_capturing()
+
+
+@pytest.mark.parametrize("ends_well", [False, True])
+def test_a_call_site_counts_as_captured_only_once_its_recording_ended_well(ends_well):
+    """A failed recording (graph 'auto' then runs eagerly) is never replayed: a later replay of
+    another graph must not make its call site read statistics nobody wrote."""
+    if runtime.host_compiler() is None:
+        pytest.skip("no host C++ compiler")
+    config = ReuseConfig(L=4, H=12, seed=1)
+    X, W, b, _ = _dense_data(config, n=64, kind="random")
+    with cuda.using_device(CapturingHostDevice()):
+        state = ReuseState()
+        cuda.cuda_reuse_matmul_forward(X, W, b, config, state)            # calibrates, eagerly
+        tracker = next(iter(cuda.cuda_state(state).trackers.values()))
+        with backend.capturing() as capture:
+            cuda.cuda_reuse_matmul_forward(X, W, b, config, state)
+            assert not tracker.captured
+            if ends_well:
+                capture.succeeded()
+    assert tracker.captured == ends_well
+
+
 def _capture(xp, fn):
     """(graph, outputs, pool) of fn() captured on a new stream; everything it allocates comes
     from a private pool kept with the graph (as step_graphs.py does), so eager work cannot reuse

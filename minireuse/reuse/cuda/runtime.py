@@ -429,8 +429,13 @@ class CapacityTracker:
             self._reader = device().reader(STAT_COUNT)
         self._calls += 1
         if device().capturing():
-            self.captured = True
+            # only a recording that ended well is ever replayed: a failed one (graph 'auto'
+            # then runs eagerly) must not make later replays read what it never wrote
+            backend.on_capture_success(self._mark_captured)
         self._reader.request(stats, self._calls)
+
+    def _mark_captured(self):
+        self.captured = True
 
     def after_replay(self):
         """A graph that captured this call site was replayed: read its statistics when they land."""
