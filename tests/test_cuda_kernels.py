@@ -273,6 +273,7 @@ def test_centroids(xp):
     C, counts = cuda.centroid_sums(dev(xp, X), dev(xp, ids), 7, capacity=40)
     cm = want_C.shape[1]
     close(C[:, :cm], want_C, "centroids", atol=1e-5)
+    assert C.dtype == np.float32                          # int32 counts must not promote the means
     assert np.array_equal(host(counts)[:, :cm], want_counts) and not host(counts)[:, cm:].any()
     assert not host(C)[:, cm:].any()
 
@@ -287,6 +288,7 @@ def test_centroid_pixels(xp):
     C, counts = cuda.centroid_pixels(dev(xp, x), pads, dev(xp, ids), 3, capacity=16)
     cm = want_C.shape[1]
     close(C[:, :cm], want_C, "pixel centroids", atol=1e-5)
+    assert C.dtype == np.float32
     assert np.array_equal(host(counts)[:, :cm], want_counts)
 
 
@@ -490,6 +492,22 @@ CONV_CASES = [
     ("pixel", dict(L=4, H=10, family="pca"), {}),
     ("general", dict(L=5, H=20, family="pca", forward="exact"), {}),
 ]
+
+
+@pytest.mark.parametrize("path", ["pixel", "general", "dense"])
+def test_dw_sample_residuals_stay_float32(xp, path):
+    """float32 sums over int32 counts promote to float64: the correction GEMM would run in FP64
+    (a small fraction of the float32 rate on many GPUs)."""
+    config = ReuseConfig(L=4, H=10, dw_sample=0.5, seed=2, pixel_aligned=path == "pixel")
+    if path == "dense":
+        X, W, b, _ = _dense_data(config)
+        _, cache = cuda.cuda_reuse_matmul_forward(dev(xp, X), dev(xp, W), dev(xp, b), config, ReuseState())
+    else:
+        (x, W, b, _), stride, pads = _conv_data(config)
+        _, cache = cuda.cuda_reuse_conv_forward(dev(xp, x), dev(xp, W), dev(xp, b), stride, pads, config,
+                                                ReuseState())
+    correction = getattr(cache, "correction", None) or cache.matmul.correction
+    assert correction.residual.dtype == np.float32
 
 
 @pytest.mark.parametrize("dx_mode", ["exact", "cluster"])

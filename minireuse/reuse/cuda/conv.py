@@ -27,7 +27,7 @@ from ...conv_geometry import pad_nhwc
 from .. import conv as reference
 from .. import matmul as reference_matmul
 from ..matmul import DwCorrection
-from .clustering import cluster, dx_cluster_rows
+from .clustering import cluster, cluster_means, dx_cluster_rows
 from .lsh import Rows, family_hash_params
 from .matmul import batched_gemm, cluster_D, matmul_backward_params, matmul_forward, record, take
 from .runtime import (ROW_BLOCK, Arena, as_f32, check, check_index_range, cuda_state, device, grid_1d, i32,
@@ -176,7 +176,7 @@ def residual_pixels(x, sums, counts, ids, rows, geo, L):
     """(m, kh*kw*C): the reference's pixel_residuals of the outputs ``rows`` (sums (Q, cap, L)
     unnormalised); a pixel slice computed exactly (id -1) stands for itself (residual 0)."""
     xp = device().xp
-    means = sums / xp.maximum(counts, 1)[:, :, None]
+    means = cluster_means(sums, counts)
     where = reference.pixel_index(geo.B, geo.hp, geo.wp, geo.kh, geo.kw, geo.stride, xp)[rows]   # (m, T)
     exact = xp.repeat(xp.take(ids, where, axis=0) < 0, L, axis=2).reshape(len(rows), -1)     # (m, T*Q*L)
     pixels = pad_nhwc(x, geo.pads).reshape(-1, geo.C // L, L)

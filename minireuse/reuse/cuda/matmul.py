@@ -27,7 +27,7 @@ import numpy as np
 from .. import lsh as reference_lsh
 from .. import matmul as reference
 from ..matmul import DwCorrection
-from .clustering import cluster, dx_cluster_rows, launch_cluster_sums_rows, reconstruct_rows
+from .clustering import cluster, cluster_means, dx_cluster_rows, launch_cluster_sums_rows, reconstruct_rows
 from .lsh import Rows, family_hash_params
 from .runtime import STAT_OVERFLOW, Arena, as_f32, check, check_index_range, cuda_state, device
 
@@ -134,7 +134,7 @@ def residual_rows(X, sums, counts, ids, rows, L):
     """(m, K): the reference's row_residuals of X[rows] against the centroids (sums (G, cap, L)
     unnormalised); a (row, group) computed exactly (id -1) stands for itself (residual 0)."""
     xp = device().xp
-    means = sums / xp.maximum(counts, 1)[:, :, None]
+    means = cluster_means(sums, counts)
     exact = xp.repeat(ids[rows] < 0, L, axis=1)[:, :X.shape[1]]
     return reference.row_residuals(X, means, xp.maximum(ids, 0), rows) * ~exact
 
