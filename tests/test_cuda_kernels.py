@@ -1014,6 +1014,31 @@ def test_replays_feed_their_statistics_back(xp):
     assert tracker.last[cuda.STAT_OVERFLOW] > 0 and tracker.capacity > 32
 
 
+@pytest.mark.parametrize("impl", ["reference", "cuda"])
+@pytest.mark.parametrize("kind", ["pixel", "general", "dense"])
+def test_a_first_layer_with_reuse_computes_no_input_gradient(xp, impl, kind):
+    """needs_input_grad False (the model's first layer): the reuse backward skips dx as the exact
+    layer does, and dW is the same."""
+    from minireuse.layers import Conv2D, Dense
+    config = ReuseConfig(L=4, H=10, dx_mode="cluster", seed=4, pixel_aligned=kind == "pixel", impl=impl)
+    rng = np.random.default_rng(8)
+    if kind == "dense":
+        layer, x = Dense(12, 5, rng=rng), rng.standard_normal((40, 12))
+    else:
+        layer, x = Conv2D(8, 5, 3, padding="same", rng=rng), rng.standard_normal((2, 6, 5, 8))
+    layer.set_reuse(config)
+    dy = rng.standard_normal(layer.output_shape(x.shape)).astype(np.float32)
+    grads = []
+    for needs in (True, False):
+        layer.needs_input_grad = needs
+        layer.forward(dev(xp, x.astype(np.float32)))
+        dx = layer.backward(dev(xp, dy))
+        assert (dx is None) == (not needs)
+        grads.append(host(layer.grads["W"]))
+    assert layer.reuse_state.last["impl"] == ("cuda" if impl == "cuda" else "numpy-reference")
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
 def test_conv_layer_runs_the_fast_path(xp):
     """Conv2D with impl 'cuda' runs the fast path (on the host build inside using_device) and
     trains like the reference path on the same data."""

@@ -78,7 +78,7 @@ class Conv2D(ReusableLayer):
     def backward(self, dy):
         kind, cache = self._cache
         if kind == "reuse":
-            dx, dW, db = deep_reuse.conv2d_backward(dy, cache)
+            dx, dW, db = deep_reuse.conv2d_backward(dy, cache, self.needs_input_grad)
         else:
             cols, x_shape, pads = cache
             dy2 = dy.reshape(-1, self.c_out)

@@ -220,8 +220,9 @@ def _pixel_forward(x, W, b, geo, config, state, train):
     return y, cache, run
 
 
-def cuda_reuse_conv_backward(dy, cache):
-    """(dx (B, H, W, C), dW (kh, kw, C, M), db (M,) or None) with the forward's cluster assignment."""
+def cuda_reuse_conv_backward(dy, cache, input_grad=True):
+    """(dx (B, H, W, C) or None when not input_grad, dW (kh, kw, C, M), db (M,) or None) with the
+    forward's cluster assignment; a first layer (input_grad False) skips dx like the exact layer."""
     c = take(cache)
     geo = c.geo
     dy = as_f32("dy", dy)
@@ -230,6 +231,8 @@ def cuda_reuse_conv_backward(dy, cache):
     if c.kind == "general":
         mc = take(c.matmul)
         dW, db, S = matmul_backward_params(dy2, mc)
+        if not input_grad:
+            return None, dW.reshape(c.W.shape), db
         if mc.dx_mode == "exact":
             dcols = dy2 @ mc.W.T
         else:
@@ -255,6 +258,8 @@ def cuda_reuse_conv_backward(dy, cache):
         dW += c.correction.dW(dy2).reshape(c.W.shape)
     if c.stats is not None:
         c.stats["dw_cos"] = reference_matmul.cosine(dW.reshape(-1, geo.M), im2col(c.x, geo).T @ dy2)
+    if not input_grad:
+        return None, dW, ws.get("db")
     if c.dx_mode == "exact":
         dx = col2im(dy2 @ c.W.reshape(-1, geo.M).T, geo)
     else:

@@ -201,12 +201,15 @@ def cuda_reuse_matmul_forward(X, W, b, config, state, train=True):
     return y, cache
 
 
-def cuda_reuse_matmul_backward(dy, cache):
-    """(dX (N, K), dW (K, M), db (M,) or None) with the forward's cluster assignment."""
+def cuda_reuse_matmul_backward(dy, cache, input_grad=True):
+    """(dX (N, K) or None when not input_grad, dW (K, M), db (M,) or None) with the forward's
+    cluster assignment."""
     c = take(cache)
     dy = as_f32("dy", dy)
     check("dy", dy, np.float32, (c.X.shape[0], c.W.shape[1]))
     dW, db, S = matmul_backward_params(dy, c)
+    if not input_grad:
+        return None, dW, db
     if c.dx_mode == "exact":
         dX = dy @ c.W.T
     else:
