@@ -214,6 +214,22 @@ __device__ void dropout_forward(const T* x, T* mask, T* y, const unsigned int* k
 // One thread per row; the count goes through atomicAdd (integers in double: the
 // total is exact in any order), the loss is added by row 0 alone.
 
+// atomicAdd(double*) exists from sm_60 on; below it (CuPy on CUDA 12 still targets
+// sm_5x) the same sum is a compare-and-swap loop, so the module compiles everywhere.
+__device__ inline void add_f64(double* address, double value)
+{
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 600
+    atomicAdd(address, value);
+#else
+    unsigned long long* bits = (unsigned long long*)address;
+    unsigned long long seen = *bits, expected;
+    do {
+        expected = seen;
+        seen = atomicCAS(bits, expected, __double_as_longlong(__longlong_as_double(expected) + value));
+    } while (seen != expected);
+#endif
+}
+
 template <typename T>
 __device__ void accumulate_step(double* sums, const T* loss, const T* logits,
                                 const long long* labels, long long n, int k)
@@ -224,8 +240,8 @@ __device__ void accumulate_step(double* sums, const T* loss, const T* logits,
         int arg = 0;
         for (int j = 1; j < k; ++j)
             if (z[j] > best || (z[j] != z[j] && best == best)) { best = z[j]; arg = j; }
-        if ((long long)arg == labels[row]) atomicAdd(&sums[1], 1.0);
-        if (row == 0) atomicAdd(&sums[0], (double)(loss[0] * (T)n));
+        if ((long long)arg == labels[row]) add_f64(&sums[1], 1.0);
+        if (row == 0) add_f64(&sums[0], (double)(loss[0] * (T)n));
     }
 }
 
