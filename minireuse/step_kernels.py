@@ -24,7 +24,10 @@ signatures and launch through minireuse.runtime, like the deep-reuse kernels, so
 the same source also runs as its host build on NumPy arrays: tests check every
 kernel on machines without a GPU through the launch the GPU uses. The module is
 compiled without fused multiply-add (and the host build without contraction), so
-elementwise kernels round exactly like the NumPy expressions they replace.
+elementwise kernels round like the NumPy expressions they replace on normal numbers.
+Not on subnormals: CuPy adds -ftz=true to every NVRTC compile, so a float32 input or
+result below 1.18e-38 (float64 keeps them) flushes to zero on the GPU where NumPy
+keeps it. Exact comparisons with NumPy hold for data without float32 subnormals.
 
 Values that change every step (learning rate, Adam's bias corrections, dropout
 keys) are read from device memory (``backend.DeviceScalars``), never passed as
