@@ -39,7 +39,9 @@ _PROBE_KERNEL = r'''extern "C" __global__ void minireuse_probe(float* a) { a[thr
 _gpu_checked = {"usable": False}
 
 
-def _gpu_unavailable_reason():
+def gpu_unavailable_reason():
+    """None when a GPU is usable (cupy imports, a device is visible, a tiny kernel compiles and
+    runs), else why not."""
     if _gpu_checked["usable"]:
         return None
     if _cupy is None:
@@ -75,12 +77,12 @@ def _kernel_probe_reason():
 def gpu_available():
     """True when cupy imports, a CUDA device is visible and one tiny kernel compiles and runs
     on it (checked once per process after it succeeds)."""
-    return _gpu_unavailable_reason() is None
+    return gpu_unavailable_reason() is None
 
 
 def require_gpu():
     """Return the cupy module or raise DeviceError carrying cupy's own reason."""
-    reason = _gpu_unavailable_reason()
+    reason = gpu_unavailable_reason()
     if reason is not None:
         raise DeviceError(f"a GPU was requested but cannot be used ({reason}). "
                           "Install the cupy wheel matching your CUDA (see README) "

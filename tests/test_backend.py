@@ -21,7 +21,7 @@ def test_gpu_request_without_gpu_carries_cupy_reason():
     with pytest.raises(backend.DeviceError) as e:
         backend.set_device("gpu")
     assert "cannot be used" in str(e.value)
-    assert backend._gpu_unavailable_reason() in str(e.value)
+    assert backend.gpu_unavailable_reason() in str(e.value)
     assert backend.set_device("auto") == "cpu"
 
 
