@@ -25,7 +25,7 @@ def test_gpu_request_without_gpu_carries_cupy_reason():
     assert backend.set_device("auto") == "cpu"
 
 
-@pytest.mark.skipif(not backend.gpu_available(), reason="needs a GPU to mix numpy and cupy arrays")
+@pytest.mark.skipif(not backend.gpu_available(), reason="no usable GPU: mixing numpy and cupy arrays needs one")
 def test_mixing_numpy_and_cupy_names_both():
     import cupy
     with pytest.raises(backend.BackendMismatchError, match="numpy.ndarray.*cupy.ndarray"):

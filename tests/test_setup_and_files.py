@@ -297,6 +297,17 @@ def test_make_with_an_explicit_python_uses_it_and_no_dot_venv(project):
     assert "/usr/bin/python3.x -m pip install -q -e '.[test]'" in cifar and ".venv" not in cifar
 
 
+@needs_make
+def test_make_gpu_check_installs_into_its_own_venv_and_takes_a_given_python_as_it_is(project):
+    out = make_n(project, "gpu-check")
+    assert ".venv/bin/python -m pip install -q -e '.[test]'" in out
+    assert out.strip().splitlines()[-1] == ("PYTHON='.venv/bin/python' DATA='nodata' OUT_DIR='gpu_results' "
+                                            "bash scripts/gpu_check.sh")
+    # a GPU machine's python3, run from the source tree with no install step
+    assert make_n(project, "gpu-check", "PYTHON=python3").strip() == \
+        "PYTHON='python3' DATA='nodata' OUT_DIR='gpu_results' bash scripts/gpu_check.sh"
+
+
 def test_dot_venv_is_ignored_by_git():
     lines = open(os.path.join(ROOT, ".gitignore")).read().split()
     assert ".venv/" in lines or ".venv" in lines or "/.venv/" in lines
