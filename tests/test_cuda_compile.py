@@ -47,30 +47,28 @@ def compile_cubin(source, arch, out_dir, werror=False):
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def spills(messages):
-    """{kernel: (spill store bytes, spill load bytes)} from ptxas -v output."""
+def per_kernel(messages, heading, value):
+    """{kernel: the ints of the last line matching ``value`` below the kernel's ``heading``} of ptxas -v."""
     found, current = {}, None
     for line in messages.splitlines():
-        m = re.search(r"Function properties for (\w+)", line)
+        m = re.search(heading, line)
         if m:
             current = m.group(1)
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        m = re.search(value, line)
         if m and current is not None:
-            found[current] = (int(m.group(1)), int(m.group(2)))
+            found[current] = tuple(int(v) for v in m.groups())
     return found
+
+
+def spills(messages):
+    """{kernel: (spill store bytes, spill load bytes)} from ptxas -v output."""
+    return per_kernel(messages, r"Function properties for (\w+)", r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def registers(messages):
     """{kernel: registers per thread} from ptxas -v output."""
-    found, current = {}, None
-    for line in messages.splitlines():
-        m = re.search(r"Compiling entry function '(\w+)'", line)
-        if m:
-            current = m.group(1)
-        m = re.search(r"Used (\d+) registers", line)
-        if m and current is not None:
-            found[current] = int(m.group(1))
-    return found
+    used = per_kernel(messages, r"Compiling entry function '(\w+)'", r"Used (\d+) registers")
+    return {kernel: n for kernel, (n,) in used.items()}
 
 
 def test_kernel_sources_are_listed():
