@@ -23,6 +23,7 @@ else
 INSTALLED := install
 endif
 TESTS ?= tests
+GPU_RESULTS ?= gpu_results
 DATA ?= data
 OUT ?= runs/cifarnet
 EPOCHS ?= 30
@@ -83,8 +84,14 @@ parity: $(INSTALLED) data
 bench: $(INSTALLED)
 	$(PYTHON) -m minireuse bench layers --data $(DATA) --json bench.json
 
-gpu-check:
-	bash scripts/gpu_check.sh
+# The GPU check (scripts/gpu_check.sh; gpu_results/README.md says what it answers). With make's
+# own .venv it installs first: put CuPy there once with `.venv/bin/python -m pip install -e
+# '.[gpu-cuda13]'` (gpu-cuda12 for CUDA 12). PYTHON=... (or an active virtual environment) is
+# taken as it is, with no install step, the project run from this source tree (PYTHONPATH=.):
+# `make gpu-check PYTHON=python3` on a GPU machine whose python3 has cupy, numpy, pytest and
+# tqdm and no network. Without a usable GPU it stops within seconds, writing nothing.
+gpu-check: $(if $(OWN_VENV),$(INSTALLED))
+	PYTHON='$(PYTHON)' DATA='$(DATA)' OUT_DIR='$(GPU_RESULTS)' bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

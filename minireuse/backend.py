@@ -32,7 +32,18 @@ class BackendMismatchError(TypeError):
     """NumPy and CuPy arrays were mixed in one operation."""
 
 
-def _gpu_unavailable_reason():
+# One tiny kernel that gpu_available() compiles and runs: CuPy's wheels compile kernels
+# with NVRTC from a CUDA toolkit (CuPy 14: a local one or the [ctk] extra), so a machine
+# with a driver and a device but no toolkit counts devices and fails at the first kernel.
+_PROBE_KERNEL = r'''extern "C" __global__ void minireuse_probe(float* a) { a[threadIdx.x] += 1.0f; }'''
+_gpu_checked = {"usable": False}
+
+
+def gpu_unavailable_reason():
+    """None when a GPU is usable (cupy imports, a device is visible, a tiny kernel compiles and
+    runs), else why not."""
+    if _gpu_checked["usable"]:
+        return None
     if _cupy is None:
         return f"cupy could not be imported: {type(_CUPY_ERROR).__name__}: {_CUPY_ERROR}"
     try:
@@ -41,17 +52,37 @@ def _gpu_unavailable_reason():
         return f"cupy imported but CUDA reported: {type(e).__name__}: {e}"
     if n == 0:
         return "cupy imported but no CUDA device is present"
+    reason = _kernel_probe_reason()
+    # a usable GPU stays usable: the checks above cost a driver call (and the probe a
+    # compile), too much for every layer, phase and step that asks
+    _gpu_checked["usable"] = reason is None
+    return reason
+
+
+def _kernel_probe_reason():
+    """None when one tiny kernel compiles and runs on the current device, else why not."""
+    try:
+        a = _cupy.zeros(1, dtype=np.float32)
+        _cupy.RawKernel(_PROBE_KERNEL, "minireuse_probe")((1,), (1,), (a,))
+        value = float(a.get()[0])
+    except Exception as e:
+        return (f"cupy sees a CUDA device but could not compile and run a kernel ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); CuPy 14 compiles with a "
+                "local CUDA toolkit or the wheel's [ctk] extra, e.g. pip install 'cupy-cuda13x[ctk]'")
+    if value != 1.0:
+        return f"cupy ran a test kernel on the device and read back {value} instead of 1.0"
     return None
 
 
 def gpu_available():
-    """True when cupy imports and at least one CUDA device is visible."""
-    return _gpu_unavailable_reason() is None
+    """True when cupy imports, a CUDA device is visible and one tiny kernel compiles and runs
+    on it (checked once per process after it succeeds)."""
+    return gpu_unavailable_reason() is None
 
 
 def require_gpu():
     """Return the cupy module or raise DeviceError carrying cupy's own reason."""
-    reason = _gpu_unavailable_reason()
+    reason = gpu_unavailable_reason()
     if reason is not None:
         raise DeviceError(f"a GPU was requested but cannot be used ({reason}). "
                           "Install the cupy wheel matching your CUDA (see README) "
@@ -144,7 +175,7 @@ def random_generator(seed):
 # copies; values the host wants to see (the running loss) come back the same way and
 # are read only once their copy has landed. Both are plain array writes on the CPU.
 
-_capture = {"active": False}
+_capture = {"active": False, "on_success": None}
 
 
 class capturing:
@@ -152,17 +183,35 @@ class capturing:
 
     Layers and optimizers ask ``is_capturing()`` to keep host-side work (advancing a
     dropout key, counting a step) out of the recording: the graph runner does it
-    before every replay instead.
+    before every replay instead. What must hold only for a recording that ended well
+    (a call site that a replay will feed) is registered with ``on_capture_success`` and
+    runs when the recorder calls ``succeeded()``; a failed recording (the step then
+    runs eagerly) runs none of it.
     """
 
     def __enter__(self):
-        self._outer = _capture["active"]
-        _capture["active"] = True
+        self._outer = dict(_capture)
+        self._on_success = []
+        _capture.update(active=True, on_success=self._on_success)
         return self
 
     def __exit__(self, *exc):
-        _capture["active"] = self._outer
+        _capture.update(self._outer)
         return False
+
+    def succeeded(self):
+        """The recording of this block ended well: run what waited for that."""
+        for fn in self._on_success:
+            fn()
+
+
+def on_capture_success(fn):
+    """Run fn once the recording now in progress has ended well (``capturing.succeeded``);
+    at once for a capture begun directly on the stream, outside any ``capturing`` block."""
+    if _capture["on_success"] is None:
+        fn()
+    else:
+        _capture["on_success"].append(fn)
 
 
 def is_capturing():
@@ -180,11 +229,17 @@ def is_capturing():
 
 
 def _pinned_slots(slots, n, dtype):
-    """(slots, n) host array in page-locked memory, and the allocation that owns it."""
+    """(slots, n) host array in page-locked memory, zeroed, and the allocation that owns it."""
     cp = require_gpu()
     dtype = np.dtype(dtype)
     mem = cp.cuda.alloc_pinned_memory(max(slots * n * dtype.itemsize, 1))
-    return np.frombuffer(mem, dtype, slots * n).reshape(slots, n), mem
+    host = np.frombuffer(mem, dtype, slots * n).reshape(slots, n)
+    host[...] = 0           # pinned memory comes uninitialised: no slot may ever read as garbage
+    return host, mem
+
+
+# How many steps the host may run ahead of the GPU: DeviceScalars waits only beyond that.
+HOST_AHEAD = 64
 
 
 class DeviceScalars:
@@ -199,7 +254,7 @@ class DeviceScalars:
     is simply overwritten.
     """
 
-    def __init__(self, n, dtype=np.float64, xp=np, slots=64):
+    def __init__(self, n, dtype=np.float64, xp=np, slots=HOST_AHEAD):
         self.n, self.dtype = int(n), np.dtype(dtype)
         self.array = xp.zeros(self.n, dtype=self.dtype)
         self.gpu = xp is not np
@@ -234,32 +289,35 @@ class DeviceScalars:
 class AsyncReader:
     """Reads a small device array back to the host without waiting for the GPU.
 
-    ``request(a, tag)`` queues a copy of ``a`` (n numbers, contiguous) into pinned
-    memory on the current stream, so it sees ``a`` exactly as it is at that point of
-    the stream, and records an event. ``latest()`` returns (values, tag) of the newest
-    request whose copy has landed (``event.done``), or the previous answer while none
-    has: a progress bar reading it lags by one request instead of stalling the step.
-    ``wait()`` blocks for the newest request (epoch ends, errors). On NumPy a request
-    is read at once.
+    ``request(a, tag)`` queues a copy of ``a`` (n numbers, contiguous) into the next of a
+    ring of pinned slots on the current stream, so it sees ``a`` exactly as it is at that
+    point of the stream, and records an event. ``latest()`` returns (values, tag) of the
+    newest request whose copy has landed (``event.done``), or the previous answer while
+    none has: a progress bar reading it lags by a few requests instead of stalling the
+    step. The ring holds twice as many requests as the host may run ahead of the GPU
+    (HOST_AHEAD steps), and a landed answer is read before its slot is reused, so
+    answers keep coming however far behind the GPU runs; a wait happens only when the
+    GPU is a whole ring behind. ``wait()`` blocks for the newest request (epoch ends,
+    errors). On NumPy a request is read at once.
 
-    Inside a CUDA graph capture, ``request`` copies into a capture slot of its own
-    (the copy becomes a node of the graph; no event is recorded, since events
-    recorded in a capture cannot be polled): after each replay, ``replayed(tag)``
-    records the event that makes the slot's values the newest request once they land.
+    Inside a CUDA graph capture, ``request`` copies ``a`` into a device array of its own
+    (the copy becomes a node of the graph; no event is recorded, since events recorded
+    in a capture cannot be polled): after each replay, ``replayed(tag)`` queues that
+    array's copy into the ring like any request.
     """
 
-    def __init__(self, n, dtype=np.float64, xp=np, slots=4):
+    def __init__(self, n, dtype=np.float64, xp=np, slots=2 * HOST_AHEAD):
         self.n, self.dtype = int(n), np.dtype(dtype)
         self.gpu = xp is not np
         self._latest = None
         if self.gpu:
-            # slots + 1 rows: the last is the capture slot (allocated up front: no
-            # pinned allocation ever happens during a capture)
-            self._host, self._mem = _pinned_slots(slots + 1, self.n, self.dtype)
-            self._events = [None] * (slots + 1)
+            self._host, self._mem = _pinned_slots(slots, self.n, self.dtype)
+            self._events = [None] * slots
             self._pending = []     # (slot, event, tag), oldest first
             self._next = 0
-            self._capture = slots
+            # what a recorded graph copies into, allocated up front (no allocation ever
+            # happens during a capture) and zeroed (a replay before any write reads zeros)
+            self._captured = xp.zeros(self.n, dtype=self.dtype)
 
     def request(self, a, tag=None):
         if not self.gpu:
@@ -271,21 +329,21 @@ class AsyncReader:
                              f"got {a.dtype} array of shape {a.shape}")
         stream = cp.cuda.get_current_stream()
         if stream.is_capturing():
-            cp.cuda.runtime.memcpyAsync(self._host[self._capture].ctypes.data, a.data.ptr,
-                                        self.n * self.dtype.itemsize, cp.cuda.runtime.memcpyDeviceToHost,
-                                        stream.ptr)
+            cp.cuda.runtime.memcpyAsync(self._captured.data.ptr, a.data.ptr, self.n * self.dtype.itemsize,
+                                        cp.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
             return
-        k = self._next
-        self._next = (k + 1) % self._capture
-        self._mark(k, tag, stream, a)
+        self._queue(a, tag, stream)
 
-    def _mark(self, k, tag, stream, a=None):
+    def _queue(self, a, tag, stream):
         cp = require_gpu()
-        # a slot still in flight is overwritten by this later copy: forget its request
-        self._pending = [p for p in self._pending if p[0] != k]
-        if a is not None:
-            cp.cuda.runtime.memcpyAsync(self._host[k].ctypes.data, a.data.ptr, self.n * self.dtype.itemsize,
-                                        cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        self.latest()              # an answer that landed is taken before its slot can be reused
+        k = self._next
+        self._next = (k + 1) % len(self._events)
+        if self._pending and self._pending[0][0] == k:
+            self._pending[0][1].synchronize()   # only when the GPU is a whole ring behind
+            self.latest()
+        cp.cuda.runtime.memcpyAsync(self._host[k].ctypes.data, a.data.ptr, self.n * self.dtype.itemsize,
+                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
         event = self._events[k]
         if event is None:
             event = self._events[k] = cp.cuda.Event(disable_timing=True)
@@ -294,9 +352,9 @@ class AsyncReader:
 
     def replayed(self, tag=None):
         """A graph whose capture called ``request`` was launched on the current stream:
-        its copy into the capture slot counts as the newest request (with ``tag``)."""
+        what it copied counts as the newest request (with ``tag``)."""
         if self.gpu:
-            self._mark(self._capture, tag, require_gpu().cuda.get_current_stream())
+            self._queue(self._captured, tag, require_gpu().cuda.get_current_stream())
 
     def clear(self):
         """Forget every request and answer (a new epoch)."""

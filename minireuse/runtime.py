@@ -188,7 +188,10 @@ class KernelModule:
 
 
 class GpuRunner:
-    """Launches on the GPU through one ``cupy.RawModule`` of the whole source."""
+    """Launches on the GPU through one ``cupy.RawModule`` of the whole source.
+
+    CuPy appends -ftz=true to the options of every NVRTC compile: float32 subnormals
+    flush to zero on the GPU (the host build keeps them), whatever the module asks."""
 
     kind = "gpu"
     max_blocks = None           # grid-stride launches use the sizes their callers choose

@@ -239,7 +239,7 @@ class StepGraphs:
         pool = cp.cuda.MemoryPool()
         error, graph = None, None
         with self.stream:
-            with cp.cuda.using_allocator(pool.malloc), backend.capturing():
+            with cp.cuda.using_allocator(pool.malloc), backend.capturing() as capture:
                 self.stream.begin_capture()
                 try:
                     self.body(rec.x, rec.y)
@@ -265,6 +265,7 @@ class StepGraphs:
             for _, _, sums in rec.stat_sums:
                 for s in sums.values():
                     s.fill(0)
+        capture.succeeded()
         rec.graph, rec.pool = graph, pool
         self.graphs[key] = rec
         self.recordings += 1

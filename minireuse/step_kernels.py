@@ -24,7 +24,10 @@ signatures and launch through minireuse.runtime, like the deep-reuse kernels, so
 the same source also runs as its host build on NumPy arrays: tests check every
 kernel on machines without a GPU through the launch the GPU uses. The module is
 compiled without fused multiply-add (and the host build without contraction), so
-elementwise kernels round exactly like the NumPy expressions they replace.
+elementwise kernels round like the NumPy expressions they replace on normal numbers.
+Not on subnormals: CuPy adds -ftz=true to every NVRTC compile, so a float32 input or
+result below 1.18e-38 (float64 keeps them) flushes to zero on the GPU where NumPy
+keeps it. Exact comparisons with NumPy hold for data without float32 subnormals.
 
 Values that change every step (learning rate, Adam's bias corrections, dropout
 keys) are read from device memory (``backend.DeviceScalars``), never passed as
@@ -214,6 +217,22 @@ __device__ void dropout_forward(const T* x, T* mask, T* y, const unsigned int* k
 // One thread per row; the count goes through atomicAdd (integers in double: the
 // total is exact in any order), the loss is added by row 0 alone.
 
+// atomicAdd(double*) exists from sm_60 on; below it (CuPy on CUDA 12 still targets
+// sm_5x) the same sum is a compare-and-swap loop, so the module compiles everywhere.
+__device__ inline void add_f64(double* address, double value)
+{
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 600
+    atomicAdd(address, value);
+#else
+    unsigned long long* bits = (unsigned long long*)address;
+    unsigned long long seen = *bits, expected;
+    do {
+        expected = seen;
+        seen = atomicCAS(bits, expected, __double_as_longlong(__longlong_as_double(expected) + value));
+    } while (seen != expected);
+#endif
+}
+
 template <typename T>
 __device__ void accumulate_step(double* sums, const T* loss, const T* logits,
                                 const long long* labels, long long n, int k)
@@ -224,8 +243,8 @@ __device__ void accumulate_step(double* sums, const T* loss, const T* logits,
         int arg = 0;
         for (int j = 1; j < k; ++j)
             if (z[j] > best || (z[j] != z[j] && best == best)) { best = z[j]; arg = j; }
-        if ((long long)arg == labels[row]) atomicAdd(&sums[1], 1.0);
-        if (row == 0) atomicAdd(&sums[0], (double)(loss[0] * (T)n));
+        if ((long long)arg == labels[row]) add_f64(&sums[1], 1.0);
+        if (row == 0) add_f64(&sums[0], (double)(loss[0] * (T)n));
     }
 }
 

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# GPU check: every test (GPU ones included), the layer bench, and per-kernel
-# times of conv2 (with cuDNN for a ratio when PyTorch imports), and the whole
-# training step against PyTorch eager (PyTorch is optional: pip install -e '.[compare]';
-# without it the step stage still times every minireuse row and its table says the
-# PyTorch row was skipped and why); writes
-# $OUT_DIR/<date>-<device>.md and .json with the device name, the commit and the numbers.
+# GPU check (make gpu-check): one prepared run that a short GPU loan can afford twice.
 #
-#   bash scripts/gpu_check.sh            (make gpu-check)
+#   make gpu-check                                  (make's own .venv, installed first)
+#   make gpu-check PYTHON=python3                   (that interpreter as it is, from this source tree)
 #   OUT_DIR=gpu_results DATA=data PYTHON=python3 bash scripts/gpu_check.sh
 #
-# Every stage runs even when an earlier one failed; each failure is reported and
-# the exit status is non-zero if any stage failed. Stage time limits keep the
-# whole run under 7 minutes.
+# Preflight first: CuPy imports, a device is visible, one kernel compiles and runs. Without
+# that it prints one line saying why and exits 3 within seconds, writing nothing. Then the
+# stages, each under its own time limit (at most 7.5 minutes in all), each writing its
+# results into OUT_DIR/<UTC time>-<device>/ as it finishes, with summary.md rewritten after
+# every stage (device, CuPy/CUDA versions, commit), so a run cut short still reports:
+#   tests      the whole suite; a GPU case skipped for lack of a GPU fails it
+#              (MINIREUSE_REQUIRE_GPU, tests/conftest.py)
+#   kernels    per-kernel times of conv2, with cuBLAS and cuDNN (PyTorch) from the same run
+#   bench      the layer bench of conv2 and fc3
+#   step       the whole training step: eager, CUDA graph, PyTorch when it imports
+#   train-*    one epoch on 5000 images, exact and with reuse (needs CIFAR-10 in DATA)
+# Everything runs with --device gpu. Exit status: 0 when every stage passed.
 set -u
 
 cd "$(dirname "$0")/.."
@@ -20,92 +25,55 @@ OUT_DIR=${OUT_DIR:-gpu_results}
 DATA=${DATA:-data}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-mkdir -p "$OUT_DIR"
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
 
-STAGES=()
-STATUS=()
+RUN=$(timeout 25 "$PYTHON" scripts/gpu_check_report.py preflight "$OUT_DIR")
+rc=$?
+if [ "$rc" -ne 0 ]; then
+    case $rc in
+        3) echo "$RUN" ;;
+        124) echo "gpu-check: no usable GPU, nothing measured or written: the preflight did not finish in 25 s" ;;
+        *) echo "gpu-check: no usable GPU, nothing measured or written: the preflight with $PYTHON failed (exit $rc)" ;;
+    esac
+    exit 3
+fi
+echo "gpu-check: results go to $RUN"
+
+FAILED=()
 run_stage() {   # name, time limit in seconds, command...
     local name=$1 limit=$2
     shift 2
-    echo "=== $name"
+    echo "=== $name (at most ${limit} s)"
     local start=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee "$WORK/$name.log"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$RUN/$name.log"
     local rc=${PIPESTATUS[0]}
-    [ "$rc" -eq 124 ] && echo "=== $name: timed out after ${limit}s"
-    echo "=== $name: exit $rc ($((SECONDS - start)) s)"
-    STAGES+=("$name")
-    STATUS+=("$rc")
+    local status="passed"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        status="timed out after ${limit} s"
+    elif [ "$rc" -ne 0 ]; then
+        status="failed (exit $rc)"
+    fi
+    [ "$status" = passed ] || FAILED+=("$name: $status")
+    printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - start))" >> "$RUN/stages.tsv"
+    "$PYTHON" scripts/gpu_check_report.py summary "$RUN" || FAILED+=("summary after $name")
+    echo "=== $name: $status ($((SECONDS - start)) s)"
 }
 
-PARALLEL=()
-"$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
-run_stage tests 240 "$PYTHON" -m pytest -q -rs ${PARALLEL[@]+"${PARALLEL[@]}"} tests
-run_stage bench 60 "$PYTHON" -m minireuse bench layers --quiet --data "$DATA" --layers conv2,fc3 \
-    --family offset --repeats 3 --json "$WORK/bench_gpu.json"
-run_stage kernels 40 "$PYTHON" scripts/kernel_times.py --data "$DATA" --repeats 10 \
-    --json "$WORK/kernel_times.json" --markdown "$WORK/kernel_times.md"
-run_stage step 60 "$PYTHON" -m minireuse bench step --data "$DATA" --quiet \
-    --json "$WORK/step_gpu.json"
-[ -f "$WORK/bench_gpu.json" ] && cp "$WORK/bench_gpu.json" "$OUT_DIR/bench_gpu.json"
-[ -f "$WORK/step_gpu.json" ] && cp "$WORK/step_gpu.json" "$OUT_DIR/step_gpu.json"
-
-STAGE_LIST=$(IFS=,; echo "${STAGES[*]}")
-STATUS_LIST=$(IFS=,; echo "${STATUS[*]}")
-"$PYTHON" - "$WORK" "$OUT_DIR" "$STAGE_LIST" "$STATUS_LIST" <<'EOF'
-import datetime, json, re, subprocess, sys
-from pathlib import Path
-
-work, out_dir, names, codes = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(","), sys.argv[4].split(",")
-try:
-    import cupy
-    device = cupy.cuda.runtime.getDeviceProperties(0)["name"]
-    device = device.decode() if isinstance(device, bytes) else device
-except Exception as e:  # no GPU: the report still says why
-    device = f"no GPU ({type(e).__name__})"
-try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    commit = commit.stdout.strip() if commit.returncode == 0 and commit.stdout.strip() else "unknown"
-except (OSError, subprocess.SubprocessError):
-    commit = "unknown"
-date = datetime.date.today().isoformat()
-stem = f"{date}-{re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-')}"
-
-
-def load(name):
-    path = work / name
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def tail(name, n):
-    path = work / f"{name}.log"
-    return "\n".join(path.read_text().splitlines()[-n:]) if path.exists() else "(no output)"
-
-
-stages = {n: int(c) for n, c in zip(names, codes)}
-report = dict(date=date, device=device, commit=commit, stages=stages,
-              bench=load("bench_gpu.json"), kernels=load("kernel_times.json"), step=load("step_gpu.json"))
-lines = [f"# GPU check {date}: {device}", "", f"commit {commit}", "", "| stage | exit |", "|---|---|"]
-lines += [f"| {n} | {c} |" for n, c in stages.items()]
-lines += ["", "## tests", "", "```text", tail("tests", 30), "```", "", "## layer bench", "", "```text",
-          tail("bench", 40), "```", "", "## training step (bench step)", "", "```text",
-          tail("step", 25), "```", ""]
-kernels = work / "kernel_times.md"
-lines.append(kernels.read_text() if kernels.exists() else "## conv2 kernels\n\n(not measured: see the exit status)\n")
-(out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
-(out_dir / f"{stem}.md").write_text("\n".join(lines))
-print(f"wrote {out_dir / stem}.md and .json")
-EOF
-REPORT_RC=$?
-
-FAILED=0
-for i in "${!STAGES[@]}"; do
-    if [ "${STATUS[$i]}" -ne 0 ]; then
-        echo "FAILED: ${STAGES[$i]} (exit ${STATUS[$i]})"
-        FAILED=1
-    fi
+MINIREUSE_REQUIRE_GPU=1 run_stage tests 210 "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
+    --junitxml="$RUN/tests.xml" tests
+run_stage kernels 50 "$PYTHON" scripts/kernel_times.py --data "$DATA" --repeats 10 \
+    --json "$RUN/kernel_times.json" --markdown "$RUN/kernel_times.md"
+run_stage bench 40 "$PYTHON" -m minireuse bench layers --device gpu --quiet --data "$DATA" --layers conv2,fc3 \
+    --family offset --repeats 3 --json "$RUN/bench_layers.json"
+run_stage step 50 "$PYTHON" -m minireuse bench step --device gpu --data "$DATA" --quiet \
+    --json "$RUN/bench_step.json"
+for reuse in off adaptive; do
+    run_stage "train-$reuse" 45 "$PYTHON" -m minireuse train --device gpu --data "$DATA" --no-download --quiet \
+        --epochs 1 --limit-train 5000 --reuse "$reuse" --graph auto --out "$RUN/train-$reuse"
 done
-[ "$REPORT_RC" -ne 0 ] && { echo "FAILED: report (exit $REPORT_RC)"; FAILED=1; }
-[ "$FAILED" -eq 0 ] && echo "gpu-check: all stages passed"
-exit "$FAILED"
+
+echo "gpu-check: wrote $RUN/summary.md"
+if [ "${#FAILED[@]}" -gt 0 ]; then
+    printf 'FAILED: %s\n' "${FAILED[@]}"
+    exit 1
+fi
+echo "gpu-check: all stages passed"

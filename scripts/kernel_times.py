@@ -13,6 +13,9 @@ outputs, 'same' padding. For each reuse setting it reports:
   - the operation count;
 and, in the same run, the exact layer (im2col + cuBLAS) and, when PyTorch
 imports, cuDNN forward + backward of the same layer in float32 (TF32 off).
+The tests run the same pipeline on the kernels' host build (``main(argv,
+cuda.HostDevice())``: perf_counter times, no graph, no cuDNN), so it cannot
+break unseen between GPU runs.
 """
 import argparse
 import json
@@ -25,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minireuse import backend, bench  # noqa: E402
-from minireuse.timing import timed  # noqa: E402
+from minireuse.timing import Clock, timed  # noqa: E402
 from minireuse.reuse import ReuseConfig, ReuseState, cuda  # noqa: E402
 
 SETTINGS = [
@@ -37,42 +40,42 @@ SETTINGS = [
 ]
 
 
-class TimedDevice(cuda.CupyDevice):
-    """The CUDA device layer with a CUDA event pair around every operation."""
+class TimedDevice:
+    """A device layer (CupyDevice; HostDevice in the tests) with a timer around every operation:
+    a CUDA event pair each on the GPU, perf_counter on the host."""
 
-    def __init__(self):
-        super().__init__()
-        self.log = []
+    def __init__(self, inner):
+        self.inner = inner
+        self._restart()
+
+    def __getattr__(self, name):           # everything not timed is the inner layer's own
+        return getattr(self.inner, name)
+
+    def _restart(self):
+        self.clock = Clock(gpu=self.inner.kind == "gpu")
+        self.labels = []
 
     def _timed(self, label, fn):
-        cp = backend.require_gpu()
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        fn()
-        end.record()
-        self.log.append((label, start, end))
+        self.labels.append(label)
+        self.clock.time(fn)
 
     def launch(self, name, grid, block, args, shared_mem=0):
-        self._timed(name, lambda: super(TimedDevice, self).launch(name, grid, block, args, shared_mem))
+        self._timed(name, lambda: self.inner.launch(name, grid, block, args, shared_mem))
 
     def memset(self, a, byte):
-        self._timed("memset", lambda: super(TimedDevice, self).memset(a, byte))
+        self._timed("memset", lambda: self.inner.memset(a, byte))
 
     def copy(self, dst, src):
-        self._timed("memcpy D2D", lambda: super(TimedDevice, self).copy(dst, src))
+        self._timed("memcpy D2D", lambda: self.inner.copy(dst, src))
 
     def gemm_strided_batched(self, *args):
         m, n, k, batch = args[2], args[3], args[4], args[-1]
-        self._timed(f"cuBLAS {batch}x({n}x{k} @ {k}x{m})",
-                    lambda: super(TimedDevice, self).gemm_strided_batched(*args))
+        self._timed(f"cuBLAS {batch}x({n}x{k} @ {k}x{m})", lambda: self.inner.gemm_strided_batched(*args))
 
     def collect(self):
         """[(label, ms)] of the logged operations (waits for them), then clears the log."""
-        cp = backend.require_gpu()
-        if self.log:
-            self.log[-1][2].synchronize()
-        out = [(label, cp.cuda.get_elapsed_time(s, e)) for label, s, e in self.log]
-        self.log = []
+        out = list(zip(self.labels, self.clock.times()))
+        self._restart()
         return out
 
 
@@ -85,26 +88,38 @@ def reuse_step(x, W, b, dy, pads, config, state):
     return cuda.cuda_reuse_conv_backward(dy, cache)
 
 
-def time_setting(x, W, b, dy, pads, fields, repeats):
-    cp = backend.require_gpu()
+def time_setting(x, W, b, dy, pads, fields, repeats, layer):
+    """The times of one reuse setting on the device layer ``layer`` (its CUDA graph on the GPU only)."""
     config = ReuseConfig(seed=0, **fields)
     state = ReuseState()
     for _ in range(4):                           # compile, then let the capacity settle
         reuse_step(x, W, b, dy, pads, config, state)
-        cp.cuda.Stream.null.synchronize()
-    with cuda.using_device(TimedDevice()) as timed:
+        backend.synchronize()
+    with cuda.using_device(TimedDevice(layer)) as ops_timer:
         per_op = []
         for _ in range(repeats):
             y, cache = cuda.cuda_reuse_conv_forward(x, W, b, 1, pads, config, state)
-            fwd_ops = timed.collect()
+            fwd_ops = ops_timer.collect()
             cuda.cuda_reuse_conv_backward(dy, cache)
-            per_op.append([("fwd " + k, v) for k, v in fwd_ops] + [("bwd " + k, v) for k, v in timed.collect()])
+            per_op.append([("fwd " + k, v) for k, v in fwd_ops] +
+                          [("bwd " + k, v) for k, v in ops_timer.collect()])
     ops = [(label, float(np.median([run[i][1] for run in per_op]))) for i, (label, _) in enumerate(per_op[0])]
     fwd, bwd = [], []
     for _ in range(repeats):
         t, (y, cache) = timed(lambda: cuda.cuda_reuse_conv_forward(x, W, b, 1, pads, config, state))
         fwd.append(t)
         bwd.append(timed(lambda: cuda.cuda_reuse_conv_backward(dy, cache))[0])
+    graph_ms = time_graph(x, W, b, dy, pads, config, state, repeats) if layer.kind == "gpu" else None
+    last = state.last
+    return dict(config=config.as_dict(), ops=ops, op_count=len(ops), fwd_ms=float(np.median(fwd)),
+                bwd_ms=float(np.median(bwd)), graph_fwd_bwd_ms=graph_ms,
+                r_c=float(backend.asnumpy(last["r_c"])), capacity=int(last["capacity"]),
+                overflow=int(backend.asnumpy(last["overflow"])))
+
+
+def time_graph(x, W, b, dy, pads, config, state, repeats):
+    """ms of one forward + backward recorded as a CUDA graph and replayed (median)."""
+    cp = backend.require_gpu()
     # everything the capture allocates comes from a pool of its own, kept while the graph
     # replays (as step_graphs.py does): later eager work cannot reuse the addresses it writes
     pool = cp.cuda.MemoryPool()
@@ -117,12 +132,7 @@ def time_setting(x, W, b, dy, pads, fields, repeats):
                 reuse_step(x, W, b, dy, pads, config, state)
             finally:
                 graph = stream.end_capture()
-        graph_ms = median_ms(lambda: (graph.launch(stream), stream.synchronize()), repeats)
-    last = state.last
-    return dict(config=config.as_dict(), ops=ops, op_count=len(ops), fwd_ms=float(np.median(fwd)),
-                bwd_ms=float(np.median(bwd)), graph_fwd_bwd_ms=graph_ms,
-                r_c=float(backend.asnumpy(last["r_c"])), capacity=int(last["capacity"]),
-                overflow=int(backend.asnumpy(last["overflow"])))
+        return median_ms(lambda: (graph.launch(stream), stream.synchronize()), repeats)
 
 
 def time_exact(layer, x, dy, repeats):
@@ -198,8 +208,8 @@ def markdown(report):
                   f"r_c {s['r_c']:.4f}, capacity {s['capacity']}, overflow {s['overflow']}, "
                   f"{s['op_count']} device operations (+ CuPy's own transposes/matmul)", "",
                   f"fwd {s['fwd_ms']:.3f} ms, bwd {s['bwd_ms']:.3f} ms, total {total:.3f} ms eager; "
-                  f"{s['graph_fwd_bwd_ms']:.3f} ms as a CUDA graph; "
-                  f"x{(ex['fwd_ms'] + ex['bwd_ms']) / total:.2f} vs exact"
+                  + (f"{s['graph_fwd_bwd_ms']:.3f} ms as a CUDA graph; " if s["graph_fwd_bwd_ms"] else "")
+                  + f"x{(ex['fwd_ms'] + ex['bwd_ms']) / total:.2f} vs exact"
                   + (f", x{(cd['fwd_ms'] + cd['bwd_ms']) / total:.2f} vs cuDNN (eager), "
                      f"x{(cd['fwd_ms'] + cd['bwd_ms']) / s['graph_fwd_bwd_ms']:.2f} (graph)" if cd else ""),
                   "", "| operation | ms |", "|---|---|"]
@@ -207,7 +217,9 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def main(argv=None, layer=None):
+    """The script; ``layer``: the device layer to time (default: the GPU's; the tests pass
+    cuda.HostDevice() to run the whole pipeline on the kernels' host build)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data")
     parser.add_argument("--batch", type=int, default=128)
@@ -216,23 +228,11 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="write the report as JSON here")
     parser.add_argument("--markdown", default=None, help="write the report as Markdown here")
     args = parser.parse_args(argv)
-    backend.set_device("gpu")
-    cp = backend.require_gpu()
-    t0 = time.time()
-    images, source = bench.load_images(args.data, args.batch, args.seed)
-    layer, x = bench.layer_inputs(images, ["conv2"], args.seed)["conv2"]
-    x = cp.ascontiguousarray(x, dtype=np.float32)
-    W, b = layer.params["W"], layer.params["b"]
-    pads, (oh, ow) = layer.pads(x.shape[1], x.shape[2])
-    dy = cp.asarray(np.random.default_rng(args.seed).standard_normal((x.shape[0], oh, ow, W.shape[3])),
-                    dtype=np.float32)
-    report = dict(device=backend.describe_device(), commit=bench.git_commit() or "unknown", data=source,
-                  layer=dict(x=list(x.shape), W=list(W.shape), pads=list(pads)), repeats=args.repeats,
-                  exact=time_exact(layer, x, dy, args.repeats), cudnn=time_cudnn(x, W, b, dy, args.repeats),
-                  settings={})
-    for label, fields in SETTINGS:
-        report["settings"][label] = time_setting(x, W, b, dy, pads, fields, args.repeats)
-    report["seconds"] = time.time() - t0
+    if layer is None:
+        backend.set_device("gpu")
+        layer = cuda.CupyDevice()
+    with cuda.using_device(layer):
+        report = measure(args, layer)
     text = markdown(report)
     print(text)
     if args.json:
@@ -240,6 +240,26 @@ def main(argv=None):
     if args.markdown:
         Path(args.markdown).write_text(text)
     return 0
+
+
+def measure(args, layer):
+    t0 = time.time()
+    images, source = bench.load_images(args.data, args.batch, args.seed)
+    conv2, x = bench.layer_inputs(images, ["conv2"], args.seed)["conv2"]
+    x = backend.xp().ascontiguousarray(x, dtype=np.float32)
+    W, b = conv2.params["W"], conv2.params["b"]
+    pads, (oh, ow) = conv2.pads(x.shape[1], x.shape[2])
+    dy = backend.to_device(np.random.default_rng(args.seed).standard_normal((x.shape[0], oh, ow, W.shape[3])),
+                           np.float32)
+    gpu = layer.kind == "gpu"
+    report = dict(device=backend.describe_device(), commit=bench.git_commit() or "unknown", data=source,
+                  layer=dict(x=list(x.shape), W=list(W.shape), pads=list(pads)), repeats=args.repeats,
+                  exact=time_exact(conv2, x, dy, args.repeats),
+                  cudnn=time_cudnn(x, W, b, dy, args.repeats) if gpu else None, settings={})
+    for label, fields in SETTINGS:
+        report["settings"][label] = time_setting(x, W, b, dy, pads, fields, args.repeats, layer)
+    report["seconds"] = time.time() - t0
+    return report
 
 
 if __name__ == "__main__":

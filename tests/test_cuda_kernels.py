@@ -273,6 +273,7 @@ def test_centroids(xp):
     C, counts = cuda.centroid_sums(dev(xp, X), dev(xp, ids), 7, capacity=40)
     cm = want_C.shape[1]
     close(C[:, :cm], want_C, "centroids", atol=1e-5)
+    assert C.dtype == np.float32                          # int32 counts must not promote the means
     assert np.array_equal(host(counts)[:, :cm], want_counts) and not host(counts)[:, cm:].any()
     assert not host(C)[:, cm:].any()
 
@@ -287,6 +288,7 @@ def test_centroid_pixels(xp):
     C, counts = cuda.centroid_pixels(dev(xp, x), pads, dev(xp, ids), 3, capacity=16)
     cm = want_C.shape[1]
     close(C[:, :cm], want_C, "pixel centroids", atol=1e-5)
+    assert C.dtype == np.float32
     assert np.array_equal(host(counts)[:, :cm], want_counts)
 
 
@@ -490,6 +492,22 @@ CONV_CASES = [
     ("pixel", dict(L=4, H=10, family="pca"), {}),
     ("general", dict(L=5, H=20, family="pca", forward="exact"), {}),
 ]
+
+
+@pytest.mark.parametrize("path", ["pixel", "general", "dense"])
+def test_dw_sample_residuals_stay_float32(xp, path):
+    """float32 sums over int32 counts promote to float64: the correction GEMM would run in FP64
+    (a small fraction of the float32 rate on many GPUs)."""
+    config = ReuseConfig(L=4, H=10, dw_sample=0.5, seed=2, pixel_aligned=path == "pixel")
+    if path == "dense":
+        X, W, b, _ = _dense_data(config)
+        _, cache = cuda.cuda_reuse_matmul_forward(dev(xp, X), dev(xp, W), dev(xp, b), config, ReuseState())
+    else:
+        (x, W, b, _), stride, pads = _conv_data(config)
+        _, cache = cuda.cuda_reuse_conv_forward(dev(xp, x), dev(xp, W), dev(xp, b), stride, pads, config,
+                                                ReuseState())
+    correction = getattr(cache, "correction", None) or cache.matmul.correction
+    assert correction.residual.dtype == np.float32
 
 
 @pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
@@ -877,7 +895,7 @@ def test_first_call_calibrates_the_capacity(xp):
     assert int(host(state.last["overflow"])) == 0
 
 
-@pytest.mark.parametrize("lag", [1, 3])
+@pytest.mark.parametrize("lag", [1, 3, 8])
 def test_capacity_adapts_while_the_device_runs_behind(lag):
     """Host runner with statistics landing `lag` calls late: capacity still grows (it used to
     poll only the newest call's copy, which is never done while the device lags)."""
@@ -895,6 +913,33 @@ def test_capacity_adapts_while_the_device_runs_behind(lag):
     assert capacities[:lag + 1] == [3] * (lag + 1)          # nothing has landed yet
     assert capacities[lag + 1] > 3 and int(state.last["overflow"]) == 0
     assert tracker.capacity == capacities[-1]
+
+
+class CapturingHostDevice(cuda.HostDevice):
+    """The host runner inside backend.capturing(): the fast path sees a recording in progress."""
+
+    def capturing(self):
+        return backend.is_capturing()
+
+
+@pytest.mark.parametrize("ends_well", [False, True])
+def test_a_call_site_counts_as_captured_only_once_its_recording_ended_well(ends_well):
+    """A failed recording (graph 'auto' then runs eagerly) is never replayed: a later replay of
+    another graph must not make its call site read statistics nobody wrote."""
+    if runtime.host_compiler() is None:
+        pytest.skip("no host C++ compiler")
+    config = ReuseConfig(L=4, H=12, seed=1)
+    X, W, b, _ = _dense_data(config, n=64, kind="random")
+    with cuda.using_device(CapturingHostDevice()):
+        state = ReuseState()
+        cuda.cuda_reuse_matmul_forward(X, W, b, config, state)            # calibrates, eagerly
+        tracker = next(iter(cuda.cuda_state(state).trackers.values()))
+        with backend.capturing() as capture:
+            cuda.cuda_reuse_matmul_forward(X, W, b, config, state)
+            assert not tracker.captured
+            if ends_well:
+                capture.succeeded()
+    assert tracker.captured == ends_well
 
 
 def _capture(xp, fn):
@@ -967,6 +1012,31 @@ def test_replays_feed_their_statistics_back(xp):
     stream.synchronize()
     tracker.poll()
     assert tracker.last[cuda.STAT_OVERFLOW] > 0 and tracker.capacity > 32
+
+
+@pytest.mark.parametrize("impl", ["reference", "cuda"])
+@pytest.mark.parametrize("kind", ["pixel", "general", "dense"])
+def test_a_first_layer_with_reuse_computes_no_input_gradient(xp, impl, kind):
+    """needs_input_grad False (the model's first layer): the reuse backward skips dx as the exact
+    layer does, and dW is the same."""
+    from minireuse.layers import Conv2D, Dense
+    config = ReuseConfig(L=4, H=10, dx_mode="cluster", seed=4, pixel_aligned=kind == "pixel", impl=impl)
+    rng = np.random.default_rng(8)
+    if kind == "dense":
+        layer, x = Dense(12, 5, rng=rng), rng.standard_normal((40, 12))
+    else:
+        layer, x = Conv2D(8, 5, 3, padding="same", rng=rng), rng.standard_normal((2, 6, 5, 8))
+    layer.set_reuse(config)
+    dy = rng.standard_normal(layer.output_shape(x.shape)).astype(np.float32)
+    grads = []
+    for needs in (True, False):
+        layer.needs_input_grad = needs
+        layer.forward(dev(xp, x.astype(np.float32)))
+        dx = layer.backward(dev(xp, dy))
+        assert (dx is None) == (not needs)
+        grads.append(host(layer.grads["W"]))
+    assert layer.reuse_state.last["impl"] == ("cuda" if impl == "cuda" else "numpy-reference")
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-5)
 
 
 def test_conv_layer_runs_the_fast_path(xp):

@@ -75,3 +75,31 @@ def test_bad_input_is_refused(trained, capsys, tmp_path):
         assert main(["evaluate", "--data", str(trained / "data"), "--device", "cpu", "--no-download",
                      "--quiet", *args]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_timed_passes_are_warmed_up_with_their_own_settings_and_read_back_once(monkeypatch):
+    """The reuse pass's first call (module load, calibration) happens before its clock starts,
+    and no batch of the timed loop reads a value back to the host (a GPU synchronisation)."""
+    from minireuse import backend
+    model = cifarnet(seed=0)
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, 256, (48, 32, 32, 3)).astype(np.uint8), rng.integers(0, 10, 48)
+    events = []
+    conv2 = model.layer("conv2")
+    forward = conv2.forward
+    monkeypatch.setattr(conv2, "forward", lambda *a, **k: (events.append(("reuse" if conv2.reuse else "exact")),
+                                                           forward(*a, **k))[1])
+    # run_pass synchronises right before starting its clock and right after its loop
+    monkeypatch.setattr(backend, "synchronize", lambda: events.append("clock"))
+    asnumpy = backend.asnumpy
+    monkeypatch.setattr(backend, "asnumpy", lambda a: (events.append("read"), asnumpy(a))[1])
+    setting = reuse_settings("fixed", None)["conv2"].replace(impl="reference")
+    evaluate_model(model, x, y, {"conv2": setting}, batch_size=16, error_batches=1)
+    timed = []                                   # the events between each pass's two clock reads
+    for start in [i for i, e in enumerate(events) if e == "clock"][::2]:
+        end = events.index("clock", start + 1)
+        timed.append(events[start + 1:end])
+        warm_up = [e for e in events[:start] if e in ("exact", "reuse")][-1]
+        assert warm_up == timed[-1][0]                      # a warm-up call with the same settings
+    assert [t.count("exact") for t in timed[:1]] == [3] and timed[1].count("reuse") == 3
+    assert not any("read" in t for t in timed)

@@ -209,6 +209,17 @@ def test_batchnorm_forward_backward_and_running_statistics(device, rng):
         bn.forward(device.asarray(np.ones((2, 3))))
 
 
+def test_batchnorm_updates_its_running_statistics_in_place(device, rng):
+    """A step recorded as a CUDA graph keeps the arrays it saw while recording: a rebound buffer
+    would leave every replay updating a freed array and evaluation reading stale statistics."""
+    from minireuse.layers import BatchNorm
+    bn = BatchNorm(3)
+    recorded = dict(bn.buffers)
+    bn.forward(device.asarray(rng.standard_normal((8, 3)).astype(np.float32) + 2), train=True)
+    assert all(bn.buffers[k] is recorded[k] for k in recorded)
+    assert float(backend.asnumpy(recorded["running_mean"]).min()) > 0.1
+
+
 def test_batchnorm_buffers_are_saved_not_trained(tmp_path, rng):
     from minireuse.layers import BatchNorm
     from minireuse.models import Sequential

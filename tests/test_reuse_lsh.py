@@ -181,6 +181,20 @@ def greedy_cuts(std, H):
     return cuts
 
 
+def test_tied_spreads_are_cut_in_axis_order_on_every_backend(xp):
+    """Equal widths (equal spreads, or std_a / 2 == std_b) go to the lower axis, then the lower k:
+    NumPy's default sort orders ties arbitrarily, CuPy's stably, so the same data would get
+    different planes on the CPU and the GPU."""
+    L, H = 64, 32
+    std = np.ones((2, L), np.float32)
+    std[1, ::3] = 2
+    axis, cut, _ = (backend.asnumpy(a) for a in lsh.allot_cuts(xp.asarray(std), H))
+    for g in range(2):
+        widths = [(-std[g, j] / k, j, k) for j in range(L) for k in range(1, H + 1)]
+        want = sorted(widths)[:H]
+        assert axis[g].tolist() == [j for _, j, _ in want] and cut[g].tolist() == [k for _, _, k in want]
+
+
 def anisotropic_groups(rng, n, g, L, spreads):
     """(n, g, L): each group a cloud with its own principal axes (a random rotation), scale and place."""
     Xg = np.empty((n, g, L))

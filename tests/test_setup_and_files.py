@@ -157,6 +157,15 @@ def test_compare_extra_installs_pytorch():
     assert "[compare]" in bench_step.TORCH_INSTALL_HINT
 
 
+def test_gpu_extras_bring_cupys_toolkit_and_the_readme_names_them():
+    """CuPy 14 wheels compile kernels only with a CUDA toolkit: its [ctk] extra brings one."""
+    extras = setup_cfg()["options.extras_require"]
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for extra, wheel in (("gpu-cuda13", "cupy-cuda13x[ctk]"), ("gpu-cuda12", "cupy-cuda12x[ctk]")):
+        assert listed(extras[extra]) == [wheel]
+        assert f"'.[{extra}]'" in readme and f"`{wheel}`" in readme
+
+
 # ---------------------------------------------------------------- package data (item 12)
 
 def test_package_data_is_declared_and_matches_the_files():
@@ -286,6 +295,17 @@ def test_make_with_an_explicit_python_uses_it_and_no_dot_venv(project):
     assert out.strip() == "/usr/bin/python3.x -m pytest -q tests"
     cifar = make_n(project, "cifar", "PYTHON=/usr/bin/python3.x")
     assert "/usr/bin/python3.x -m pip install -q -e '.[test]'" in cifar and ".venv" not in cifar
+
+
+@needs_make
+def test_make_gpu_check_installs_into_its_own_venv_and_takes_a_given_python_as_it_is(project):
+    out = make_n(project, "gpu-check")
+    assert ".venv/bin/python -m pip install -q -e '.[test]'" in out
+    assert out.strip().splitlines()[-1] == ("PYTHON='.venv/bin/python' DATA='nodata' OUT_DIR='gpu_results' "
+                                            "bash scripts/gpu_check.sh")
+    # a GPU machine's python3, run from the source tree with no install step
+    assert make_n(project, "gpu-check", "PYTHON=python3").strip() == \
+        "PYTHON='python3' DATA='nodata' OUT_DIR='gpu_results' bash scripts/gpu_check.sh"
 
 
 def test_dot_venv_is_ignored_by_git():

@@ -93,7 +93,7 @@ class Conv2D(ReusableLayer):
         kind, cache = self._cache
         self._cache = None
         if kind == "reuse":
-            dx, dW, db = deep_reuse.conv2d_backward(dy, cache)
+            dx, dW, db = deep_reuse.conv2d_backward(dy, cache, self.needs_input_grad)
         elif cpu.supports(dy, self.params["W"]):   # the CPU fast path: dX as a conv of dY, no col2im
             cols, x_shape, pads = cache
             dW, db = cpu_conv.weight_grads(cols, dy.reshape(-1, self.c_out))

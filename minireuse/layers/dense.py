@@ -49,7 +49,7 @@ class Dense(ReusableLayer):
     def backward(self, dy):
         kind, cache = self._cache
         if kind == "reuse":
-            dx, dW, db = deep_reuse.dense_backward(dy, cache)
+            dx, dW, db = deep_reuse.dense_backward(dy, cache, self.needs_input_grad)
         else:
             x = cache
             dW = x.T @ dy

@@ -9,7 +9,7 @@ variance unbiased). Evaluation uses the running statistics. Backward (training):
     dx = (gamma / sqrt(var + eps)) * (dy - mean(dy) - xhat * mean(dy * xhat))
 
 The running statistics are buffers: saved with the parameters (model.npz,
-checkpoints), never touched by the optimizer.
+checkpoints), never touched by the optimizer, updated in place.
 """
 import numpy as np
 
@@ -50,8 +50,11 @@ class BatchNorm(Layer):
         xhat = (x - mu) * inv
         n = x.size // self.channels
         m = self.momentum
-        self.buffers["running_mean"] = m * self.buffers["running_mean"] + (1 - m) * mu
-        self.buffers["running_var"] = m * self.buffers["running_var"] + (1 - m) * var * (n / max(n - 1, 1))
+        # in place: a training step recorded as a CUDA graph (step_graphs.py) keeps writing the
+        # arrays it saw while recording; evaluation and checkpoints must read those
+        running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
+        running_mean[...] = m * running_mean + (1 - m) * mu
+        running_var[...] = m * running_var + (1 - m) * var * (n / max(n - 1, 1))
         self._cache = (xhat, inv, axes)
         return xhat * gamma + beta
 

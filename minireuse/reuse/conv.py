@@ -92,15 +92,17 @@ def general_conv_forward_assigned(x, W, b, stride, pads, ids, n_clusters, L, dx_
     return y.reshape(x.shape[0], oh, ow, m), (x.shape, W.shape, stride, pads, mcache)
 
 
-def general_conv_backward(dy, cache):
-    """(dx, dW, db) of the general path: the reuse product's backward, then col2im.
+def general_conv_backward(dy, cache, input_grad=True):
+    """(dx, dW, db) of the general path: the reuse product's backward, then col2im (dx None
+    when not input_grad).
 
     dw_cos (measure_error) is the reuse product's: the exact conv dW is cols^T @ dY.
     """
     x_shape, w_shape, stride, pads, mcache = cache
     kh, kw, _, m = w_shape
-    dX, dW, db = reuse_matmul_backward(dy.reshape(-1, m), mcache)
-    return col2im(dX, x_shape, kh, kw, stride, pads), dW.reshape(w_shape), db
+    dX, dW, db = reuse_matmul_backward(dy.reshape(-1, m), mcache, input_grad)
+    dx = col2im(dX, x_shape, kh, kw, stride, pads) if input_grad else None
+    return dx, dW.reshape(w_shape), db
 
 
 # ---------------------------------------------------------------- pixel-aligned path
@@ -237,8 +239,9 @@ def pixel_conv_forward(x, W, b, stride, pads, config, state, train=True):
     return y, cache
 
 
-def pixel_conv_backward(dy, cache):
-    """(dx, dW, db) of the pixel-aligned reuse conv with the forward's assignment.
+def pixel_conv_backward(dy, cache, input_grad=True):
+    """(dx, dW, db) of the pixel-aligned reuse conv with the forward's assignment (dx None
+    when not input_grad).
 
     When the forward measured the error (cache.x kept), also stores dw_cos =
     cosine(dW, the exact conv dW = im2col(x)^T @ dY) in the forward's stats entry.
@@ -259,6 +262,8 @@ def pixel_conv_backward(dy, cache):
         cols, _ = im2col(cache.x, kh, kw, cache.stride, cache.pads)
         cache.stats["dw_cos"] = cosine(dW.reshape(-1, m), cols.T @ dy2)
     db = dy2.sum(axis=0) if cache.has_bias else None
+    if not input_grad:
+        return None, dW, db
     if cache.dx_mode == "exact":
         dx = col2im(dy2 @ cache.W.reshape(-1, m).T, cache.x_shape, kh, kw, cache.stride, cache.pads)
         return dx, dW, db

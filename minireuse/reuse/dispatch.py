@@ -77,14 +77,14 @@ def dense_forward(x, W, b, config, state, train=True):
     return y, ("reference", cache)
 
 
-def dense_backward(dy, cache):
-    """(dx, dW, db) for dense_forward's cache."""
+def dense_backward(dy, cache, input_grad=True):
+    """(dx, dW, db) for dense_forward's cache; dx None when not input_grad (a first layer)."""
     impl, inner = cache
     if inner is None:
         raise RuntimeError("deep-reuse backward called after a forward with train=False")
     if impl == "cuda":
-        return _fast().cuda_reuse_matmul_backward(dy, inner)
-    return reuse_matmul_backward(dy, inner)
+        return _fast().cuda_reuse_matmul_backward(dy, inner, input_grad)
+    return reuse_matmul_backward(dy, inner, input_grad)
 
 
 def conv2d_forward(x, W, b, stride, pads, config, state, train=True):
@@ -101,13 +101,13 @@ def conv2d_forward(x, W, b, stride, pads, config, state, train=True):
     return y, ("general", cache)
 
 
-def conv2d_backward(dy, cache):
-    """(dx, dW, db) for conv2d_forward's cache."""
+def conv2d_backward(dy, cache, input_grad=True):
+    """(dx, dW, db) for conv2d_forward's cache; dx None when not input_grad (a first layer)."""
     kind, inner = cache
     if inner is None:
         raise RuntimeError("deep-reuse backward called after a forward with train=False")
     if kind == "cuda":
-        return _fast().cuda_reuse_conv_backward(dy, inner)
+        return _fast().cuda_reuse_conv_backward(dy, inner, input_grad)
     if kind == "pixel":
-        return pixel_conv_backward(dy, inner)
-    return general_conv_backward(dy, inner)
+        return pixel_conv_backward(dy, inner, input_grad)
+    return general_conv_backward(dy, inner, input_grad)

@@ -151,12 +151,15 @@ def allot_cuts(std, H):
     Bit after bit goes to the axis whose cells are widest, std_j / (cuts_j + 1): in
     closed form, the H largest std_j / k over axes j and k = 1..H. Axis j then has
     cuts_j cuts, numbered cut = 1..cuts_j, and its bits are a thermometer code of
-    cuts_j + 1 levels. No loop and no host wait.
+    cuts_j + 1 levels. Ties (equal spreads) go to the lower axis and the lower k: the sort
+    is stable, so NumPy and CuPy allot the same cuts. No loop; no host wait on CuPy 14
+    (CuPy 13's argsort synchronises with the host through Thrust, one reason 'pca'
+    steps are never recorded as graphs: step_graphs.host_bound_setting).
     """
     xp = backend.get_array_module(std)
     gp, L = std.shape
     width = std[:, :, None] / xp.arange(1, H + 1, dtype=std.dtype)            # (Gp, L, H)
-    top = xp.argsort(-width.reshape(gp, L * H), axis=1)[:, :H]
+    top = xp.argsort(-width.reshape(gp, L * H), axis=1, kind="stable")[:, :H]
     axis, cut = top // H, top % H + 1
     cuts = (axis[:, :, None] == xp.arange(L)).sum(axis=1)
     return axis, cut, cuts

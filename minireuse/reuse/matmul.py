@@ -192,8 +192,9 @@ def reuse_matmul_forward(X, W, b, config, state, train=True, scale_source=None):
     return y, cache
 
 
-def reuse_matmul_backward(dy, cache):
-    """(dX, dW, db) of the reuse product with the forward's assignment; db None without bias.
+def reuse_matmul_backward(dy, cache, input_grad=True):
+    """(dX, dW, db) of the reuse product with the forward's assignment; db None without bias,
+    dX None when not input_grad.
 
     When the forward measured the error (cache.X kept), also stores
     dw_cos = cosine(dW, X^T @ dY) in the forward's stats entry.
@@ -208,6 +209,8 @@ def reuse_matmul_backward(dy, cache):
     if cache.X is not None:
         cache.stats["dw_cos"] = cosine(dW, cache.X.T @ dy)
     db = dy.sum(axis=0) if cache.has_bias else None
+    if not input_grad:
+        return None, dW, db
     if cache.dx_mode == "exact":
         dX = dy @ cache.W.T
     else:

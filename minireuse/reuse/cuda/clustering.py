@@ -121,6 +121,13 @@ def _centroid_sums_of_ids(rows, ids, L, G, capacity):
     return sums, counts
 
 
+def cluster_means(sums, counts):
+    """Centroids (G, capacity, L) float32 from sums (G, capacity, L) and counts (G, capacity).
+
+    The counts are cast as the reference does: float32 / int32 would promote to float64."""
+    return sums / device().xp.maximum(counts, 1)[:, :, None].astype(sums.dtype)
+
+
 def centroid_sums(X, ids, L, capacity):
     """(centroids (G, capacity, L), counts (G, capacity)) of rows X (N, K) under ids (N, G)
     (kernel centroid_sums; the means are taken here). ids -1 (overflow) belong to no cluster."""
@@ -128,7 +135,7 @@ def centroid_sums(X, ids, L, capacity):
     G = -(-X.shape[1] // L)
     check("ids", ids, np.int32, (X.shape[0], G))
     sums, counts = _centroid_sums_of_ids(Rows.matrix(X), ids, L, G, capacity)
-    return sums / device().xp.maximum(counts, 1)[:, :, None], counts
+    return cluster_means(sums, counts), counts
 
 
 def centroid_pixels(x, pads, ids, L, capacity):
@@ -138,7 +145,7 @@ def centroid_pixels(x, pads, ids, L, capacity):
     Q = x.shape[3] // L
     check("ids", ids, np.int32, (rows.rows, Q))
     sums, counts = _centroid_sums_of_ids(rows, ids, L, Q, capacity)
-    return sums / device().xp.maximum(counts, 1)[:, :, None], counts
+    return cluster_means(sums, counts), counts
 
 
 def reconstruct_rows(P, ids, counts, X, W, b, L):

@@ -27,7 +27,7 @@ from ...conv_geometry import pad_nhwc
 from .. import conv as reference
 from .. import matmul as reference_matmul
 from ..matmul import DwCorrection
-from .clustering import cluster, dx_cluster_rows
+from .clustering import cluster, cluster_means, dx_cluster_rows
 from .lsh import Rows, family_hash_params
 from .matmul import batched_gemm, cluster_D, matmul_backward_params, matmul_forward, record, take
 from .runtime import (ROW_BLOCK, Arena, as_f32, check, check_index_range, cuda_state, device, grid_1d, i32,
@@ -176,7 +176,7 @@ def residual_pixels(x, sums, counts, ids, rows, geo, L):
     """(m, kh*kw*C): the reference's pixel_residuals of the outputs ``rows`` (sums (Q, cap, L)
     unnormalised); a pixel slice computed exactly (id -1) stands for itself (residual 0)."""
     xp = device().xp
-    means = sums / xp.maximum(counts, 1)[:, :, None]
+    means = cluster_means(sums, counts)
     where = reference.pixel_index(geo.B, geo.hp, geo.wp, geo.kh, geo.kw, geo.stride, xp)[rows]   # (m, T)
     exact = xp.repeat(xp.take(ids, where, axis=0) < 0, L, axis=2).reshape(len(rows), -1)     # (m, T*Q*L)
     pixels = pad_nhwc(x, geo.pads).reshape(-1, geo.C // L, L)
@@ -220,8 +220,9 @@ def _pixel_forward(x, W, b, geo, config, state, train):
     return y, cache, run
 
 
-def cuda_reuse_conv_backward(dy, cache):
-    """(dx (B, H, W, C), dW (kh, kw, C, M), db (M,) or None) with the forward's cluster assignment."""
+def cuda_reuse_conv_backward(dy, cache, input_grad=True):
+    """(dx (B, H, W, C) or None when not input_grad, dW (kh, kw, C, M), db (M,) or None) with the
+    forward's cluster assignment; a first layer (input_grad False) skips dx like the exact layer."""
     c = take(cache)
     geo = c.geo
     dy = as_f32("dy", dy)
@@ -230,6 +231,8 @@ def cuda_reuse_conv_backward(dy, cache):
     if c.kind == "general":
         mc = take(c.matmul)
         dW, db, S = matmul_backward_params(dy2, mc)
+        if not input_grad:
+            return None, dW.reshape(c.W.shape), db
         if mc.dx_mode == "exact":
             dcols = dy2 @ mc.W.T
         else:
@@ -255,6 +258,8 @@ def cuda_reuse_conv_backward(dy, cache):
         dW += c.correction.dW(dy2).reshape(c.W.shape)
     if c.stats is not None:
         c.stats["dw_cos"] = reference_matmul.cosine(dW.reshape(-1, geo.M), im2col(c.x, geo).T @ dy2)
+    if not input_grad:
+        return None, dW, ws.get("db")
     if c.dx_mode == "exact":
         dx = col2im(dy2 @ c.W.reshape(-1, geo.M).T, geo)
     else:

@@ -27,7 +27,7 @@ import numpy as np
 from .. import lsh as reference_lsh
 from .. import matmul as reference
 from ..matmul import DwCorrection
-from .clustering import cluster, dx_cluster_rows, launch_cluster_sums_rows, reconstruct_rows
+from .clustering import cluster, cluster_means, dx_cluster_rows, launch_cluster_sums_rows, reconstruct_rows
 from .lsh import Rows, family_hash_params
 from .runtime import STAT_OVERFLOW, Arena, as_f32, check, check_index_range, cuda_state, device
 
@@ -134,7 +134,7 @@ def residual_rows(X, sums, counts, ids, rows, L):
     """(m, K): the reference's row_residuals of X[rows] against the centroids (sums (G, cap, L)
     unnormalised); a (row, group) computed exactly (id -1) stands for itself (residual 0)."""
     xp = device().xp
-    means = sums / xp.maximum(counts, 1)[:, :, None]
+    means = cluster_means(sums, counts)
     exact = xp.repeat(ids[rows] < 0, L, axis=1)[:, :X.shape[1]]
     return reference.row_residuals(X, means, xp.maximum(ids, 0), rows) * ~exact
 
@@ -201,12 +201,15 @@ def cuda_reuse_matmul_forward(X, W, b, config, state, train=True):
     return y, cache
 
 
-def cuda_reuse_matmul_backward(dy, cache):
-    """(dX (N, K), dW (K, M), db (M,) or None) with the forward's cluster assignment."""
+def cuda_reuse_matmul_backward(dy, cache, input_grad=True):
+    """(dX (N, K) or None when not input_grad, dW (K, M), db (M,) or None) with the forward's
+    cluster assignment."""
     c = take(cache)
     dy = as_f32("dy", dy)
     check("dy", dy, np.float32, (c.X.shape[0], c.W.shape[1]))
     dW, db, S = matmul_backward_params(dy, c)
+    if not input_grad:
+        return None, dW, db
     if c.dx_mode == "exact":
         dX = dy @ c.W.T
     else:

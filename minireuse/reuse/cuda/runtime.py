@@ -355,9 +355,10 @@ class CapacityTracker:
     and table-full counts) go back to the host through a ring of pinned slots
     (``device().reader``); each call reads the newest slot whose copy has landed and
     never waits, so a GPU running several calls behind still feeds capacity back
-    (with that lag). A captured call copies into the reader's capture slot inside
-    the graph; ``after_replay`` marks it after each replay and reads it, so replays
-    adapt capacity too (a changed capacity selects another recording).
+    (with that lag). A captured call copies into the reader's own device array inside
+    the graph; ``after_replay`` queues that array's copy into the ring after each
+    replay and reads the newest landed slot, so replays adapt capacity too (a changed
+    capacity selects another recording).
     The capacity grows to HEADROOM x the observed need when a group overflowed or
     came within the margin, and shrinks when SHRINK x too large; a table that filled
     up doubles it.
@@ -428,8 +429,13 @@ class CapacityTracker:
             self._reader = device().reader(STAT_COUNT)
         self._calls += 1
         if device().capturing():
-            self.captured = True
+            # only a recording that ended well is ever replayed: a failed one (graph 'auto'
+            # then runs eagerly) must not make later replays read what it never wrote
+            backend.on_capture_success(self._mark_captured)
         self._reader.request(stats, self._calls)
+
+    def _mark_captured(self):
+        self.captured = True
 
     def after_replay(self):
         """A graph that captured this call site was replayed: read its statistics when they land."""
