@@ -63,7 +63,7 @@ def positive_float(s):
     return v
 
 
-def add_train_arguments(p, resume=True, reuse_default="off"):
+def add_train_arguments(p, resume=True, reuse_default="off", overwrite=True):
     from .train import Trainer
     d = Trainer.DEFAULTS
     p.add_argument("--model", default=d["model"], choices=["alexnet", "cifarnet", "vgg19"])
@@ -87,6 +87,10 @@ def add_train_arguments(p, resume=True, reuse_default="off"):
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d["device"])
     p.add_argument("--seed", type=number(0, kind=int), default=d["seed"])
     p.add_argument("--out", default=d["out"], help="output directory (history.json, checkpoint.npz, model.npz)")
+    if overwrite:
+        p.add_argument("--overwrite", action="store_true",
+                       help="start over in an --out that already holds a run, discarding it (without it, "
+                            "such a directory is refused)")
     p.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=positive_int, default=None, help="use only the first N test images")
     if resume:
@@ -159,9 +163,15 @@ def resumed_config(a, argv):
 
 
 def cmd_train(a):
-    from .train import Trainer
+    from .train import Trainer, clear_run, refuse_existing_run
+    if a.resume and a.overwrite:
+        raise ValueError("--resume continues a run and --overwrite discards one: give one of them")
     cfg = resumed_config(a, a.argv) if a.resume else train_config(a)
+    if not a.resume and not a.overwrite:
+        refuse_existing_run(cfg["out"])
     trainer = Trainer(cfg, quiet=a.quiet)
+    if a.overwrite:
+        clear_run(trainer.out)        # only once every setting and the data were accepted
     if a.resume:
         meta = trainer.resume(a.resume)
         print(f"resuming from {a.resume}: epoch {meta['epoch'] + 1}, step {meta['step']}", file=sys.stderr)
@@ -182,7 +192,7 @@ def cmd_compare(a):
     if a.reuse == "off":
         raise ValueError("compare needs a reuse strategy: --reuse fixed, schedule or adaptive")
     cfg = train_config(a)
-    _, _, table = compare.run(cfg, a.reuse, quiet=a.quiet)
+    _, _, table = compare.run(cfg, a.reuse, quiet=a.quiet, overwrite=a.overwrite)
     print(table)
     return 0
 
@@ -220,7 +230,7 @@ def build_parser():
     p.set_defaults(func=cmd_compare, out="runs/compare")
     p = sub.add_parser("parity", help="exact and reuse runs over several seeds: accuracy differences "
                        "with their spread, and the time ratios (resumable)", formatter_class=Formatter)
-    add_train_arguments(p, resume=False, reuse_default="adaptive")
+    add_train_arguments(p, resume=False, reuse_default="adaptive", overwrite=False)
     p.add_argument("--seeds", type=seed_list, default="0,1,2",
                    help="comma-separated distinct non-negative seeds, one exact and one reuse run each "
                         "(default 0,1,2)")

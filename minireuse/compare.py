@@ -11,7 +11,7 @@ import os
 from . import plot
 from .fileio import atomic_write_json
 from .tables import align_rows
-from .train import Trainer
+from .train import Trainer, clear_run, refuse_existing_run
 
 
 def summarise(history):
@@ -61,15 +61,24 @@ def format_table(exact, reuse, strategy):
     return "\n".join(align_rows(rows))
 
 
-def run(cfg, strategy, quiet=False, data=None):
-    """Train exact then with reuse; returns (exact summary, reuse summary, table text)."""
+def run(cfg, strategy, quiet=False, data=None, overwrite=False):
+    """Train exact then with reuse; returns (exact summary, reuse summary, table text).
+
+    Runs already in OUT/exact or OUT/reuse are refused before anything is trained, unless
+    ``overwrite``."""
     out = cfg["out"]
+    runs = {"exact": os.path.join(out, "exact"), "reuse": os.path.join(out, "reuse")}
+    if not overwrite:
+        for path in runs.values():
+            refuse_existing_run(path)
     summaries = {}
     for name, reuse in (("exact", "off"), ("reuse", strategy)):
-        c = dict(cfg, out=os.path.join(out, name), reuse=reuse)
+        c = dict(cfg, out=runs[name], reuse=reuse)
         if reuse == "off":
             c["reuse_layers"], c["reuse_options"] = None, None
         trainer = Trainer(c, data=data, quiet=quiet)
+        if overwrite:
+            clear_run(trainer.out)
         data = trainer.data      # load the data once for both runs
         summaries[name] = summarise(trainer.fit())
     table = format_table(summaries["exact"], summaries["reuse"], strategy)

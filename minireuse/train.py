@@ -19,7 +19,9 @@ import contextlib
 import functools
 import math
 import os
+import shlex
 import signal
+import sys
 import time
 
 import numpy as np
@@ -32,13 +34,19 @@ from .checkpoint import TrainingError, load_checkpoint, read_checkpoint, resume_
 from .fileio import atomic_write_json
 from .models import MODELS
 from .optim import SGD, Adam, make_schedule
-from .outdir import OutLock, check_unlocked, check_writable
+from .outdir import OutLock, OutputError, check_unlocked, check_writable
 from .reuse.adaptive import make_strategy, resolved_layers
 from .strategy_steps import StrategySteps
 from .timing import LayerTimer
 
 CHECKPOINT = "checkpoint.npz"
 HISTORY = "history.json"
+MODEL = "model.npz"
+# what a finished or interrupted run leaves in its directory (--overwrite removes them)
+RUN_FILES = (CHECKPOINT, HISTORY, MODEL, "history.png")
+# set by `make cifar` to its own invocation: the interpreter it runs is the project's
+# environment, which a bare `python` on the PATH may not be
+MAKE_COMMAND_ENV = "MINIREUSE_MAKE_COMMAND"
 # with CUDA graphs, one step in this many runs eagerly with the per-layer timers
 # (a replayed graph cannot be timed per layer)
 GRAPH_TIMING_EVERY = 100
@@ -56,6 +64,48 @@ def check_number(name, value, low=None, high=None, open_low=False, open_high=Fal
         hi = "" if high is None else str(high) + (")" if open_high else "]")
         rng = f"in {lo}, {hi}" if lo and hi else (f"{'>' if open_low else '>='} {low}" if lo else f"<= {high}")
         raise ValueError(f"{name} must be a finite number {rng}, got {value!r}")
+
+
+def resume_command(ckpt):
+    """The command that continues the run saved in ``ckpt``, for how this process was started."""
+    make = os.environ.get(MAKE_COMMAND_ENV)
+    if make:
+        return f"{make} RESUME=1"
+    return f"{shlex.quote(sys.executable)} -m minireuse train --resume {shlex.quote(ckpt)}"
+
+
+def checkpoint_position(ckpt):
+    """Where the run saved in ``ckpt`` stands, in words."""
+    try:
+        meta = read_checkpoint(ckpt, arrays=False)[0]
+    except TrainingError:
+        return "an unreadable state"
+    return f"epoch {meta['epoch'] + 1}, step {meta['step']}" if meta["step"] else f"the end of epoch {meta['epoch']}"
+
+
+def refuse_existing_run(out):
+    """Raise OutputError when ``out`` holds a run's files, with the ways on: resume it,
+    another output directory, or start over explicitly (nothing is replaced unasked)."""
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if not present:
+        return
+    ckpt = os.path.join(out, CHECKPOINT)
+    where = f"its checkpoint is at {checkpoint_position(ckpt)}" if CHECKPOINT in present else \
+        f"{', '.join(present)}, no checkpoint"
+    make = os.environ.get(MAKE_COMMAND_ENV)
+    other, over = (("another OUT=DIR", f"{make} TRAIN_FLAGS=--overwrite") if make
+                   else ("another --out DIR", "--overwrite"))
+    resume = f"continue it with {resume_command(ckpt)}, " if CHECKPOINT in present else ""
+    raise OutputError(f"{os.path.abspath(out)} already holds a run ({where}): {resume}choose {other}, or "
+                      f"start over with {over} (discards it)")
+
+
+def clear_run(out):
+    """Remove the files of the run in ``out`` (--overwrite), so none of them outlives the new run."""
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def build_optimizer(model, cfg):
@@ -310,14 +360,8 @@ class Trainer:
     def _resume_hint(self, ckpt):
         """What a stopped run leaves to resume from, as a sentence."""
         if os.path.exists(ckpt):
-            try:
-                meta = read_checkpoint(ckpt, arrays=False)[0]
-                where = (f"epoch {meta['epoch'] + 1}, step {meta['step']}" if meta["step"]
-                         else f"the end of epoch {meta['epoch']}")
-            except TrainingError:
-                where = "an unreadable state"
-            return (f"The last checkpoint is {os.path.abspath(ckpt)} ({where}): continue with "
-                    f"python -m minireuse train --resume {ckpt}")
+            return (f"The last checkpoint is {os.path.abspath(ckpt)} ({checkpoint_position(ckpt)}): continue with "
+                    f"{resume_command(ckpt)}")
         return "Nothing was saved yet (no checkpoint): start the run again."
 
     def _interrupt(self, ckpt, epoch, step, seen, t0, where):
@@ -328,7 +372,7 @@ class Trainer:
                         epoch_totals=totals)
         raise KeyboardInterrupt(
             f"interrupted in epoch {epoch + 1} {where}; state saved to {os.path.abspath(ckpt)} "
-            f"(continue with python -m minireuse train --resume {ckpt})")
+            f"(continue with {resume_command(ckpt)})")
 
     def _fit(self, ckpt, interrupted):
         c = self.cfg
@@ -399,9 +443,8 @@ class Trainer:
                            f"{record['images_per_s']:.0f} img/s")
             if interrupted and epoch + 1 < c["epochs"]:
                 raise KeyboardInterrupt(f"interrupted after epoch {epoch + 1}; state saved to "
-                                        f"{os.path.abspath(ckpt)} (continue with python -m minireuse train "
-                                        f"--resume {ckpt})")
-        self.model.save(os.path.join(self.out, "model.npz"))
+                                        f"{os.path.abspath(ckpt)} (continue with {resume_command(ckpt)})")
+        self.model.save(os.path.join(self.out, MODEL))
         return self.history
 
     def _show_progress(self, bar, epoch, lr, seen, t0, ckpt):

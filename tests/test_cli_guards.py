@@ -1,0 +1,119 @@
+"""What a new user must not meet through the command line: a run lost or overwritten
+without asking, a bad value taken before work and failing late (or never said), a
+setting silently ignored, a result lost to a traceback after the work.
+
+Each case runs ``python -m minireuse`` on a small CIFAR-10 fixture (in-process through
+``main`` where something is injected, as a subprocess otherwise).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minireuse import checkpoint as checkpoint_mod
+from minireuse import train as train_mod
+from minireuse.__main__ import main
+
+from cifar_fixture import write_cifar_fixture
+from test_train import ROOT, run_cli
+
+
+@pytest.fixture
+def data(tmp_path):
+    d = tmp_path / "data"
+    write_cifar_fixture(str(d), n_per_batch=16, n_test=24)
+    return str(d)
+
+
+def base(data, out, *extra):
+    return ["train", "--data", data, "--device", "cpu", "--out", str(out), "--quiet", "--limit-train", "64",
+            "--no-download", *extra]
+
+
+def history(out):
+    with open(os.path.join(out, "history.json")) as f:
+        return json.load(f)
+
+
+def one_line_error(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- D5: a run in --out is not replaced unasked
+
+def test_train_refuses_an_out_that_holds_a_run(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    assert main(base(data, out, "--epochs", "1", "--seed", "1")) == 0
+    before = (out / "checkpoint.npz").read_bytes(), history(out)
+    capsys.readouterr()
+    assert main(base(data, out, "--epochs", "1", "--seed", "2")) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "already holds a run" in err and "the end of epoch 1" in err
+    assert f"--resume {out / 'checkpoint.npz'}" in err and "another --out" in err and "--overwrite" in err
+    assert ((out / "checkpoint.npz").read_bytes(), history(out)) == before
+
+
+def test_overwrite_starts_over_and_leaves_nothing_of_the_old_run(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    assert main(base(data, out, "--epochs", "2", "--seed", "1")) == 0
+    assert main(base(data, out, "--epochs", "1", "--seed", "2", "--overwrite")) == 0
+    h = history(out)
+    assert h["settings"]["seed"] == 2 and len(h["epochs"]) == 1
+    assert checkpoint_mod.read_checkpoint(str(out / "checkpoint.npz"), arrays=False)[0]["epoch"] == 1
+    assert main(["train", "--resume", str(out / "checkpoint.npz"), "--overwrite", "--quiet"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_is_not_started_over_by_make_cifar_again(tmp_path, data):
+    """`make cifar` names itself to train; run again on an interrupted run, train says to add RESUME=1."""
+    out = tmp_path / "run"
+    assert main(base(data, out, "--epochs", "1")) == 0
+    env = dict(os.environ, PYTHONPATH=ROOT, MINIREUSE_MAKE_COMMAND=f"make cifar OUT={out}")
+    r = subprocess.run([sys.executable, "-m", "minireuse", *base(data, out, "--epochs", "2")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2
+    err = one_line_error(r.stderr)
+    assert f"continue it with make cifar OUT={out} RESUME=1" in err
+    assert f"make cifar OUT={out} TRAIN_FLAGS=--overwrite" in err
+    make = subprocess.run(["make", "-n", "cifar", f"OUT={out}", "PYTHON=python3"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert f"MINIREUSE_MAKE_COMMAND='make cifar PYTHON=python3 OUT={out}'" in make.stdout
+
+
+def test_compare_refuses_to_replace_its_runs(tmp_path, data, capsys):
+    out = tmp_path / "cmp"
+    assert main(base(data, out / "exact", "--epochs", "1")) == 0
+    args = ["compare", "--data", data, "--device", "cpu", "--out", str(out), "--quiet", "--limit-train", "64",
+            "--no-download", "--epochs", "1", "--reuse", "fixed"]
+    assert main(args) == 2
+    assert "exact already holds a run" in one_line_error(capsys.readouterr().err)
+    assert not (out / "reuse").exists()
+
+
+# ---------------------------------------------------------------- D4: the resume command works as printed
+
+def test_ctrl_c_names_the_interpreter_that_runs(tmp_path, data, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_step = train_mod.Trainer.train_step
+    calls = []
+
+    def step(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args)
+    monkeypatch.setattr(train_mod.Trainer, "train_step", step)
+    assert main(base(data, out, "--epochs", "1", "--batch-size", "16")) == 130
+    err = capsys.readouterr().err
+    assert f"continue with {sys.executable} -m minireuse train --resume {out / 'checkpoint.npz'}" in err
+    monkeypatch.setenv("MINIREUSE_MAKE_COMMAND", "make cifar")
+    calls.clear()
+    assert main(base(data, tmp_path / "made", "--epochs", "1", "--batch-size", "16")) == 130
+    assert "(continue with make cifar RESUME=1)" in capsys.readouterr().err
