@@ -6,6 +6,7 @@ a checkpoint and exits with status 130.
 """
 import argparse
 import math
+import os
 import sys
 
 from . import __version__
@@ -125,6 +126,8 @@ def train_config(a):
             "weight_decay", "schedule", "warmup_epochs", "augment", "seed", "out", "limit_train",
             "limit_test", "device", "download", "graph"]
     cfg = {k: getattr(a, k) for k in keys}
+    # saved absolute, so that a resume from another directory finds them
+    cfg["out"], cfg["data"] = os.path.abspath(a.out), os.path.abspath(a.data)
     cfg["decay_layers"] = None if a.decay_layers == "all" else [s for s in a.decay_layers.split(",") if s]
     cfg["reuse"] = a.reuse
     if a.reuse_config:
@@ -151,10 +154,13 @@ def _subparser(parser, name):
 
 def resumed_config(a, argv):
     """The checkpoint's settings, with the flags given explicitly on top (Trainer.resume
-    refuses those that contradict it, except Trainer.SAFE_TO_CHANGE)."""
+    refuses those that contradict it, except Trainer.SAFE_TO_CHANGE); the output directory is
+    the checkpoint's own unless --out is given."""
     from .checkpoint import checkpoint_config
     from .train import Trainer
     saved = {k: v for k, v in checkpoint_config(a.resume).items() if k in Trainer.DEFAULTS}
+    # a run continues where its checkpoint is (a copied run in the copy), not where it was saved
+    saved["out"] = os.path.dirname(os.path.abspath(a.resume))
     cfg = train_config(a)
     given = given_flags(argv)
     explicit = {k: v for k, v in cfg.items() if k in given or (k in ("reuse_layers", "reuse_options")

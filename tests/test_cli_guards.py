@@ -117,3 +117,23 @@ def test_ctrl_c_names_the_interpreter_that_runs(tmp_path, data, capsys, monkeypa
     calls.clear()
     assert main(base(data, tmp_path / "made", "--epochs", "1", "--batch-size", "16")) == 130
     assert "(continue with make cifar RESUME=1)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- D3: a resume writes where its checkpoint is
+
+def test_resuming_a_copied_run_from_elsewhere_writes_into_the_copy(tmp_path, data):
+    write_cifar_fixture(str(tmp_path / "data"), n_per_batch=16, n_test=24)
+    r = run_cli("train", "--data", "data", "--device", "cpu", "--out", "run", "--quiet", "--limit-train", "64",
+                "--no-download", "--epochs", "1", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    original = (tmp_path / "run" / "checkpoint.npz").read_bytes()
+    (tmp_path / "elsewhere").mkdir()
+    r = run_cli("train", "--resume", "../copy/checkpoint.npz", "--epochs", "2", "--quiet",
+                cwd=str(tmp_path / "elsewhere"))
+    assert r.returncode == 0, r.stderr
+    assert len(history(tmp_path / "copy")["epochs"]) == 2 and (tmp_path / "copy" / "model.npz").exists()
+    assert (tmp_path / "run" / "checkpoint.npz").read_bytes() == original
+    assert len(history(tmp_path / "run")["epochs"]) == 1
+    assert os.listdir(tmp_path / "elsewhere") == []
+    assert history(tmp_path / "copy")["settings"]["data"] == str(tmp_path / "data")
