@@ -201,14 +201,15 @@ class Trainer:
         self.opt = build_optimizer(self.model, c)
         self.schedule = make_schedule(c["schedule"], c["lr"], c["epochs"], c["warmup_epochs"])
         self.loss_fn = SoftmaxCrossEntropy()
-        self.data = data if data is not None else self._load_data()
-        self.history = []
-        self.start_epoch, self.start_step = 0, 0
         c["reuse_layers"] = resolved_layers(c["reuse"], c["reuse_layers"], c["model"])   # saved as run
+        # the reuse settings are checked against the layers before the data is loaded
         self.strategy = make_strategy(c["reuse"], c["reuse_layers"], c["reuse_options"], model=c["model"])
         if self.strategy is not None:
             self.strategy.attach(self.model)
             self.strategy.configure(c["warmup_epochs"] / c["epochs"])
+        self.data = data if data is not None else self._load_data()
+        self.history = []
+        self.start_epoch, self.start_step = 0, 0
         self.timer = LayerTimer([l.name for l in self.model.reuse_layers()])
         self.strategy_steps = None if self.strategy is None else StrategySteps(
             self.strategy, self.model, self.loss_fn, self.timer, c["seed"], c["epochs"])

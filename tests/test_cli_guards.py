@@ -137,3 +137,20 @@ def test_resuming_a_copied_run_from_elsewhere_writes_into_the_copy(tmp_path, dat
     assert len(history(tmp_path / "run")["epochs"]) == 1
     assert os.listdir(tmp_path / "elsewhere") == []
     assert history(tmp_path / "copy")["settings"]["data"] == str(tmp_path / "data")
+
+
+# ---------------------------------------------------------------- D1: reuse settings that cannot fit
+
+@pytest.mark.parametrize("setting,message", [
+    ({"L": 100000, "H": 12}, "layer conv2: L=100000 is wider than the layer's rows (K = 5 x 5 x 64 = 1600)"),
+    ({"L": 24, "H": 12, "pixel_aligned": True}, "pixel_aligned True needs a conv layer whose input channels L "
+                                                "divides (L=24, c_in=64)"),
+    ({"L": 16, "H": 65}, "ReuseConfig.H: got 65, expected an int in 1..64"),
+])
+def test_reuse_settings_that_cannot_fit_are_refused_before_the_data(tmp_path, setting, message):
+    path = tmp_path / "reuse.json"
+    path.write_text(json.dumps({"layers": {"conv2": setting}}))
+    r = run_cli("train", "--data", str(tmp_path / "nodata"), "--no-download", "--device", "cpu", "--quiet",
+                "--out", str(tmp_path / "run"), "--reuse", "fixed", "--reuse-config", str(path))
+    assert r.returncode == 2
+    assert message in one_line_error(r.stderr) and "nodata" not in r.stderr
