@@ -39,6 +39,8 @@ from .reuse.adaptive import make_strategy, resolved_layers
 from .strategy_steps import StrategySteps
 from .timing import LayerTimer
 
+# CIFAR-10's training and test images, for the memory estimate made before they are read
+CIFAR_IMAGES = (50000, 10000)
 CHECKPOINT = "checkpoint.npz"
 HISTORY = "history.json"
 MODEL = "model.npz"
@@ -106,6 +108,48 @@ def clear_run(out):
         path = os.path.join(out, name)
         if os.path.exists(path):
             os.remove(path)
+
+
+def available_memory():
+    """Bytes of memory the system can give without swapping (MemAvailable of /proc/meminfo),
+    or None where that is not known (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def step_memory_bytes(model, batch, images):
+    """A deliberately simple upper estimate of a CPU training run's peak memory, in bytes:
+    the ``images`` as uint8 (32x32x3 each), the parameters four times (weights, gradients,
+    two optimizer slots), and for one step every layer's output twice (kept for the
+    backward, then its gradient) plus the largest conv im2col matrix twice (the forward's
+    columns, the backward's column gradient), at the parameters' precision."""
+    itemsize = max((p.dtype.itemsize for l in model.layers for p in l.params.values()), default=4)
+    params = sum(int(np.prod(p.shape)) for l in model.layers for p in l.params.values())
+    shape, outputs, columns = (batch, 32, 32, 3), 0, 0
+    for layer in model.layers:
+        W = layer.params.get("W")
+        out = layer.output_shape(shape)
+        if W is not None and W.ndim == 4:              # a conv: one im2col row per output pixel
+            columns = max(columns, int(np.prod(out[:-1])) * int(np.prod(W.shape[:-1])))
+        outputs += int(np.prod(out))
+        shape = out
+    return images * 32 * 32 * 3 + itemsize * (4 * params + 2 * outputs + 2 * columns)
+
+
+def check_memory(model, batch, images):
+    """Refuse, before any data is read, a CPU run whose estimated peak (step_memory_bytes)
+    exceeds the memory available now (the GPU's memory is not estimated)."""
+    need, have = step_memory_bytes(model, batch, images), available_memory()
+    if have is not None and need > have:
+        raise ValueError(f"training {model.name} with batches of "
+                         f"{batch} needs about {need / 2**30:.1f} GiB of memory, but {have / 2**30:.1f} GiB are "
+                         "available: lower --batch-size")
 
 
 def build_optimizer(model, cfg):
@@ -207,7 +251,7 @@ class Trainer:
         if self.strategy is not None:
             self.strategy.attach(self.model)
             self.strategy.configure(c["warmup_epochs"] / c["epochs"])
-        self.data = data if data is not None else self._load_data()
+        self.data = data if data is not None else self._load_checked_data()
         self.history = []
         self.start_epoch, self.start_step = 0, 0
         self.timer = LayerTimer([l.name for l in self.model.reuse_layers()])
@@ -223,6 +267,17 @@ class Trainer:
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
         return MODELS[name](seed=self.cfg["seed"])
+
+    def _load_checked_data(self):
+        """The data, once the estimated memory is known to fit, and not fewer images than a batch."""
+        c = self.cfg
+        if self.device == "cpu":       # the loader reads every image, then limits
+            check_memory(self.model, min(c["batch_size"], c["limit_train"] or CIFAR_IMAGES[0]), sum(CIFAR_IMAGES))
+        data = self._load_data()
+        if c["batch_size"] > len(data[0]):
+            raise ValueError(f"--batch-size {c['batch_size']} is larger than the training set "
+                             f"({len(data[0])} images); give at most {len(data[0])}")
+        return data
 
     def _load_data(self):
         from .data import load_cifar10

@@ -32,7 +32,7 @@ def data(tmp_path):
 
 def base(data, out, *extra):
     return ["train", "--data", data, "--device", "cpu", "--out", str(out), "--quiet", "--limit-train", "64",
-            "--no-download", *extra]
+            "--batch-size", "32", "--no-download", *extra]
 
 
 def history(out):
@@ -124,7 +124,7 @@ def test_ctrl_c_names_the_interpreter_that_runs(tmp_path, data, capsys, monkeypa
 def test_resuming_a_copied_run_from_elsewhere_writes_into_the_copy(tmp_path, data):
     write_cifar_fixture(str(tmp_path / "data"), n_per_batch=16, n_test=24)
     r = run_cli("train", "--data", "data", "--device", "cpu", "--out", "run", "--quiet", "--limit-train", "64",
-                "--no-download", "--epochs", "1", cwd=str(tmp_path))
+                "--batch-size", "32", "--no-download", "--epochs", "1", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     shutil.copytree(tmp_path / "run", tmp_path / "copy")
     original = (tmp_path / "run" / "checkpoint.npz").read_bytes()
@@ -154,3 +154,36 @@ def test_reuse_settings_that_cannot_fit_are_refused_before_the_data(tmp_path, se
                 "--out", str(tmp_path / "run"), "--reuse", "fixed", "--reuse-config", str(path))
     assert r.returncode == 2
     assert message in one_line_error(r.stderr) and "nodata" not in r.stderr
+
+
+# ---------------------------------------------------------------- D2: batches that cannot fit
+
+def test_a_batch_larger_than_the_training_set_is_refused(tmp_path, data, capsys):
+    assert main(base(data, tmp_path / "run", "--epochs", "1", "--batch-size", "100")) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "--batch-size 100 is larger than the training set (64 images)" in err
+    assert not (tmp_path / "run" / "history.json").exists()
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_the_data(tmp_path, data, capsys, monkeypatch):
+    from minireuse.models import MODELS
+    limit = train_mod.step_memory_bytes(MODELS["cifarnet"](), 16, sum(train_mod.CIFAR_IMAGES)) + 1
+    monkeypatch.setattr(train_mod, "available_memory", lambda: limit)
+    read = []
+    monkeypatch.setattr(train_mod.Trainer, "_load_data", lambda self: read.append(1))
+    assert main(base(data, tmp_path / "run", "--epochs", "1", "--batch-size", "32")) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "with batches of 32 needs about" in err and "lower --batch-size" in err and not read
+    monkeypatch.undo()
+    monkeypatch.setattr(train_mod, "available_memory", lambda: limit)
+    assert main(base(data, tmp_path / "run", "--epochs", "1", "--batch-size", "16")) == 0
+
+
+def test_the_memory_estimate_grows_with_the_batch_and_reads_meminfo():
+    from minireuse.models import MODELS
+    model = MODELS["cifarnet"]()
+    small, large = (train_mod.step_memory_bytes(model, b, 0) for b in (128, 256))
+    # conv2's im2col (128 x 16 x 16 x 1600 floats, twice) is part of a batch of 128
+    assert large > small > 2 * 128 * 16 * 16 * 1600 * 4
+    if os.path.exists("/proc/meminfo"):
+        assert train_mod.available_memory() > 0
