@@ -173,6 +173,11 @@ def cmd_train(a):
     if a.resume and a.overwrite:
         raise ValueError("--resume continues a run and --overwrite discards one: give one of them")
     cfg = resumed_config(a, a.argv) if a.resume else train_config(a)
+    if a.reuse_config and cfg["reuse"] == "off":
+        # an error rather than a strategy picked for the user: the same file means one setting
+        # (fixed), stages by progress (schedule) or the controller's ladder (adaptive)
+        raise ValueError(f"--reuse-config {a.reuse_config} sets reuse layers, but the reuse strategy is off: "
+                         "add --reuse fixed, schedule or adaptive")
     if not a.resume and not a.overwrite:
         refuse_existing_run(cfg["out"])
     trainer = Trainer(cfg, quiet=a.quiet)

@@ -187,3 +187,16 @@ def test_the_memory_estimate_grows_with_the_batch_and_reads_meminfo():
     assert large > small > 2 * 128 * 16 * 16 * 1600 * 4
     if os.path.exists("/proc/meminfo"):
         assert train_mod.available_memory() > 0
+
+
+# ---------------------------------------------------------------- D6: a reuse config is not ignored
+
+def test_a_reuse_config_without_a_strategy_is_an_error(tmp_path, data, capsys):
+    path = tmp_path / "reuse.json"
+    path.write_text(json.dumps({"layers": {"conv2": {"L": 16, "H": 12}}}))
+    assert main(base(data, tmp_path / "run", "--epochs", "1", "--reuse-config", str(path))) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "the reuse strategy is off: add --reuse fixed, schedule or adaptive" in err
+    assert not (tmp_path / "run" / "history.json").exists()
+    assert main(base(data, tmp_path / "run", "--epochs", "1", "--reuse", "fixed", "--reuse-config", str(path))) == 0
+    assert history(tmp_path / "run")["epochs"][0]["layers"]["conv2"]["reuse"]["L"] == 16
