@@ -12,6 +12,8 @@ here, with the non-interactive Agg backend (works without a display).
 import json
 import os
 
+from .outdir import check_output_file
+
 INSTALL = "pip install -e '.[plot]' (or pip install matplotlib)"
 
 
@@ -118,6 +120,7 @@ def run(a):
     """The plot command."""
     out = a.output or os.path.join(a.runs[0] if os.path.isdir(a.runs[0]) else os.path.dirname(a.runs[0]),
                                    "history.png")
+    check_output_file(out, "-o")
     print(save_figure(a.runs, out, a.labels.split(",") if a.labels else None))
     return 0
 

@@ -200,3 +200,35 @@ def test_a_reuse_config_without_a_strategy_is_an_error(tmp_path, data, capsys):
     assert not (tmp_path / "run" / "history.json").exists()
     assert main(base(data, tmp_path / "run", "--epochs", "1", "--reuse", "fixed", "--reuse-config", str(path))) == 0
     assert history(tmp_path / "run")["epochs"][0]["layers"]["conv2"]["reuse"]["L"] == 16
+
+
+# ---------------------------------------------------------------- D7: output paths checked before the work
+
+@pytest.fixture
+def trained(tmp_path, data):
+    out = tmp_path / "run"
+    assert main(base(data, out, "--epochs", "1")) == 0
+    return out
+
+
+def test_evaluate_checks_its_json_path_before_evaluating(tmp_path, data, trained, capsys, monkeypatch):
+    from minireuse import evaluate as evaluate_mod
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    ran = []
+    monkeypatch.setattr(evaluate_mod, "evaluate_model", lambda *a, **k: ran.append(1))
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(trained / "model.npz"), "--data", data, "--device", "cpu",
+                 "--quiet", "--json", str(blocker / "report.json")]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "cannot write to the directory of --json" in err and "give another --json" in err and not ran
+
+
+def test_plot_checks_its_output_path_before_drawing(tmp_path, trained, capsys):
+    pytest.importorskip("matplotlib")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["plot", str(trained), "-o", str(blocker / "fig.png")]) == 2
+    assert "cannot write to the directory of -o" in one_line_error(capsys.readouterr().err)
+    assert main(["plot", str(trained), "-o", str(tmp_path)]) == 2
+    assert "is a directory; give a file name" in one_line_error(capsys.readouterr().err)
