@@ -408,7 +408,9 @@ class Trainer:
         ckpt = os.path.join(self.out, CHECKPOINT)
         with OutLock(self.out), InterruptFlag(lambda: self._resume_hint(ckpt)) as interrupted:
             try:
-                return self._fit(ckpt, interrupted)
+                # overflow on the way to a non-finite loss is reported once, as its TrainingError
+                with np.errstate(all="ignore"):
+                    return self._fit(ckpt, interrupted)
             except OSError as e:
                 raise TrainingError(f"writing to {os.path.abspath(self.out)} failed ({e.strerror or e}); "
                                     f"stopped. {self._resume_hint(ckpt)}") from e
@@ -477,6 +479,9 @@ class Trainer:
                 if evaluated is None:    # Ctrl-C during the evaluation: the epoch's steps are kept
                     self._interrupt(ckpt, epoch, steps - 1, seen, t0, "during its evaluation")
                 test_loss, test_acc = evaluated
+                # an epoch is kept (as the last good checkpoint) only when all of it is finite
+                self._check_finite(test_loss, epoch, step, ckpt, what="test loss")
+                self._check_finite(self._parameters_sum(), epoch, step, ckpt, what="parameters (their sum)")
             record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1),
                           train_acc=correct / max(seen, 1), test_loss=test_loss, test_acc=test_acc,
                           lr=lr, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
@@ -515,6 +520,12 @@ class Trainer:
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}",
                             **({"reuse": self.strategy.describe()} if self.strategy else {}))
 
+    def _parameters_sum(self):
+        """The sum of every parameter (one read back): finite exactly when all of them are."""
+        xp = backend.xp()
+        total = sum(xp.sum(layer.params[name], dtype=np.float64) for _, layer, name in self.model.named_parameters())
+        return float(backend.asnumpy(total))
+
     def _layer_records(self, steps_run):
         """Per conv/dense layer: time per step, and reuse settings and statistics.
 
@@ -545,9 +556,9 @@ class Trainer:
         return out
 
     @staticmethod
-    def _check_finite(mean_loss, epoch, step, ckpt):
+    def _check_finite(mean_loss, epoch, step, ckpt, what="training loss"):
         if not math.isfinite(mean_loss):
-            where = f"non-finite training loss ({mean_loss}) in epoch {epoch + 1} by step {step + 1}; stopped."
+            where = f"non-finite {what} ({mean_loss}) in epoch {epoch + 1} by step {step + 1}; stopped."
             if os.path.exists(ckpt):
                 raise TrainingError(f"{where} The last good checkpoint is {os.path.abspath(ckpt)} (its settings "
                                     "are kept on resume: start a new run with a lower --lr, or resume it as "

@@ -232,3 +232,19 @@ def test_plot_checks_its_output_path_before_drawing(tmp_path, trained, capsys):
     assert "cannot write to the directory of -o" in one_line_error(capsys.readouterr().err)
     assert main(["plot", str(trained), "-o", str(tmp_path)]) == 2
     assert "is a directory; give a file name" in one_line_error(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------- D10: nothing non-finite is kept as good
+
+def test_a_non_finite_test_loss_is_not_kept_and_is_one_clean_line(tmp_path, data):
+    out = tmp_path / "run"
+    # one step per epoch: its loss is finite, the parameters it leaves are not
+    r = run_cli(*base(data, out, "--epochs", "3", "--lr", "1e20", "--warmup-epochs", "0", "--batch-size", "64"))
+    assert r.returncode == 2
+    err = one_line_error(r.stderr)
+    assert "non-finite test loss" in err and "RuntimeWarning" not in r.stderr
+    if (out / "history.json").exists():
+        assert all(np.isfinite(e["test_loss"]) for e in history(out)["epochs"])
+    if (out / "checkpoint.npz").exists():
+        meta, arrays = checkpoint_mod.read_checkpoint(str(out / "checkpoint.npz"))
+        assert all(np.isfinite(a).all() for k, a in arrays.items() if k.startswith("param/"))
