@@ -248,3 +248,27 @@ def test_a_non_finite_test_loss_is_not_kept_and_is_one_clean_line(tmp_path, data
     if (out / "checkpoint.npz").exists():
         meta, arrays = checkpoint_mod.read_checkpoint(str(out / "checkpoint.npz"))
         assert all(np.isfinite(a).all() for k, a in arrays.items() if k.startswith("param/"))
+
+
+# ---------------------------------------------------------------- D9: no ratio of exact with exact
+
+def common(data, out):
+    return ["--data", data, "--device", "cpu", "--out", str(out), "--quiet", "--limit-train", "64",
+            "--batch-size", "32", "--no-download", "--epochs", "1", "--reuse", "adaptive"]
+
+
+def test_compare_says_when_reuse_never_ran_and_gives_no_ratio(tmp_path, data, capsys):
+    assert main(["compare", *common(data, tmp_path / "cmp")]) == 0
+    table = capsys.readouterr().out
+    assert "reuse never ran" in table
+    rows = {line.split("  ")[0]: line.split() for line in table.splitlines()}
+    assert rows["training time"][-1] == "-" and rows["conv layers time"][-1] == "-"
+
+
+def test_parity_says_when_reuse_never_ran_and_gives_no_ratio(tmp_path, data, capsys):
+    assert main(["parity", "--seeds", "0", *common(data, tmp_path / "par")]) == 0
+    table = capsys.readouterr().out
+    assert "reuse never ran in seed 0" in table
+    seed_row = next(line for line in table.splitlines() if line.startswith("0 "))
+    assert not any(cell.endswith("x") for cell in seed_row.split())
+    assert json.load(open(tmp_path / "par" / "parity.json"))["aggregate"]["train_seconds"]["ratio"] is None
