@@ -187,17 +187,20 @@ class StepTotals:
         return float(loss_sum), float(correct)
 
 
-def evaluate(model, loss_fn, iterator, stop=None):
+def evaluate(model, loss_fn, iterator, stop=None, progress=None):
     """Mean loss and accuracy over an iterator; accumulates on the device, reads back once.
 
-    stop: checked before every batch; when it returns True, None is returned at once."""
+    stop: checked before every batch; when it returns True, None is returned at once.
+    progress: the label of a progress bar over the batches (None: no bar)."""
     totals, n = StepTotals(backend.xp()), 0
-    for xb, yb in iterator:
-        if stop is not None and stop():
-            return None
-        logits = model.forward(xb, train=False)
-        totals.add(loss_fn.forward(logits, yb), logits, yb)
-        n += len(yb)
+    with tqdm(iterator, total=len(iterator), desc=progress, unit="batch", leave=False, dynamic_ncols=True,
+              disable=progress is None) as batches:
+        for xb, yb in batches:
+            if stop is not None and stop():
+                return None
+            logits = model.forward(xb, train=False)
+            totals.add(loss_fn.forward(logits, yb), logits, yb)
+            n += len(yb)
     loss_sum, correct = totals.read()
     return loss_sum / max(n, 1), correct / max(n, 1)
 
@@ -475,7 +478,8 @@ class Trainer:
                 seconds = time.perf_counter() - t0
                 self._check_finite(loss_sum / max(seen, 1), epoch, step, ckpt)
                 lr = self.schedule(epoch + (steps - 1) / steps) if start >= steps else lr
-                evaluated = evaluate(self.model, self.loss_fn, test_iter, stop=lambda: bool(interrupted))
+                evaluated = evaluate(self.model, self.loss_fn, test_iter, stop=lambda: bool(interrupted),
+                                     progress=None if self.quiet else f"epoch {epoch + 1}: evaluating")
                 if evaluated is None:    # Ctrl-C during the evaluation: the epoch's steps are kept
                     self._interrupt(ckpt, epoch, steps - 1, seen, t0, "during its evaluation")
                 test_loss, test_acc = evaluated

@@ -272,3 +272,14 @@ def test_parity_says_when_reuse_never_ran_and_gives_no_ratio(tmp_path, data, cap
     seed_row = next(line for line in table.splitlines() if line.startswith("0 "))
     assert not any(cell.endswith("x") for cell in seed_row.split())
     assert json.load(open(tmp_path / "par" / "parity.json"))["aggregate"]["train_seconds"]["ratio"] is None
+
+
+# ---------------------------------------------------------------- D8: the evaluation shows progress
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_evaluation_after_each_epoch_has_a_progress_bar(tmp_path, data, quiet):
+    args = [a for a in base(data, tmp_path / "run", "--epochs", "1", "--limit-test", "24", "--batch-size", "8")
+            if not (a == "--quiet" and not quiet)]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert ("epoch 1: evaluating:" in r.stderr) != quiet and ("/3 [" in r.stderr) != quiet   # 24 images, 3 batches
