@@ -7,19 +7,28 @@ a checkpoint and exits with status 130.
 import argparse
 import math
 import os
+import re
 import sys
 
 from . import __version__
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Help that shows every default (arguments without a help text get one that does)."""
+    """Help that shows every default once (arguments without a help text get one that does);
+    not for switches (their default is the opposite of what they say), required arguments or
+    None, nor where the help text already names the default."""
 
     def add_argument(self, action):
         if not action.help and action.option_strings and action.default not in (None, argparse.SUPPRESS) \
                 and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             action.help = "default: %(default)s"
         super().add_argument(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.nargs == 0 or action.required or action.default is None or re.search(r"(^|[(;,] ?)default\b", text):
+            return text
+        return super()._get_help_string(action)
 
 
 def number(low=None, high=None, open_low=False, open_high=False, kind=float):
@@ -64,7 +73,9 @@ def positive_float(s):
     return v
 
 
-def add_train_arguments(p, resume=True, reuse_default="off", overwrite=True):
+def add_train_arguments(p, resume=True, reuse_default="off", overwrite=True, seed=True):
+    """The training flags; compare and parity (reuse_default not 'off') need a reuse strategy,
+    parity takes its seeds from --seeds (seed=False)."""
     from .train import Trainer
     d = Trainer.DEFAULTS
     p.add_argument("--model", default=d["model"], choices=["alexnet", "cifarnet", "vgg19"])
@@ -76,7 +87,8 @@ def add_train_arguments(p, resume=True, reuse_default="off", overwrite=True):
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=d["optimizer"])
     p.add_argument("--momentum", type=number(0, 1, open_high=True), default=d["momentum"],
                    help="SGD momentum, in [0, 1)")
-    p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
+    p.add_argument("--no-nesterov", dest="nesterov", action="store_false",
+                   help="SGD with plain momentum instead of Nesterov's")
     p.add_argument("--weight-decay", type=number(0), default=d["weight_decay"], help=">= 0")
     p.add_argument("--decay-layers", default=",".join(d["decay_layers"]),
                    help="comma-separated layer names that get weight decay ('all' for every weight; the "
@@ -84,9 +96,12 @@ def add_train_arguments(p, resume=True, reuse_default="off", overwrite=True):
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default=d["schedule"])
     p.add_argument("--warmup-epochs", type=number(0), default=d["warmup_epochs"],
                    help="epochs of linear warm-up of the learning rate, >= 0")
-    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="train on the images as they are (no random crops and flips)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d["device"])
-    p.add_argument("--seed", type=number(0, kind=int), default=d["seed"])
+    # parity refuses --seed with a message (hidden: else argparse would take it for --seeds)
+    p.add_argument("--seed", type=number(0, kind=int), default=d["seed"] if seed else None,
+                   help=None if seed else argparse.SUPPRESS)
     p.add_argument("--out", default=d["out"], help="output directory (history.json, checkpoint.npz, model.npz)")
     if overwrite:
         p.add_argument("--overwrite", action="store_true",
@@ -100,7 +115,8 @@ def add_train_arguments(p, resume=True, reuse_default="off", overwrite=True):
                             "with it may only change " + ", ".join(f"--{k.replace('_', '-')}" for k in
                                                                   ("epochs", "data", "device", "graph", "out",
                                                                    "limit_test")))
-    p.add_argument("--reuse", choices=["off", "fixed", "schedule", "adaptive"], default=reuse_default,
+    p.add_argument("--reuse", choices=["off", "fixed", "schedule", "adaptive"][reuse_default != "off":],
+                   default=reuse_default,
                    help="deep-reuse strategy for the conv/dense layers (off: exact)")
     p.add_argument("--reuse-config", metavar="FILE", default=None,
                    help="JSON file: {\"layers\": {\"conv2\": {\"L\": 16, \"H\": 16} or [stages...]}, "
@@ -200,8 +216,6 @@ def cmd_train(a):
 
 def cmd_compare(a):
     from . import compare
-    if a.reuse == "off":
-        raise ValueError("compare needs a reuse strategy: --reuse fixed, schedule or adaptive")
     cfg = train_config(a)
     _, _, table = compare.run(cfg, a.reuse, quiet=a.quiet, overwrite=a.overwrite)
     print(table)
@@ -210,8 +224,6 @@ def cmd_compare(a):
 
 def cmd_parity(a):
     from . import parity
-    if a.reuse == "off":
-        raise ValueError("parity needs a reuse strategy: --reuse fixed, schedule or adaptive")
     if a.seed is not None:
         raise ValueError("parity trains one pair of runs per seed of --seeds; --seed is for train and compare")
     cfg = train_config(a)
@@ -241,7 +253,7 @@ def build_parser():
     p.set_defaults(func=cmd_compare, out="runs/compare")
     p = sub.add_parser("parity", help="exact and reuse runs over several seeds: accuracy differences "
                        "with their spread, and the time ratios (resumable)", formatter_class=Formatter)
-    add_train_arguments(p, resume=False, reuse_default="adaptive", overwrite=False)
+    add_train_arguments(p, resume=False, reuse_default="adaptive", overwrite=False, seed=False)
     p.add_argument("--seeds", type=seed_list, default="0,1,2",
                    help="comma-separated distinct non-negative seeds, one exact and one reuse run each "
                         "(default 0,1,2)")
@@ -251,7 +263,7 @@ def build_parser():
     p.add_argument("--control", action="store_true",
                    help="also train each seed's control run (OUT/seedS/control: the reuse layers with the "
                         "exact gradients, so only float rounding differs from exact): the table's noise floor")
-    p.set_defaults(func=cmd_parity, out="runs/parity", seed=None)
+    p.set_defaults(func=cmd_parity, out="runs/parity")
     p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts",
                        formatter_class=Formatter)
     p.add_argument("--model", default="cifarnet", choices=["alexnet", "cifarnet", "vgg19"])

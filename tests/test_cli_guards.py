@@ -283,3 +283,32 @@ def test_the_evaluation_after_each_epoch_has_a_progress_bar(tmp_path, data, quie
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
     assert ("epoch 1: evaluating:" in r.stderr) != quiet and ("/3 [" in r.stderr) != quiet   # 24 images, 3 batches
+
+
+# ---------------------------------------------------------------- help
+
+def help_text(*command):
+    r = run_cli(*command, "--help")
+    assert r.returncode == 0, r.stderr
+    return " ".join(r.stdout.split())
+
+
+@pytest.mark.parametrize("command", [("train",), ("parity",), ("evaluate",), ("plot",), ("bench", "layers"),
+                                     ("bench", "step")])
+def test_help_shows_each_default_once_and_only_real_ones(command):
+    text = help_text(*command)
+    assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
+    for shown in ("(default 0,1,2) (default", "(default 128) (default", "(default 12,20) (default",
+                  "history.png) (default"):
+        assert shown not in text
+
+
+def test_help_describes_switches_and_offers_only_what_is_taken():
+    train = help_text("train")
+    assert "--no-nesterov SGD with plain momentum" in train and "--no-augment train on the images as they are" in train
+    assert "--no-download never download CIFAR-10 when it is missing [" in train or \
+        "--no-download never download CIFAR-10 when it is missing --" in train
+    parity = help_text("parity")
+    assert "--seed SEED" not in parity and "--reuse {fixed,schedule,adaptive}" in parity
+    assert "--reuse {fixed,schedule,adaptive}" in help_text("compare")
+    assert "--checkpoint FILE RUN/model.npz or RUN/checkpoint.npz of a trained model --" in help_text("evaluate")
