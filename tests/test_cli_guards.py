@@ -312,3 +312,21 @@ def test_help_describes_switches_and_offers_only_what_is_taken():
     assert "--seed SEED" not in parity and "--reuse {fixed,schedule,adaptive}" in parity
     assert "--reuse {fixed,schedule,adaptive}" in help_text("compare")
     assert "--checkpoint FILE RUN/model.npz or RUN/checkpoint.npz of a trained model --" in help_text("evaluate")
+
+
+# ---------------------------------------------------------------- plot
+
+def test_plot_of_a_run_without_history_says_why(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["plot", str(tmp_path / "run")]) == 2
+    assert "no history.json (no epoch finished yet?)" in one_line_error(capsys.readouterr().err)
+
+
+def test_plot_of_a_one_epoch_exact_run_draws_points_and_says_there_is_no_reuse(tmp_path, trained):
+    pytest.importorskip("matplotlib")
+    from minireuse import plot
+    fig = plot.figure([plot.read_history(str(trained))])
+    acc, loss, _, rc, err, harm = fig.axes
+    assert all(line.get_marker() == "o" for line in acc.lines + loss.lines)
+    for ax in (rc, err, harm):
+        assert [t.get_text() for t in ax.texts] == ["no reuse recorded in these runs"]
