@@ -35,7 +35,7 @@ from .fileio import atomic_write_json
 from .models import MODELS
 from .optim import SGD, Adam, make_schedule
 from .outdir import OutLock, OutputError, check_unlocked, check_writable
-from .reuse.adaptive import make_strategy, resolved_layers
+from .reuse.adaptive import make_strategy, resolved_layers, stage_label
 from .strategy_steps import StrategySteps
 from .timing import LayerTimer
 
@@ -470,6 +470,9 @@ class Trainer:
                         # queue a copy of the sums; show the newest copy that has landed
                         self.reader.request(self.totals.sums, tag=(seen, step))
                         self._show_progress(bar, epoch, lr, seen, t0, ckpt)
+                        if epoch == self.start_epoch and step + 1 - start <= c["log_every"] and not self.quiet:
+                            tqdm.write(self._run_estimate(time.perf_counter() - t0 - earlier_s, step + 1 - start,
+                                                          epoch, step, steps, len(test_iter)))
                     if interrupted:
                         bar.close()
                         self._interrupt(ckpt, epoch, step, seen, t0, f"after step {step + 1}")
@@ -505,12 +508,22 @@ class Trainer:
             if not self.quiet:
                 tqdm.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
                            f"test loss {test_loss:.4f} acc {test_acc:.4f} | {seconds:.1f} s, "
-                           f"{record['images_per_s']:.0f} img/s")
+                           f"{record['images_per_s']:.0f} img/s" + reuse_summary(record))
             if interrupted and epoch + 1 < c["epochs"]:
                 raise KeyboardInterrupt(f"interrupted after epoch {epoch + 1}; state saved to "
                                         f"{os.path.abspath(ckpt)} (continue with {resume_command(ckpt)})")
         self.model.save(os.path.join(self.out, MODEL))
         return self.history
+
+    def _run_estimate(self, seconds, steps_timed, epoch, step, steps, test_batches):
+        """The whole run's remaining time from the first steps timed, as a line: the steps left,
+        and each evaluation at a third of a training step per batch (a forward only)."""
+        per_step = seconds / max(steps_timed, 1)
+        epochs_left = self.cfg["epochs"] - epoch
+        left = per_step * (epochs_left * steps - step - 1 + epochs_left * test_batches / 3)
+        return (f"estimated time for the run: about {format_duration(left)} more ({epochs_left} epoch"
+                f"{'s' if epochs_left != 1 else ''} of {steps} steps at {per_step:.2f} s/step, from the first "
+                f"{steps_timed}; the bar refines it)")
 
     def _show_progress(self, bar, epoch, lr, seen, t0, ckpt):
         """Progress bar and non-finite guard from the newest sums read back (CPU: the current ones)."""
@@ -574,6 +587,26 @@ class Trainer:
         settings = {k: v for k, v in self.cfg.items()}
         atomic_write_json(os.path.join(self.out, HISTORY),
                           {"settings": settings, "device": backend.describe_device(), "epochs": self.history})
+
+
+def format_duration(seconds):
+    """'2 h 05 min', '7 min 30 s' or '12 s'."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
+
+def reuse_summary(record):
+    """The reuse state of an epoch's record for its line: each reuse layer's setting and mean
+    r_c, or that every layer was exact ('' for a run without a strategy)."""
+    if "reuse_strategy" not in record:
+        return ""
+    used = [f"{name} {stage_label(rec['reuse'])} r_c {rec['r_c']:.3f}" for name, rec in record["layers"].items()
+            if rec.get("reuse") is not None and rec.get("r_c") is not None]
+    return " | reuse: " + (", ".join(used) if used else "none this epoch (every layer exact)")
 
 
 class InterruptFlag:

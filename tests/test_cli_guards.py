@@ -330,3 +330,18 @@ def test_plot_of_a_one_epoch_exact_run_draws_points_and_says_there_is_no_reuse(t
     assert all(line.get_marker() == "o" for line in acc.lines + loss.lines)
     for ax in (rc, err, harm):
         assert [t.get_text() for t in ax.texts] == ["no reuse recorded in these runs"]
+
+
+# ---------------------------------------------------------------- what a run shows as it goes
+
+def test_a_run_says_its_estimated_time_and_its_reuse_state(tmp_path, data):
+    path = tmp_path / "reuse.json"
+    path.write_text(json.dumps({"layers": {"conv2": {"L": 64, "H": 16}}}))
+    args = [a for a in base(data, tmp_path / "run", "--epochs", "2", "--reuse", "fixed", "--reuse-config", str(path))
+            if a != "--quiet"]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("estimated time for the run: about") == 1 and "2 epochs of 2 steps" in r.stdout
+    lines = [line for line in r.stdout.splitlines() if line.startswith("epoch 1: train loss")]
+    assert len(lines) == 1 and "| reuse: conv2 L64H16 offset r_c 0." in lines[0]
+    assert "conv2:L64H16,offset" in r.stderr                  # the bar shows which layers reuse
