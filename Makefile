@@ -34,6 +34,9 @@ TRAIN_FLAGS ?=
 # RESUME=1: continue the interrupted run in OUT (its checkpoint keeps its settings)
 RESUME ?=
 RESUME_FLAG = $(if $(RESUME),--resume $(OUT)/checkpoint.npz)
+# how train's messages name this target (to resume a run, or start it over): `make cifar`
+# with the variables given on this command line, since a bare `python` may lack the packages
+CIFAR_COMMAND = $(strip make cifar $(foreach v,PYTHON DATA OUT EPOCHS DEVICE REUSE,$(if $(filter command line,$(origin $v)),$v=$($v))))
 # the accuracy-parity protocol's budget (docs/adaptive.md): a CPU session's worth
 PARITY_FLAGS ?= --seeds 0,1,2 --epochs 8 --limit-train 5000
 
@@ -68,7 +71,7 @@ data: $(if $(OWN_VENV),| $(VENV)/bin/python)
 		$(PYTHON) -m pip install -q pillow && $(PYTHON) $(SHARED_CIFAR) $(DATA); fi
 
 cifar: $(INSTALLED) data
-	$(PYTHON) -m minireuse train --model cifarnet --data $(DATA) --epochs $(EPOCHS) --device $(DEVICE) \
+	MINIREUSE_MAKE_COMMAND='$(CIFAR_COMMAND)' $(PYTHON) -m minireuse train --model cifarnet --data $(DATA) --epochs $(EPOCHS) --device $(DEVICE) \
 		--out $(OUT) --reuse $(REUSE) $(TRAIN_FLAGS) $(RESUME_FLAG)
 
 # the same recipe with every layer exact

@@ -6,19 +6,29 @@ a checkpoint and exits with status 130.
 """
 import argparse
 import math
+import os
+import re
 import sys
 
 from . import __version__
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Help that shows every default (arguments without a help text get one that does)."""
+    """Help that shows every default once (arguments without a help text get one that does);
+    not for switches (their default is the opposite of what they say), required arguments or
+    None, nor where the help text already names the default."""
 
     def add_argument(self, action):
         if not action.help and action.option_strings and action.default not in (None, argparse.SUPPRESS) \
                 and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             action.help = "default: %(default)s"
         super().add_argument(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.nargs == 0 or action.required or action.default is None or re.search(r"(^|[(;,] ?)default\b", text):
+            return text
+        return super()._get_help_string(action)
 
 
 def number(low=None, high=None, open_low=False, open_high=False, kind=float):
@@ -63,7 +73,9 @@ def positive_float(s):
     return v
 
 
-def add_train_arguments(p, resume=True, reuse_default="off"):
+def add_train_arguments(p, resume=True, reuse_default="off", overwrite=True, seed=True):
+    """The training flags; compare and parity (reuse_default not 'off') need a reuse strategy,
+    parity takes its seeds from --seeds (seed=False)."""
     from .train import Trainer
     d = Trainer.DEFAULTS
     p.add_argument("--model", default=d["model"], choices=["alexnet", "cifarnet", "vgg19"])
@@ -75,7 +87,8 @@ def add_train_arguments(p, resume=True, reuse_default="off"):
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=d["optimizer"])
     p.add_argument("--momentum", type=number(0, 1, open_high=True), default=d["momentum"],
                    help="SGD momentum, in [0, 1)")
-    p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
+    p.add_argument("--no-nesterov", dest="nesterov", action="store_false",
+                   help="SGD with plain momentum instead of Nesterov's")
     p.add_argument("--weight-decay", type=number(0), default=d["weight_decay"], help=">= 0")
     p.add_argument("--decay-layers", default=",".join(d["decay_layers"]),
                    help="comma-separated layer names that get weight decay ('all' for every weight; the "
@@ -83,10 +96,17 @@ def add_train_arguments(p, resume=True, reuse_default="off"):
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default=d["schedule"])
     p.add_argument("--warmup-epochs", type=number(0), default=d["warmup_epochs"],
                    help="epochs of linear warm-up of the learning rate, >= 0")
-    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="train on the images as they are (no random crops and flips)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d["device"])
-    p.add_argument("--seed", type=number(0, kind=int), default=d["seed"])
+    # parity refuses --seed with a message (hidden: else argparse would take it for --seeds)
+    p.add_argument("--seed", type=number(0, kind=int), default=d["seed"] if seed else None,
+                   help=None if seed else argparse.SUPPRESS)
     p.add_argument("--out", default=d["out"], help="output directory (history.json, checkpoint.npz, model.npz)")
+    if overwrite:
+        p.add_argument("--overwrite", action="store_true",
+                       help="start over in an --out that already holds a run, discarding it (without it, "
+                            "such a directory is refused)")
     p.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=positive_int, default=None, help="use only the first N test images")
     if resume:
@@ -95,7 +115,8 @@ def add_train_arguments(p, resume=True, reuse_default="off"):
                             "with it may only change " + ", ".join(f"--{k.replace('_', '-')}" for k in
                                                                   ("epochs", "data", "device", "graph", "out",
                                                                    "limit_test")))
-    p.add_argument("--reuse", choices=["off", "fixed", "schedule", "adaptive"], default=reuse_default,
+    p.add_argument("--reuse", choices=["off", "fixed", "schedule", "adaptive"][reuse_default != "off":],
+                   default=reuse_default,
                    help="deep-reuse strategy for the conv/dense layers (off: exact)")
     p.add_argument("--reuse-config", metavar="FILE", default=None,
                    help="JSON file: {\"layers\": {\"conv2\": {\"L\": 16, \"H\": 16} or [stages...]}, "
@@ -127,6 +148,8 @@ def train_config(a):
             "weight_decay", "schedule", "warmup_epochs", "augment", "seed", "out", "limit_train",
             "limit_test", "device", "download", "graph"]
     cfg = {k: getattr(a, k) for k in keys}
+    # saved absolute, so that a resume from another directory finds them
+    cfg["out"], cfg["data"] = os.path.abspath(a.out), os.path.abspath(a.data)
     cfg["decay_layers"] = None if a.decay_layers == "all" else [s for s in a.decay_layers.split(",") if s]
     cfg["reuse"] = a.reuse
     if a.reuse_config:
@@ -153,10 +176,13 @@ def _subparser(parser, name):
 
 def resumed_config(a, argv):
     """The checkpoint's settings, with the flags given explicitly on top (Trainer.resume
-    refuses those that contradict it, except Trainer.SAFE_TO_CHANGE)."""
+    refuses those that contradict it, except Trainer.SAFE_TO_CHANGE); the output directory is
+    the checkpoint's own unless --out is given."""
     from .checkpoint import checkpoint_config
     from .train import Trainer
     saved = {k: v for k, v in checkpoint_config(a.resume).items() if k in Trainer.DEFAULTS}
+    # a run continues where its checkpoint is (a copied run in the copy), not where it was saved
+    saved["out"] = os.path.dirname(os.path.abspath(a.resume))
     cfg = train_config(a)
     given = given_flags(argv)
     explicit = {k: v for k, v in cfg.items() if k in given or (k in ("reuse_layers", "reuse_options")
@@ -165,9 +191,20 @@ def resumed_config(a, argv):
 
 
 def cmd_train(a):
-    from .train import Trainer
+    from .train import Trainer, clear_run, refuse_existing_run
+    if a.resume and a.overwrite:
+        raise ValueError("--resume continues a run and --overwrite discards one: give one of them")
     cfg = resumed_config(a, a.argv) if a.resume else train_config(a)
+    if a.reuse_config and cfg["reuse"] == "off":
+        # an error rather than a strategy picked for the user: the same file means one setting
+        # (fixed), stages by progress (schedule) or the controller's ladder (adaptive)
+        raise ValueError(f"--reuse-config {a.reuse_config} sets reuse layers, but the reuse strategy is off: "
+                         "add --reuse fixed, schedule or adaptive")
+    if not a.resume and not a.overwrite:
+        refuse_existing_run(cfg["out"])
     trainer = Trainer(cfg, quiet=a.quiet)
+    if a.overwrite:
+        clear_run(trainer.out)        # only once every setting and the data were accepted
     if a.resume:
         meta = trainer.resume(a.resume)
         print(f"resuming from {a.resume}: epoch {meta['epoch'] + 1}, step {meta['step']}", file=sys.stderr)
@@ -185,18 +222,14 @@ def cmd_train(a):
 
 def cmd_compare(a):
     from . import compare
-    if a.reuse == "off":
-        raise ValueError("compare needs a reuse strategy: --reuse fixed, schedule or adaptive")
     cfg = train_config(a)
-    _, _, table = compare.run(cfg, a.reuse, quiet=a.quiet)
+    _, _, table = compare.run(cfg, a.reuse, quiet=a.quiet, overwrite=a.overwrite)
     print(table)
     return 0
 
 
 def cmd_parity(a):
     from . import parity
-    if a.reuse == "off":
-        raise ValueError("parity needs a reuse strategy: --reuse fixed, schedule or adaptive")
     if a.seed is not None:
         raise ValueError("parity trains one pair of runs per seed of --seeds; --seed is for train and compare")
     cfg = train_config(a)
@@ -226,7 +259,7 @@ def build_parser():
     p.set_defaults(func=cmd_compare, out="runs/compare")
     p = sub.add_parser("parity", help="exact and reuse runs over several seeds: accuracy differences "
                        "with their spread, and the time ratios (resumable)", formatter_class=Formatter)
-    add_train_arguments(p, resume=False, reuse_default="adaptive")
+    add_train_arguments(p, resume=False, reuse_default="adaptive", overwrite=False, seed=False)
     p.add_argument("--seeds", type=seed_list, default="0,1,2",
                    help="comma-separated distinct non-negative seeds, one exact and one reuse run each "
                         "(default 0,1,2)")
@@ -236,7 +269,7 @@ def build_parser():
     p.add_argument("--control", action="store_true",
                    help="also train each seed's control run (OUT/seedS/control: the reuse layers with the "
                         "exact gradients, so only float rounding differs from exact): the table's noise floor")
-    p.set_defaults(func=cmd_parity, out="runs/parity", seed=None)
+    p.set_defaults(func=cmd_parity, out="runs/parity")
     p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts",
                        formatter_class=Formatter)
     p.add_argument("--model", default="cifarnet", choices=["alexnet", "cifarnet", "vgg19"])

@@ -11,7 +11,7 @@ import os
 from . import plot
 from .fileio import atomic_write_json
 from .tables import align_rows
-from .train import Trainer
+from .train import Trainer, clear_run, refuse_existing_run
 
 
 def summarise(history):
@@ -39,15 +39,20 @@ def format_table(exact, reuse, strategy):
 
     def sec(v):
         return f"{v:.1f} s"
+    # a reuse run that never reused compared exact with exact: its speed ratios say nothing
+    ran = any(rec["reuse_epochs"] > 0 for rec in reuse["layers"].values())
+
+    def ratio(a, b):
+        return f"{a / max(b, 1e-12):.2f}x" if ran else "-"
     rows = [("", "exact", f"reuse ({strategy})", "ratio exact/reuse"),
             ("final test accuracy", pct(exact["final_test_acc"]), pct(reuse["final_test_acc"]),
              f"{100 * (reuse['final_test_acc'] - exact['final_test_acc']):+.2f} pts"),
             ("best test accuracy", pct(exact["best_test_acc"]), pct(reuse["best_test_acc"]),
              f"{100 * (reuse['best_test_acc'] - exact['best_test_acc']):+.2f} pts"),
             ("training time", sec(exact["train_seconds"]), sec(reuse["train_seconds"]),
-             f"{exact['train_seconds'] / reuse['train_seconds']:.2f}x"),
+             ratio(exact["train_seconds"], reuse["train_seconds"])),
             ("conv layers time", sec(exact["conv_seconds"]), sec(reuse["conv_seconds"]),
-             f"{exact['conv_seconds'] / max(reuse['conv_seconds'], 1e-12):.2f}x")]
+             ratio(exact["conv_seconds"], reuse["conv_seconds"]))]
     for name, rec in reuse["layers"].items():
         ex = exact["layers"].get(name, {})
         if rec["mean_r_c"] is None and rec["reuse_epochs"] == 0:
@@ -58,18 +63,31 @@ def format_table(exact, reuse, strategy):
                      f"reuse in {rec['reuse_epochs']} epochs"))
         if rec["mean_rel_error"] is not None:
             rows.append((f"{name} sampled error", "0", f"{rec['mean_rel_error']:.3f}", ""))
-    return "\n".join(align_rows(rows))
+    lines = align_rows(rows)
+    if not ran:
+        lines.append(f"reuse never ran: every layer of the reuse run was exact in every epoch ({strategy} "
+                     "never started it), so no speed ratio is given")
+    return "\n".join(lines)
 
 
-def run(cfg, strategy, quiet=False, data=None):
-    """Train exact then with reuse; returns (exact summary, reuse summary, table text)."""
+def run(cfg, strategy, quiet=False, data=None, overwrite=False):
+    """Train exact then with reuse; returns (exact summary, reuse summary, table text).
+
+    Runs already in OUT/exact or OUT/reuse are refused before anything is trained, unless
+    ``overwrite``."""
     out = cfg["out"]
+    runs = {"exact": os.path.join(out, "exact"), "reuse": os.path.join(out, "reuse")}
+    if not overwrite:
+        for path in runs.values():
+            refuse_existing_run(path)
     summaries = {}
     for name, reuse in (("exact", "off"), ("reuse", strategy)):
-        c = dict(cfg, out=os.path.join(out, name), reuse=reuse)
+        c = dict(cfg, out=runs[name], reuse=reuse)
         if reuse == "off":
             c["reuse_layers"], c["reuse_options"] = None, None
         trainer = Trainer(c, data=data, quiet=quiet)
+        if overwrite:
+            clear_run(trainer.out)
         data = trainer.data      # load the data once for both runs
         summaries[name] = summarise(trainer.fit())
     table = format_table(summaries["exact"], summaries["reuse"], strategy)

@@ -151,6 +151,9 @@ def run(a):
     from .bench import git_commit
     from .data import load_cifar10
     from .fileio import atomic_write_json
+    from .outdir import check_output_file
+    if a.json:
+        check_output_file(a.json, "--json")
     settings = reuse_settings(a.reuse, a.reuse_config, a.model)
     backend.set_device(a.device)
     model = MODELS[a.model]()

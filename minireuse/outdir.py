@@ -15,8 +15,9 @@ class OutputError(RuntimeError):
     """The output directory cannot be used (not writable, or another run writes it)."""
 
 
-def check_writable(out):
-    """Create ``out`` if needed and write (then remove) a probe file in it; one clear error otherwise."""
+def check_writable(out, what="the output directory", fix="choose another --out"):
+    """Create ``out`` if needed and write (then remove) a probe file in it; one clear error
+    otherwise, naming ``what`` the directory is and how to ``fix`` it."""
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test-{os.getpid()}")
@@ -27,8 +28,16 @@ def check_writable(out):
         reason = e.strerror or str(e)
         if e.errno == errno.ENOTDIR or (os.path.exists(out) and not os.path.isdir(out)):
             reason = "a file, not a directory, is in the way"
-        raise OutputError(f"cannot write to the output directory {os.path.abspath(out)} ({reason}); "
-                          "choose another --out") from e
+        raise OutputError(f"cannot write to {what} {os.path.abspath(out)} ({reason}); {fix}") from e
+
+
+def check_output_file(path, flag):
+    """Raise OutputError unless ``path`` can be written (its directory created if needed), so a
+    command given ``flag`` PATH fails before its work rather than losing the result after it."""
+    if os.path.isdir(path):
+        raise OutputError(f"{flag} {os.path.abspath(path)} is a directory; give a file name")
+    check_writable(os.path.dirname(os.path.abspath(path)), what=f"the directory of {flag} {path}",
+                   fix=f"give another {flag}")
 
 
 def _pid_alive(pid):

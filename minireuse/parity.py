@@ -222,7 +222,9 @@ def seed_entry(seed, exact_history, reuse_history, exact_run, reuse_run, control
     return dict(seed=seed, exact_run=exact_run, reuse_run=reuse_run, exact=ex, reuse=re_,
                 diff_final_pts=100 * (re_["final_test_acc"] - ex["final_test_acc"]),
                 diff_best_pts=100 * (re_["best_test_acc"] - ex["best_test_acc"]),
-                time_ratio=_ratio(ex["train_seconds"], re_["train_seconds"]),
+                # a reuse run that never reused is exact: no ratio of exact with exact
+                time_ratio=_ratio(ex["train_seconds"], re_["train_seconds"]) if layers else None,
+                reuse_ran=bool(layers),
                 reuse_layers=layer_times,
                 stages={n: reuse_stages(reuse_history, n) for n in layers},
                 **(control_entry(ex, re_, summarise(control_history), control_run)
@@ -258,7 +260,8 @@ def aggregate(per_seed):
                 mean_exact_best_acc=total("exact", "best_test_acc") / k,
                 mean_reuse_best_acc=total("reuse", "best_test_acc") / k,
                 train_seconds=dict(exact=total("exact", "train_seconds"), reuse=total("reuse", "train_seconds"),
-                                   ratio=_ratio(total("exact", "train_seconds"), total("reuse", "train_seconds"))),
+                                   ratio=_ratio(total("exact", "train_seconds"), total("reuse", "train_seconds"))
+                                   if all(p.get("reuse_ran", True) for p in per_seed) else None),
                 layers=layer_totals)
 
 
@@ -332,6 +335,10 @@ def format_table(result):
         lines += ["", "reuse stages (epochs of the reuse run grouped by the layer's setting):"]
         lines += align_rows([("seed", "layer", "stage", "epochs", "mean r_c", "mean sampled error",
                           *(("mean dw_cos",) if with_cos else ()))] + stage_rows)
+    idle = [str(p["seed"]) for p in per_seed if not p.get("reuse_ran", True)]
+    if idle:
+        lines += ["", f"reuse never ran in seed{'s' if len(idle) > 1 else ''} {', '.join(idle)}: every layer of "
+                  "the reuse run was exact in every epoch, so no time ratio is given for it"]
     lines += ["", "diff = reuse - exact in accuracy points; time = training seconds (layers: forward + "
               "backward) summed over epochs, ratios > 1 mean reuse was faster"]
     return "\n".join(lines)

@@ -12,6 +12,8 @@ here, with the non-interactive Agg backend (works without a display).
 import json
 import os
 
+from .outdir import check_output_file
+
 INSTALL = "pip install -e '.[plot]' (or pip install matplotlib)"
 
 
@@ -32,6 +34,8 @@ def _pyplot():
 def read_history(run):
     """(label, epochs) of a run directory (or its history.json)."""
     path = os.path.join(run, "history.json") if os.path.isdir(run) else run
+    if not os.path.exists(path):
+        raise PlotError(f"{path} does not exist: no history.json (no epoch finished yet?)")
     try:
         with open(path) as f:
             data = json.load(f)
@@ -65,10 +69,13 @@ def figure(runs):
     for i, (label, epochs) in enumerate(runs):
         colour = f"C{i % 10}"
         ep = [e["epoch"] for e in epochs]
-        acc.plot(ep, [100 * e["test_acc"] for e in epochs], color=colour, label=f"{label} test")
-        acc.plot(ep, [100 * e["train_acc"] for e in epochs], color=colour, ls="--", label=f"{label} train")
-        loss.plot(ep, [e["test_loss"] for e in epochs], color=colour, label=f"{label} test")
-        loss.plot(ep, [e["train_loss"] for e in epochs], color=colour, ls="--", label=f"{label} train")
+        point = "o" if len(ep) == 1 else None          # a line of one epoch would not show
+        acc.plot(ep, [100 * e["test_acc"] for e in epochs], color=colour, marker=point, label=f"{label} test")
+        acc.plot(ep, [100 * e["train_acc"] for e in epochs], color=colour, ls="--", marker=point,
+                 label=f"{label} train")
+        loss.plot(ep, [e["test_loss"] for e in epochs], color=colour, marker=point, label=f"{label} test")
+        loss.plot(ep, [e["train_loss"] for e in epochs], color=colour, ls="--", marker=point,
+                  label=f"{label} train")
         secs.plot(ep, [e["seconds"] for e in epochs], color=colour, marker="o", label=label)
         for ax, key, style in ((rc, "r_c", "-"), (err, "rel_error", "-"), (err, "dw_cos", "--")):
             for j, (name, (xs, ys)) in enumerate(sorted(_layer_series(epochs, key).items())):
@@ -93,6 +100,9 @@ def figure(runs):
         ax.grid(alpha=0.3)
         if any(not line.get_label().startswith("_") for line in ax.lines):
             ax.legend(fontsize=7)
+        elif ax in (rc, err, harm):
+            ax.text(0.5, 0.5, "no reuse recorded in these runs", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
     fig.tight_layout()
     return fig
 
@@ -118,6 +128,7 @@ def run(a):
     """The plot command."""
     out = a.output or os.path.join(a.runs[0] if os.path.isdir(a.runs[0]) else os.path.dirname(a.runs[0]),
                                    "history.png")
+    check_output_file(out, "-o")
     print(save_figure(a.runs, out, a.labels.split(",") if a.labels else None))
     return 0
 

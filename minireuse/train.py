@@ -19,7 +19,9 @@ import contextlib
 import functools
 import math
 import os
+import shlex
 import signal
+import sys
 import time
 
 import numpy as np
@@ -32,13 +34,21 @@ from .checkpoint import TrainingError, load_checkpoint, read_checkpoint, resume_
 from .fileio import atomic_write_json
 from .models import MODELS
 from .optim import SGD, Adam, make_schedule
-from .outdir import OutLock, check_unlocked, check_writable
-from .reuse.adaptive import make_strategy, resolved_layers
+from .outdir import OutLock, OutputError, check_unlocked, check_writable
+from .reuse.adaptive import make_strategy, resolved_layers, stage_label
 from .strategy_steps import StrategySteps
 from .timing import LayerTimer
 
+# CIFAR-10's training and test images, for the memory estimate made before they are read
+CIFAR_IMAGES = (50000, 10000)
 CHECKPOINT = "checkpoint.npz"
 HISTORY = "history.json"
+MODEL = "model.npz"
+# what a finished or interrupted run leaves in its directory (--overwrite removes them)
+RUN_FILES = (CHECKPOINT, HISTORY, MODEL, "history.png")
+# set by `make cifar` to its own invocation: the interpreter it runs is the project's
+# environment, which a bare `python` on the PATH may not be
+MAKE_COMMAND_ENV = "MINIREUSE_MAKE_COMMAND"
 # with CUDA graphs, one step in this many runs eagerly with the per-layer timers
 # (a replayed graph cannot be timed per layer)
 GRAPH_TIMING_EVERY = 100
@@ -56,6 +66,90 @@ def check_number(name, value, low=None, high=None, open_low=False, open_high=Fal
         hi = "" if high is None else str(high) + (")" if open_high else "]")
         rng = f"in {lo}, {hi}" if lo and hi else (f"{'>' if open_low else '>='} {low}" if lo else f"<= {high}")
         raise ValueError(f"{name} must be a finite number {rng}, got {value!r}")
+
+
+def resume_command(ckpt):
+    """The command that continues the run saved in ``ckpt``, for how this process was started."""
+    make = os.environ.get(MAKE_COMMAND_ENV)
+    if make:
+        return f"{make} RESUME=1"
+    return f"{shlex.quote(sys.executable)} -m minireuse train --resume {shlex.quote(ckpt)}"
+
+
+def checkpoint_position(ckpt):
+    """Where the run saved in ``ckpt`` stands, in words."""
+    try:
+        meta = read_checkpoint(ckpt, arrays=False)[0]
+    except TrainingError:
+        return "an unreadable state"
+    return f"epoch {meta['epoch'] + 1}, step {meta['step']}" if meta["step"] else f"the end of epoch {meta['epoch']}"
+
+
+def refuse_existing_run(out):
+    """Raise OutputError when ``out`` holds a run's files, with the ways on: resume it,
+    another output directory, or start over explicitly (nothing is replaced unasked)."""
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if not present:
+        return
+    ckpt = os.path.join(out, CHECKPOINT)
+    where = f"its checkpoint is at {checkpoint_position(ckpt)}" if CHECKPOINT in present else \
+        f"{', '.join(present)}, no checkpoint"
+    make = os.environ.get(MAKE_COMMAND_ENV)
+    other, over = (("another OUT=DIR", f"{make} TRAIN_FLAGS=--overwrite") if make
+                   else ("another --out DIR", "--overwrite"))
+    resume = f"continue it with {resume_command(ckpt)}, " if CHECKPOINT in present else ""
+    raise OutputError(f"{os.path.abspath(out)} already holds a run ({where}): {resume}choose {other}, or "
+                      f"start over with {over} (discards it)")
+
+
+def clear_run(out):
+    """Remove the files of the run in ``out`` (--overwrite), so none of them outlives the new run."""
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def available_memory():
+    """Bytes of memory the system can give without swapping (MemAvailable of /proc/meminfo),
+    or None where that is not known (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def step_memory_bytes(model, batch, images):
+    """A deliberately simple upper estimate of a CPU training run's peak memory, in bytes:
+    the ``images`` as uint8 (32x32x3 each), the parameters four times (weights, gradients,
+    two optimizer slots), and for one step every layer's output twice (kept for the
+    backward, then its gradient) plus the largest conv im2col matrix twice (the forward's
+    columns, the backward's column gradient), at the parameters' precision."""
+    itemsize = max((p.dtype.itemsize for l in model.layers for p in l.params.values()), default=4)
+    params = sum(int(np.prod(p.shape)) for l in model.layers for p in l.params.values())
+    shape, outputs, columns = (batch, 32, 32, 3), 0, 0
+    for layer in model.layers:
+        W = layer.params.get("W")
+        out = layer.output_shape(shape)
+        if W is not None and W.ndim == 4:              # a conv: one im2col row per output pixel
+            columns = max(columns, int(np.prod(out[:-1])) * int(np.prod(W.shape[:-1])))
+        outputs += int(np.prod(out))
+        shape = out
+    return images * 32 * 32 * 3 + itemsize * (4 * params + 2 * outputs + 2 * columns)
+
+
+def check_memory(model, batch, images):
+    """Refuse, before any data is read, a CPU run whose estimated peak (step_memory_bytes)
+    exceeds the memory available now (the GPU's memory is not estimated)."""
+    need, have = step_memory_bytes(model, batch, images), available_memory()
+    if have is not None and need > have:
+        raise ValueError(f"training {model.name} with batches of "
+                         f"{batch} needs about {need / 2**30:.1f} GiB of memory, but {have / 2**30:.1f} GiB are "
+                         "available: lower --batch-size")
 
 
 def build_optimizer(model, cfg):
@@ -93,17 +187,20 @@ class StepTotals:
         return float(loss_sum), float(correct)
 
 
-def evaluate(model, loss_fn, iterator, stop=None):
+def evaluate(model, loss_fn, iterator, stop=None, progress=None):
     """Mean loss and accuracy over an iterator; accumulates on the device, reads back once.
 
-    stop: checked before every batch; when it returns True, None is returned at once."""
+    stop: checked before every batch; when it returns True, None is returned at once.
+    progress: the label of a progress bar over the batches (None: no bar)."""
     totals, n = StepTotals(backend.xp()), 0
-    for xb, yb in iterator:
-        if stop is not None and stop():
-            return None
-        logits = model.forward(xb, train=False)
-        totals.add(loss_fn.forward(logits, yb), logits, yb)
-        n += len(yb)
+    with tqdm(iterator, total=len(iterator), desc=progress, unit="batch", leave=False, dynamic_ncols=True,
+              disable=progress is None) as batches:
+        for xb, yb in batches:
+            if stop is not None and stop():
+                return None
+            logits = model.forward(xb, train=False)
+            totals.add(loss_fn.forward(logits, yb), logits, yb)
+            n += len(yb)
     loss_sum, correct = totals.read()
     return loss_sum / max(n, 1), correct / max(n, 1)
 
@@ -151,14 +248,15 @@ class Trainer:
         self.opt = build_optimizer(self.model, c)
         self.schedule = make_schedule(c["schedule"], c["lr"], c["epochs"], c["warmup_epochs"])
         self.loss_fn = SoftmaxCrossEntropy()
-        self.data = data if data is not None else self._load_data()
-        self.history = []
-        self.start_epoch, self.start_step = 0, 0
         c["reuse_layers"] = resolved_layers(c["reuse"], c["reuse_layers"], c["model"])   # saved as run
+        # the reuse settings are checked against the layers before the data is loaded
         self.strategy = make_strategy(c["reuse"], c["reuse_layers"], c["reuse_options"], model=c["model"])
         if self.strategy is not None:
             self.strategy.attach(self.model)
             self.strategy.configure(c["warmup_epochs"] / c["epochs"])
+        self.data = data if data is not None else self._load_checked_data()
+        self.history = []
+        self.start_epoch, self.start_step = 0, 0
         self.timer = LayerTimer([l.name for l in self.model.reuse_layers()])
         self.strategy_steps = None if self.strategy is None else StrategySteps(
             self.strategy, self.model, self.loss_fn, self.timer, c["seed"], c["epochs"])
@@ -172,6 +270,17 @@ class Trainer:
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
         return MODELS[name](seed=self.cfg["seed"])
+
+    def _load_checked_data(self):
+        """The data, once the estimated memory is known to fit, and not fewer images than a batch."""
+        c = self.cfg
+        if self.device == "cpu":       # the loader reads every image, then limits
+            check_memory(self.model, min(c["batch_size"], c["limit_train"] or CIFAR_IMAGES[0]), sum(CIFAR_IMAGES))
+        data = self._load_data()
+        if c["batch_size"] > len(data[0]):
+            raise ValueError(f"--batch-size {c['batch_size']} is larger than the training set "
+                             f"({len(data[0])} images); give at most {len(data[0])}")
+        return data
 
     def _load_data(self):
         from .data import load_cifar10
@@ -302,7 +411,9 @@ class Trainer:
         ckpt = os.path.join(self.out, CHECKPOINT)
         with OutLock(self.out), InterruptFlag(lambda: self._resume_hint(ckpt)) as interrupted:
             try:
-                return self._fit(ckpt, interrupted)
+                # overflow on the way to a non-finite loss is reported once, as its TrainingError
+                with np.errstate(all="ignore"):
+                    return self._fit(ckpt, interrupted)
             except OSError as e:
                 raise TrainingError(f"writing to {os.path.abspath(self.out)} failed ({e.strerror or e}); "
                                     f"stopped. {self._resume_hint(ckpt)}") from e
@@ -310,14 +421,8 @@ class Trainer:
     def _resume_hint(self, ckpt):
         """What a stopped run leaves to resume from, as a sentence."""
         if os.path.exists(ckpt):
-            try:
-                meta = read_checkpoint(ckpt, arrays=False)[0]
-                where = (f"epoch {meta['epoch'] + 1}, step {meta['step']}" if meta["step"]
-                         else f"the end of epoch {meta['epoch']}")
-            except TrainingError:
-                where = "an unreadable state"
-            return (f"The last checkpoint is {os.path.abspath(ckpt)} ({where}): continue with "
-                    f"python -m minireuse train --resume {ckpt}")
+            return (f"The last checkpoint is {os.path.abspath(ckpt)} ({checkpoint_position(ckpt)}): continue with "
+                    f"{resume_command(ckpt)}")
         return "Nothing was saved yet (no checkpoint): start the run again."
 
     def _interrupt(self, ckpt, epoch, step, seen, t0, where):
@@ -328,7 +433,7 @@ class Trainer:
                         epoch_totals=totals)
         raise KeyboardInterrupt(
             f"interrupted in epoch {epoch + 1} {where}; state saved to {os.path.abspath(ckpt)} "
-            f"(continue with python -m minireuse train --resume {ckpt})")
+            f"(continue with {resume_command(ckpt)})")
 
     def _fit(self, ckpt, interrupted):
         c = self.cfg
@@ -365,6 +470,9 @@ class Trainer:
                         # queue a copy of the sums; show the newest copy that has landed
                         self.reader.request(self.totals.sums, tag=(seen, step))
                         self._show_progress(bar, epoch, lr, seen, t0, ckpt)
+                        if epoch == self.start_epoch and step + 1 - start <= c["log_every"] and not self.quiet:
+                            tqdm.write(self._run_estimate(time.perf_counter() - t0 - earlier_s, step + 1 - start,
+                                                          epoch, step, steps, len(test_iter)))
                     if interrupted:
                         bar.close()
                         self._interrupt(ckpt, epoch, step, seen, t0, f"after step {step + 1}")
@@ -373,10 +481,14 @@ class Trainer:
                 seconds = time.perf_counter() - t0
                 self._check_finite(loss_sum / max(seen, 1), epoch, step, ckpt)
                 lr = self.schedule(epoch + (steps - 1) / steps) if start >= steps else lr
-                evaluated = evaluate(self.model, self.loss_fn, test_iter, stop=lambda: bool(interrupted))
+                evaluated = evaluate(self.model, self.loss_fn, test_iter, stop=lambda: bool(interrupted),
+                                     progress=None if self.quiet else f"epoch {epoch + 1}: evaluating")
                 if evaluated is None:    # Ctrl-C during the evaluation: the epoch's steps are kept
                     self._interrupt(ckpt, epoch, steps - 1, seen, t0, "during its evaluation")
                 test_loss, test_acc = evaluated
+                # an epoch is kept (as the last good checkpoint) only when all of it is finite
+                self._check_finite(test_loss, epoch, step, ckpt, what="test loss")
+                self._check_finite(self._parameters_sum(), epoch, step, ckpt, what="parameters (their sum)")
             record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1),
                           train_acc=correct / max(seen, 1), test_loss=test_loss, test_acc=test_acc,
                           lr=lr, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
@@ -396,13 +508,22 @@ class Trainer:
             if not self.quiet:
                 tqdm.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
                            f"test loss {test_loss:.4f} acc {test_acc:.4f} | {seconds:.1f} s, "
-                           f"{record['images_per_s']:.0f} img/s")
+                           f"{record['images_per_s']:.0f} img/s" + reuse_summary(record))
             if interrupted and epoch + 1 < c["epochs"]:
                 raise KeyboardInterrupt(f"interrupted after epoch {epoch + 1}; state saved to "
-                                        f"{os.path.abspath(ckpt)} (continue with python -m minireuse train "
-                                        f"--resume {ckpt})")
-        self.model.save(os.path.join(self.out, "model.npz"))
+                                        f"{os.path.abspath(ckpt)} (continue with {resume_command(ckpt)})")
+        self.model.save(os.path.join(self.out, MODEL))
         return self.history
+
+    def _run_estimate(self, seconds, steps_timed, epoch, step, steps, test_batches):
+        """The whole run's remaining time from the first steps timed, as a line: the steps left,
+        and each evaluation at a third of a training step per batch (a forward only)."""
+        per_step = seconds / max(steps_timed, 1)
+        epochs_left = self.cfg["epochs"] - epoch
+        left = per_step * (epochs_left * steps - step - 1 + epochs_left * test_batches / 3)
+        return (f"estimated time for the run: about {format_duration(left)} more ({epochs_left} epoch"
+                f"{'s' if epochs_left != 1 else ''} of {steps} steps at {per_step:.2f} s/step, from the first "
+                f"{steps_timed}; the bar refines it)")
 
     def _show_progress(self, bar, epoch, lr, seen, t0, ckpt):
         """Progress bar and non-finite guard from the newest sums read back (CPU: the current ones)."""
@@ -415,6 +536,12 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}", lr=f"{lr:.4f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}",
                             **({"reuse": self.strategy.describe()} if self.strategy else {}))
+
+    def _parameters_sum(self):
+        """The sum of every parameter (one read back): finite exactly when all of them are."""
+        xp = backend.xp()
+        total = sum(xp.sum(layer.params[name], dtype=np.float64) for _, layer, name in self.model.named_parameters())
+        return float(backend.asnumpy(total))
 
     def _layer_records(self, steps_run):
         """Per conv/dense layer: time per step, and reuse settings and statistics.
@@ -446,9 +573,9 @@ class Trainer:
         return out
 
     @staticmethod
-    def _check_finite(mean_loss, epoch, step, ckpt):
+    def _check_finite(mean_loss, epoch, step, ckpt, what="training loss"):
         if not math.isfinite(mean_loss):
-            where = f"non-finite training loss ({mean_loss}) in epoch {epoch + 1} by step {step + 1}; stopped."
+            where = f"non-finite {what} ({mean_loss}) in epoch {epoch + 1} by step {step + 1}; stopped."
             if os.path.exists(ckpt):
                 raise TrainingError(f"{where} The last good checkpoint is {os.path.abspath(ckpt)} (its settings "
                                     "are kept on resume: start a new run with a lower --lr, or resume it as "
@@ -460,6 +587,26 @@ class Trainer:
         settings = {k: v for k, v in self.cfg.items()}
         atomic_write_json(os.path.join(self.out, HISTORY),
                           {"settings": settings, "device": backend.describe_device(), "epochs": self.history})
+
+
+def format_duration(seconds):
+    """'2 h 05 min', '7 min 30 s' or '12 s'."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
+
+def reuse_summary(record):
+    """The reuse state of an epoch's record for its line: each reuse layer's setting and mean
+    r_c, or that every layer was exact ('' for a run without a strategy)."""
+    if "reuse_strategy" not in record:
+        return ""
+    used = [f"{name} {stage_label(rec['reuse'])} r_c {rec['r_c']:.3f}" for name, rec in record["layers"].items()
+            if rec.get("reuse") is not None and rec.get("r_c") is not None]
+    return " | reuse: " + (", ".join(used) if used else "none this epoch (every layer exact)")
 
 
 class InterruptFlag:

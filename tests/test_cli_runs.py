@@ -36,7 +36,7 @@ def data(tmp_path):
 
 def base(data, out, *extra):
     return ["train", "--data", data, "--device", "cpu", "--out", str(out), "--quiet", "--limit-train", "64",
-            "--no-download", *extra]
+            "--batch-size", "32", "--no-download", *extra]
 
 
 def history(out):
@@ -90,7 +90,7 @@ def test_resume_of_something_else(tmp_path, data, capsys):
     other = Sequential([Dense(4, 3, name="fc", rng=np.random.default_rng(0))])
     ckpt = str(tmp_path / "other.npz")
     checkpoint_mod.save_checkpoint(ckpt, other, SGD(other, lr=0.1), 1, 0, [], {"model": "cifarnet"})
-    assert main(base(data, tmp_path / "o", "--resume", ckpt)) == 2
+    assert main(base(data, tmp_path / "o", "--resume", ckpt, "--batch-size", "16")) == 2
     err = capsys.readouterr().err
     assert "was saved for model 'cifarnet' with parameters fc.W" in err and "this run builds" in err
 

@@ -160,7 +160,7 @@ def test_exact_from_reuses_the_exact_runs_of_another_out(first_run, fixture_dir)
     (["--seeds", "a"], "comma-separated list of non-negative integers"),
     (["--seeds", "0,-1"], "non-negative"),
     (["--seeds", "0,,1"], "comma-separated"),
-    (["--reuse", "off"], "error: parity needs a reuse strategy"),
+    (["--reuse", "off"], "argument --reuse: invalid choice: 'off'"),      # not offered by its --help
     (["--resume", "x.npz"], "unrecognized arguments: --resume"),       # parity resumes its own runs
     (["--seed", "3"], "error: parity trains one pair of runs per seed"),
 ])

@@ -59,7 +59,7 @@ def test_default_output_and_bad_input(tmp_path, capsys):
     capsys.readouterr()
     (tmp_path / "empty").mkdir()
     assert main(["plot", str(tmp_path / "empty")]) == 2
-    assert "not a training history" in capsys.readouterr().err
+    assert "no history.json (no epoch finished yet?)" in capsys.readouterr().err
     assert main(["plot", a, "--labels", "x,y"]) == 2
     assert "expected 1 labels" in capsys.readouterr().err
 

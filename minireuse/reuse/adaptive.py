@@ -134,12 +134,15 @@ class ReuseStrategy:
 
     # ----- the layers
     def attach(self, model):
-        """Check the layer names against the model and apply the current stages."""
+        """Check the layer names and every stage against the model and apply the current stages."""
         names = {l.name for l in model.reuse_layers()}
         unknown = set(self.ladders) - names
         if unknown:
             raise ValueError(f"reuse settings name layers {sorted(unknown)} that the model does not have "
                              f"as conv/dense layers; it has {sorted(names)}")
+        for name, ladder in self.ladders.items():
+            for cfg in ladder:
+                cfg.check_fits(model.layer(name))
         self.model = model
         self.apply()
 

@@ -108,6 +108,22 @@ class ReuseConfig:
         raise ValueError(f"ReuseConfig.coerce: got {value!r}, expected a ReuseConfig, a dict of its fields "
                          "or True")
 
+    def check_fits(self, layer):
+        """Raise ValueError, with the layer's numbers, unless this setting can run on ``layer``
+        (a Conv2D or Dense): L at most the width K of its rows (kh x kw x c_in, or n_in), since a
+        wider L only pads every row with zeros at L / K times the memory; pixel_aligned True
+        only on a conv whose input channels L divides."""
+        shape = tuple(layer.params["W"].shape)
+        K = int(np.prod(shape[:-1]))
+        if self.L > K:
+            width = " x ".join(str(d) for d in shape[:-1]) + f" = {K}" if len(shape) > 2 else str(K)
+            raise ValueError(f"reuse setting of layer {layer.name}: L={self.L} is wider than the layer's rows "
+                             f"(K = {width}); expected L <= {K}")
+        c_in = getattr(layer, "c_in", None)
+        if self.pixel_aligned is True and (c_in is None or c_in % self.L):
+            raise ValueError(f"reuse setting of layer {layer.name}: pixel_aligned True needs a conv layer whose "
+                             f"input channels L divides (L={self.L}, c_in={c_in}); use 'auto' or False")
+
     def replace(self, **changes):
         """A copy with some fields changed (validated like a new config)."""
         return dataclasses.replace(self, **changes)
