@@ -3,6 +3,8 @@
 Every case runs the same layer twice, once with the fast path switched off (the
 array code: the oracle) and once with it on, and at one and two threads.
 """
+import warnings
+
 import numpy as np
 import pytest
 
@@ -224,3 +226,18 @@ def test_conv_columns_reuse_memory_only_once_their_backward_is_done(rng):
     spare = layer._spare
     layer.forward(x2, True)               # backward done: the next step writes into the same memory
     assert np.shares_memory(layer._spare, spare)
+
+
+def test_the_workers_follow_the_callers_floating_point_error_handling():
+    x = np.full((4, 80, 80, 8), 3e38, dtype=np.float32)    # x^2 overflows in both shards
+    layer = LocalResponseNorm(2, 1.0, 0.5, 0.75)
+    cpu.set_threads(2)
+    try:
+        assert len(cpu.shards(x.size // 8, 8)) == 2
+        with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+            layer.forward(x)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("error")
+            layer.forward(x)
+    finally:
+        cpu.set_threads(None)

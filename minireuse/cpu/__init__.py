@@ -119,7 +119,13 @@ def parallel(fn, n, elements_per_item=1, chunk_elements=None):
     if len(parts) == 1:
         fn(*parts[0])
         return
-    futures = [_pool().submit(fn, lo, hi) for lo, hi in parts[1:]]
+    errors = np.geterr()     # NumPy's error handling is per thread: the workers take the caller's
+
+    def in_worker(lo, hi):
+        with np.errstate(**errors):
+            fn(lo, hi)
+
+    futures = [_pool().submit(in_worker, lo, hi) for lo, hi in parts[1:]]
     fn(*parts[0])
     for f in futures:
         f.result()
