@@ -208,7 +208,15 @@ def test_fifty_training_steps_have_the_array_codes_losses():
     np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_conv_columns_reuse_memory_only_once_their_backward_is_done(rng):
+@pytest.fixture
+def empty_pool():
+    before = list(cpu_conv._idle)
+    cpu_conv._idle.clear()
+    yield cpu_conv._idle
+    cpu_conv._idle[:] = before
+
+
+def test_conv_columns_reuse_memory_only_once_their_backward_is_done(rng, empty_pool):
     layer = Conv2D(3, 4, 3, dtype=np.float32, rng=rng)
     x1, x2 = (rng.standard_normal((4, 6, 6, 3)).astype(np.float32) for _ in range(2))
     dy = rng.standard_normal((4, 6, 6, 4)).astype(np.float32)
@@ -216,16 +224,29 @@ def test_conv_columns_reuse_memory_only_once_their_backward_is_done(rng):
         layer.forward(x1, True)
         layer.backward(dy)
         expected = {k: v.copy() for k, v in layer.grads.items()}
+        expected_cols = im2col(x1, 3, 3, 1, (1, 1, 1, 1))[0]
     layer.forward(x1, True)
-    first = layer._spare
-    layer.forward(x2, False)              # the pending backward's columns must survive this
-    assert not np.shares_memory(layer._spare, first)
+    pending = layer._cache[1][0]
+    layer.forward(x2, False)              # an evaluation before the backward: a pool user too
+    np.testing.assert_array_equal(pending, expected_cols)
     layer.backward(dy)
     for k in expected:
         np.testing.assert_allclose(layer.grads[k], expected[k], rtol=1e-5, atol=1e-5)
-    spare = layer._spare
-    layer.forward(x2, True)               # backward done: the next step writes into the same memory
-    assert np.shares_memory(layer._spare, spare)
+    layer.forward(x2, True)               # backward done: the next step writes into that memory
+    assert np.shares_memory(layer._cache[1][0], pending)
+
+
+def test_the_column_pool_keeps_the_largest_idle_memory(empty_pool):
+    big = np.empty(1000, np.float32)
+    cpu_conv.release(big.reshape(10, 100)[:5])         # a view: its root memory goes back
+    cpu_conv.release(np.empty(10, np.float32))
+    cpu_conv.release(np.empty(100, np.float32))
+    assert [m.size for m in empty_pool] == [100, 1000]          # the largest IDLE_KEPT
+    a = cpu_conv._pooled((3, 30), np.float32)                     # the smallest that fits
+    assert a.shape == (3, 30) and [m.size for m in empty_pool] == [1000]
+    b = cpu_conv._pooled((4,), np.float64)                         # no float64 memory: new
+    assert b.dtype == np.float64 and len(empty_pool) == 1
+    assert np.shares_memory(cpu_conv._pooled((20, 50), np.float32), big) and not empty_pool
 
 
 def test_the_workers_follow_the_callers_floating_point_error_handling():

@@ -52,26 +52,42 @@ def pad(x, pads):
     return out
 
 
-def _buffer(shape, dtype, spare):
-    """An array of this shape: the front of ``spare`` when it is large enough, else a new one.
+# Column memory whose contents are no longer needed, kept for the next im2col: a new
+# array of hundreds of MB costs a page fault per page when first written (CifarNet's
+# conv2 columns: about 20 ms of a step), memory already written does not. The largest
+# IDLE_KEPT are kept, so the pool holds no more than the step's peak needed anyway.
+IDLE_KEPT = 2
+_idle = []
 
-    A new array of hundreds of MB costs a page fault per page when first written
-    (CifarNet's conv2 columns: about 20 ms of a step); memory already touched does not.
-    """
+
+def _pooled(shape, dtype):
+    """An array of this shape in idle memory of the pool (taken out of it) or in new memory."""
     size = int(np.prod(shape))
-    if spare is not None and spare.dtype == dtype and spare.size >= size and spare.flags.c_contiguous:
-        return spare.reshape(-1)[:size].reshape(shape)
-    return np.empty(shape, dtype=dtype)
+    for i, memory in enumerate(_idle):          # smallest first
+        if memory.dtype == dtype and memory.size >= size:
+            return _idle.pop(i)[:size].reshape(shape)
+    return np.empty(size, dtype=dtype).reshape(shape)
 
 
-def im2col(x, kh, kw, stride, pads, spare=None):
+def release(a):
+    """Give the memory under ``a`` (an array from im2col) to the pool: the caller no longer
+    needs its contents and reads it no more."""
+    while a.base is not None:
+        a = a.base
+    _idle.append(a)
+    _idle.sort(key=lambda m: m.size)
+    del _idle[:-IDLE_KEPT]
+
+
+def im2col(x, kh, kw, stride, pads):
     """(B, H, W, C) -> (B*OH*OW, kh*kw*C), columns ordered (dy, dx, c): conv_geometry.im2col.
 
-    spare: an array no longer in use whose memory may hold the columns.
+    The columns are written into memory from the pool when it has some (``release``
+    gives it back).
     """
     b, h, w, c, hp, wp, oh, ow = _geometry(x.shape, kh, kw, stride, pads)
     top, _, left, _ = pads
-    cols = _buffer((b, oh, ow, kh, kw, c), x.dtype, spare)
+    cols = _pooled((b, oh, ow, kh, kw, c), x.dtype)
 
     def shard(lo, hi):
         buf = np.zeros((min(IMAGES_PER_CHUNK, hi - lo), hp, wp, c), dtype=x.dtype)  # borders stay 0
@@ -121,20 +137,13 @@ def flipped_pads(x_shape, kh, kw, stride, pads):
     return dpads if min(dpads) >= 0 else None
 
 
-_scratch = {}
-
-
 def conv_forward(x, W, b, stride, pads):
-    """The exact conv y = im2col(x) @ W (+ b) for callers that keep no columns.
-
-    The columns go into memory kept from the last call (per dtype; one training
-    thread calls this): they never leave this function, and a fresh array would
-    cost its page faults again every step.
-    """
+    """The exact conv y = im2col(x) @ W (+ b) for callers that keep no columns (their
+    memory goes back to the pool)."""
     kh, kw, _, m = W.shape
-    cols, (oh, ow) = im2col(x, kh, kw, stride, pads, _scratch.get(x.dtype))
-    _scratch[x.dtype] = cols
+    cols, (oh, ow) = im2col(x, kh, kw, stride, pads)
     y = cols @ W.reshape(-1, m)
+    release(cols)
     if b is not None:
         y += b
     return y.reshape(x.shape[0], oh, ow, m)
@@ -151,16 +160,15 @@ def weight_grads(cols, dy2):
     return dW, np.ones(dy2.shape[0], dtype=dy2.dtype) @ dy2
 
 
-def input_grad(dy, W, x_shape, stride, pads, spare=None):
+def input_grad(dy, W, x_shape, stride, pads):
     """dX of a conv (B, OH, OW, M) -> (B, H, W, C): col2im(dY @ W^T), as a convolution of dY
-    with the flipped kernel where flipped_pads allows, else col2im of the product.
-
-    spare: an array no longer in use whose memory may hold the columns of dY.
-    """
+    with the flipped kernel where flipped_pads allows, else col2im of the product."""
     kh, kw, c, m = W.shape
     dpads = flipped_pads(x_shape, kh, kw, stride, pads)
     if dpads is None:
         return col2im(dy.reshape(-1, m) @ W.reshape(-1, m).T, x_shape, kh, kw, stride, pads)
-    cols, _ = im2col(dy, kh, kw, 1, dpads, spare)
+    cols, _ = im2col(dy, kh, kw, 1, dpads)
     flipped = np.ascontiguousarray(W[::-1, ::-1].transpose(0, 1, 3, 2)).reshape(kh * kw * m, c)
-    return (cols @ flipped).reshape(x_shape)
+    dx = (cols @ flipped).reshape(x_shape)
+    release(cols)
+    return dx

@@ -23,9 +23,6 @@ class Conv2D(ReusableLayer):
     between steps with ``set_reuse``.
     """
 
-    _cache = None
-    _spare = None      # CPU fast path: the last columns' memory, rewritten by the next im2col
-
     def __init__(self, c_in, c_out, kernel_size, stride=1, padding="same", bias=True,
                  weight_init="glorot_uniform", bias_init="zeros", reuse=None,
                  dtype=None, rng=None, name=None):
@@ -71,23 +68,15 @@ class Conv2D(ReusableLayer):
                                                 self.reuse_state, train=train)
             self._cache = ("reuse", cache)
             return y
-        cols, (oh, ow) = self._im2col(x, pads)
+        cols, (oh, ow) = im2col(x, self.kh, self.kw, self.stride, pads)
         y = cols @ W.reshape(-1, self.c_out)
         if b is not None:
             y += b
         if train:
             self._cache = ("exact", (cols, x.shape, pads))
+        elif cpu.supports(cols):
+            cpu_conv.release(cols)          # the fast path's columns: memory for the next im2col
         return y.reshape(x.shape[0], oh, ow, self.c_out)
-
-    def _im2col(self, x, pads):
-        """im2col; the CPU fast path writes into the memory of the last step's columns
-        once their backward is done (no forward's cache still holds them)."""
-        if not cpu.supports(x):
-            return im2col(x, self.kh, self.kw, self.stride, pads)
-        spare = self._spare if self._cache is None else None
-        cols, hw = cpu_conv.im2col(x, self.kh, self.kw, self.stride, pads, spare)
-        self._spare = cols
-        return cols, hw
 
     def backward(self, dy):
         kind, cache = self._cache
@@ -98,7 +87,8 @@ class Conv2D(ReusableLayer):
             cols, x_shape, pads = cache
             dW, db = cpu_conv.weight_grads(cols, dy.reshape(-1, self.c_out))
             dW = dW.reshape(self.params["W"].shape)
-            dx = (cpu_conv.input_grad(dy, self.params["W"], x_shape, self.stride, pads, spare=cols)
+            cpu_conv.release(cols)          # dY's columns (and the next step's) reuse its memory
+            dx = (cpu_conv.input_grad(dy, self.params["W"], x_shape, self.stride, pads)
                   if self.needs_input_grad else None)
         else:
             cols, x_shape, pads = cache
