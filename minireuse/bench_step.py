@@ -27,7 +27,8 @@ With --reuse-config FILE, one reuse row with that setting replaces the default a
 fast rows. Each time is the median of --steps steps after --warmup steps (CUDA
 events on the GPU, perf_counter on the CPU), also given as seconds per 50,000-image
 epoch and as ratios against PyTorch and against minireuse exact eager, all from the
-same run. On the CPU, minireuse (its fast path and BLAS) and PyTorch use the same
+same run. On the CPU the rows take turns, one step each, so that a machine whose
+speed drifts (a shared or virtual one) slows every row alike and the ratios stay fair. On the CPU, minireuse (its fast path and BLAS) and PyTorch use the same
 --threads threads.
 """
 import importlib.util
@@ -99,38 +100,63 @@ def summary(times):
                 steps=len(t))
 
 
-def time_minireuse(batches, cfg, steps, warmup, gpu):
-    """Median ms per Trainer.run_step, and what ran (implementation, graph replays)."""
-    from .train import Trainer
-    t = Trainer(cfg, data=(None, None, None, None), quiet=True)
-    t.begin_run()
-    per_epoch = math.ceil(EPOCH_IMAGES / len(batches[0][1]))
-    clock = Clock(gpu, t.graphs.stream if t.graphs is not None else None)
-    with t.stream():
-        for i in range(warmup + steps):
-            xb, yb = batches[i % len(batches)]
-            # steps numbered from 1: step 0 of an epoch is the one timed per layer
-            step_args = (xb, yb, 0, 1 + i % (per_epoch - 1), per_epoch)
-            if i < warmup:
-                t.run_step(*step_args)
+class MinireuseRow:
+    """A minireuse row: a Trainer whose run_step (Trainer.run_step) is timed, step by step."""
+
+    def __init__(self, batches, cfg, gpu):
+        from .train import Trainer
+        self.t = Trainer(cfg, data=(None, None, None, None), quiet=True)
+        self.t.begin_run()
+        self.batches, self.gpu = batches, gpu
+        self.per_epoch = math.ceil(EPOCH_IMAGES / len(batches[0][1]))
+        self.clock = Clock(gpu, self.t.graphs.stream if self.t.graphs is not None else None)
+
+    def step(self, i, timed):
+        xb, yb = self.batches[i % len(self.batches)]
+        # steps numbered from 1: step 0 of an epoch is the one timed per layer
+        args = (xb, yb, 0, 1 + i % (self.per_epoch - 1), self.per_epoch)
+        with self.t.stream():
+            if timed:
+                self.clock.time(self.t.run_step, *args)
             else:
-                clock.time(t.run_step, *step_args)
-        times = clock.times()
-    t.timer.collect()
-    impl = "cupy + fused kernels" if gpu else cpu.describe()
-    reuse_impls = sorted({l.reuse_state.last["impl"] for l in t.model.reuse_layers()
-                          if l.reuse is not None and l.reuse_state is not None and l.reuse_state.last})
-    if reuse_impls:
-        impl += ", reuse " + "/".join(reuse_impls)
-    graphs = t.graphs
-    out = dict(summary(times), implementation=impl,
-               graph_replays=graphs.replays if graphs is not None else 0,
-               graph_recordings=graphs.recordings if graphs is not None else 0)
-    if graphs is not None and graphs.replays == 0:
-        from .step_graphs import uncapturable_layers
-        blockers = uncapturable_layers(t.model) or list(graphs.failed.values())
-        out["note"] = "not capturable: " + ("; ".join(blockers) or "no replay happened")
-    return out
+                self.t.run_step(*args)
+
+    def result(self):
+        """Median ms per step, and what ran (implementation, graph replays)."""
+        times = self.clock.times()
+        t = self.t
+        t.timer.collect()
+        impl = "cupy + fused kernels" if self.gpu else cpu.describe()
+        reuse_impls = sorted({l.reuse_state.last["impl"] for l in t.model.reuse_layers()
+                              if l.reuse is not None and l.reuse_state is not None and l.reuse_state.last})
+        if reuse_impls:
+            impl += ", reuse " + "/".join(reuse_impls)
+        graphs = t.graphs
+        out = dict(summary(times), implementation=impl,
+                   graph_replays=graphs.replays if graphs is not None else 0,
+                   graph_recordings=graphs.recordings if graphs is not None else 0)
+        if graphs is not None and graphs.replays == 0:
+            from .step_graphs import uncapturable_layers
+            blockers = uncapturable_layers(t.model) or list(graphs.failed.values())
+            out["note"] = "not capturable: " + ("; ".join(blockers) or "no replay happened")
+        return out
+
+
+def time_rows(rows, steps, warmup, in_turns):
+    """Run warmup + steps steps of every row, timing the last ``steps``.
+
+    in_turns: step i of every row before step i + 1 of any (the CPU: a machine whose
+    speed drifts over minutes slows every row alike, so the ratios stay paired);
+    otherwise each row's steps one after another (the GPU, timed by CUDA events).
+    """
+    if in_turns:
+        for i in range(warmup + steps):
+            for row in rows:
+                row.step(i, timed=i >= warmup)
+    else:
+        for row in rows:
+            for i in range(warmup + steps):
+                row.step(i, timed=i >= warmup)
 
 
 def time_data_pipeline(iterator, steps, warmup, gpu):
@@ -171,55 +197,61 @@ def torch_cifarnet(torch):
     return model, [dict(params=decay, weight_decay=0.004), dict(params=rest, weight_decay=0.0)]
 
 
-def time_torch(batches, steps, warmup, gpu, threads):
-    import torch
-    if gpu and not torch.cuda.is_available():
-        raise RuntimeError(f"torch {torch.__version__} sees no CUDA device")
-    dev = torch.device("cuda" if gpu else "cpu")
-    if gpu:
-        torch.backends.cudnn.benchmark = True
-        impl = f"pytorch {torch.__version__} eager, cuDNN {torch.backends.cudnn.version()}, NCHW"
-    else:
-        torch.set_num_threads(threads or cpu.threads())
-        impl = f"pytorch {torch.__version__} eager, {torch.get_num_threads()} CPU threads, NCHW"
-    torch.manual_seed(0)
-    model, groups = torch_cifarnet(torch)
-    model.to(dev)
-    opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=True)
-    data = [(torch.from_numpy(backend.asnumpy(xb)).permute(0, 3, 1, 2).contiguous().to(dev),
-             torch.from_numpy(backend.asnumpy(yb)).to(dev)) for xb, yb in batches]
-    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    correct = torch.zeros((), dtype=torch.int64, device=dev)
+class TorchRow:
+    """The PyTorch row: the same network (torch_cifarnet), optimizer and batches, timed step by step."""
 
-    def step(x, y):
-        nonlocal loss_sum, correct
-        opt.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = torch.nn.functional.cross_entropy(out, y)
-        loss.backward()
-        opt.step()
-        loss_sum += loss.detach() * len(y)      # the same sums as minireuse's step, no host read
-        correct += (out.argmax(1) == y).sum()
-
-    times = []
-    for i in range(warmup + steps):
-        x, y = data[i % len(data)]
+    def __init__(self, batches, gpu, threads):
+        import torch
+        if gpu and not torch.cuda.is_available():
+            raise RuntimeError(f"torch {torch.__version__} sees no CUDA device")
+        self.torch, self.gpu = torch, gpu
+        dev = torch.device("cuda" if gpu else "cpu")
         if gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.backends.cudnn.benchmark = True
+            self.implementation = f"pytorch {torch.__version__} eager, cuDNN {torch.backends.cudnn.version()}, NCHW"
+        else:
+            torch.set_num_threads(threads or cpu.threads())
+            self.implementation = f"pytorch {torch.__version__} eager, {torch.get_num_threads()} CPU threads, NCHW"
+        torch.manual_seed(0)
+        self.model, groups = torch_cifarnet(torch)
+        self.model.to(dev)
+        self.opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=True)
+        self.data = [(torch.from_numpy(backend.asnumpy(xb)).permute(0, 3, 1, 2).contiguous().to(dev),
+                      torch.from_numpy(backend.asnumpy(yb)).to(dev)) for xb, yb in batches]
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.correct = torch.zeros((), dtype=torch.int64, device=dev)
+        self.marks = []
+
+    def _step(self, x, y):
+        self.opt.zero_grad(set_to_none=True)
+        out = self.model(x)
+        loss = self.torch.nn.functional.cross_entropy(out, y)
+        loss.backward()
+        self.opt.step()
+        self.loss_sum += loss.detach() * len(y)      # the same sums as minireuse's step, no host read
+        self.correct += (out.argmax(1) == y).sum()
+
+    def step(self, i, timed):
+        x, y = self.data[i % len(self.data)]
+        if self.gpu:
+            start, end = (self.torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record()
-            step(x, y)
+            self._step(x, y)
             end.record()
-            if i >= warmup:
-                times.append((start, end))
+            mark = (start, end)
         else:
             t0 = time.perf_counter()
-            step(x, y)
-            if i >= warmup:
-                times.append(1e3 * (time.perf_counter() - t0))
-    if gpu:
-        torch.cuda.synchronize()
-        times = [a.elapsed_time(b) for a, b in times]
-    return dict(summary(times), implementation=impl)
+            self._step(x, y)
+            mark = 1e3 * (time.perf_counter() - t0)
+        if timed:
+            self.marks.append(mark)
+
+    def result(self):
+        times = self.marks
+        if self.gpu:
+            self.torch.cuda.synchronize()
+            times = [a.elapsed_time(b) for a, b in self.marks]
+        return dict(summary(times), implementation=self.implementation)
 
 
 def skipped_row(name, reason):
@@ -227,19 +259,18 @@ def skipped_row(name, reason):
     return dict(name=name, ms=None, skipped=True, reason=reason, note=f"skipped: {reason}")
 
 
-def pytorch_row(batches, steps, warmup, gpu, threads, say):
-    """The PyTorch row: timed when torch imports (and sees the device), else skipped with the reason."""
+def pytorch_row(batches, gpu, threads):
+    """(TorchRow, None) when torch imports (and sees the device), else (None, the skipped row)."""
     name = "pytorch eager"
     if importlib.util.find_spec("torch") is None:
-        return skipped_row(name, f"PyTorch is not installed; for this row: {TORCH_INSTALL_HINT}")
-    say("timing pytorch eager ...")
+        return None, skipped_row(name, f"PyTorch is not installed; for this row: {TORCH_INSTALL_HINT}")
     try:
-        return dict(name=name, **time_torch(batches, steps, warmup, gpu, threads))
+        return TorchRow(batches, gpu, threads), None
     except ImportError as e:
-        return skipped_row(name, f"torch is installed but does not import ({e}); "
-                                 f"reinstall it: {TORCH_INSTALL_HINT}")
+        return None, skipped_row(name, f"torch is installed but does not import ({e}); "
+                                       f"reinstall it: {TORCH_INSTALL_HINT}")
     except RuntimeError as e:
-        return skipped_row(name, str(e))
+        return None, skipped_row(name, str(e))
 
 
 # ---------------------------------------------------------------- the report
@@ -330,14 +361,18 @@ def run_step_bench(args):
     for name, layers, options in reuse_plans:
         reuse = dict(base, reuse="fixed", reuse_layers=layers, reuse_options=options)
         plans += [(name, reuse), (f"{name} + graph", dict(reuse, graph="auto"))]
-    rows = []
-    for name, cfg in plans:
-        if cfg["graph"] != "off" and not graph_rows:
-            continue
-        say(f"timing {name} ...")
-        rows.append(dict(name=name, **time_minireuse(batches, cfg, steps, warmup, gpu)))
+    timers = {name: MinireuseRow(batches, cfg, gpu) for name, cfg in plans
+              if cfg["graph"] == "off" or graph_rows}
+    skipped = None
     if args.torch != "off":
-        rows.append(pytorch_row(batches, steps, warmup, gpu, args.threads, say))
+        torch_timer, skipped = pytorch_row(batches, gpu, args.threads)
+        if torch_timer is not None:
+            timers["pytorch eager"] = torch_timer
+    say(f"timing {len(timers)} rows, " + ("one step of each in turn ..." if not gpu else "one after another ..."))
+    time_rows(list(timers.values()), steps, warmup, in_turns=not gpu)
+    rows = [dict(name=name, **timer.result()) for name, timer in timers.items()]
+    if skipped is not None:
+        rows.append(skipped)
     say("timing the data pipeline ...")
     rows.append(dict(name="data pipeline", **time_data_pipeline(iterator, steps, warmup, gpu)))
     per_epoch = math.ceil(EPOCH_IMAGES / args.batch)

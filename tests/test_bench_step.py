@@ -89,3 +89,23 @@ def write_setting(tmp_path):
     path = tmp_path / "setting.json"
     path.write_text(json.dumps({"layers": {"conv2": {"L": 16, "H": 8}}}))
     return path
+
+
+class Recorder:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def step(self, i, timed):
+        self.log.append((self.name, i, timed))
+
+
+@pytest.mark.parametrize("in_turns", [True, False])
+def test_rows_take_turns_on_the_cpu_and_run_one_after_another_on_the_gpu(in_turns):
+    log = []
+    bench_step.time_rows([Recorder("a", log), Recorder("b", log)], steps=2, warmup=1, in_turns=in_turns)
+    if in_turns:
+        assert log == [("a", 0, False), ("b", 0, False), ("a", 1, True), ("b", 1, True), ("a", 2, True),
+                       ("b", 2, True)]
+    else:
+        assert log == [("a", 0, False), ("a", 1, True), ("a", 2, True), ("b", 0, False), ("b", 1, True),
+                       ("b", 2, True)]
