@@ -27,9 +27,9 @@ With --reuse-config FILE, one reuse row with that setting replaces the default a
 fast rows. Each time is the median of --steps steps after --warmup steps (CUDA
 events on the GPU, perf_counter on the CPU), also given as seconds per 50,000-image
 epoch and as ratios against PyTorch and against minireuse exact eager, all from the
-same run. On the CPU the rows take turns, one step each, so that a machine whose
-speed drifts (a shared or virtual one) slows every row alike and the ratios stay fair. On the CPU, minireuse (its fast path and BLAS) and PyTorch use the same
---threads threads.
+same run. On the CPU the rows take turns of 5 steps each, so that a machine whose
+speed drifts (a shared or virtual one) slows every row alike and the ratios stay
+fair; minireuse (its fast path and BLAS) and PyTorch use the same --threads threads.
 """
 import importlib.util
 import json
@@ -142,21 +142,27 @@ class MinireuseRow:
         return out
 
 
-def time_rows(rows, steps, warmup, in_turns):
+# on the CPU, the rows take turns of this many steps each
+STEPS_PER_TURN = 5
+
+
+def time_rows(rows, steps, warmup, per_turn=None):
     """Run warmup + steps steps of every row, timing the last ``steps``.
 
-    in_turns: step i of every row before step i + 1 of any (the CPU: a machine whose
-    speed drifts over minutes slows every row alike, so the ratios stay paired);
-    otherwise each row's steps one after another (the GPU, timed by CUDA events).
+    per_turn (the CPU): after its warm-up, each row runs ``per_turn`` timed steps, then
+    the next row, and round again, so that a machine whose speed drifts over minutes (a
+    shared or virtual one) slows every row alike and the ratios stay paired, while each
+    row still runs several steps in a row, as training does (caches and thread pools
+    warm). None (the GPU, timed by CUDA events): each row's steps one after another.
     """
-    if in_turns:
-        for i in range(warmup + steps):
-            for row in rows:
-                row.step(i, timed=i >= warmup)
-    else:
+    per_turn = per_turn or steps
+    for row in rows:
+        for i in range(warmup):
+            row.step(i, timed=False)
+    for first in range(warmup, warmup + steps, per_turn):
         for row in rows:
-            for i in range(warmup + steps):
-                row.step(i, timed=i >= warmup)
+            for i in range(first, min(first + per_turn, warmup + steps)):
+                row.step(i, timed=True)
 
 
 def time_data_pipeline(iterator, steps, warmup, gpu):
@@ -368,8 +374,9 @@ def run_step_bench(args):
         torch_timer, skipped = pytorch_row(batches, gpu, args.threads)
         if torch_timer is not None:
             timers["pytorch eager"] = torch_timer
-    say(f"timing {len(timers)} rows, " + ("one step of each in turn ..." if not gpu else "one after another ..."))
-    time_rows(list(timers.values()), steps, warmup, in_turns=not gpu)
+    say(f"timing {len(timers)} rows, " + (f"{STEPS_PER_TURN} steps of each in turn ..." if not gpu
+                                          else "one after another ..."))
+    time_rows(list(timers.values()), steps, warmup, per_turn=None if gpu else STEPS_PER_TURN)
     rows = [dict(name=name, **timer.result()) for name, timer in timers.items()]
     if skipped is not None:
         rows.append(skipped)

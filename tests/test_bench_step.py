@@ -99,13 +99,12 @@ class Recorder:
         self.log.append((self.name, i, timed))
 
 
-@pytest.mark.parametrize("in_turns", [True, False])
-def test_rows_take_turns_on_the_cpu_and_run_one_after_another_on_the_gpu(in_turns):
+def test_rows_take_turns_on_the_cpu_and_run_one_after_another_on_the_gpu():
     log = []
-    bench_step.time_rows([Recorder("a", log), Recorder("b", log)], steps=2, warmup=1, in_turns=in_turns)
-    if in_turns:
-        assert log == [("a", 0, False), ("b", 0, False), ("a", 1, True), ("b", 1, True), ("a", 2, True),
-                       ("b", 2, True)]
-    else:
-        assert log == [("a", 0, False), ("a", 1, True), ("a", 2, True), ("b", 0, False), ("b", 1, True),
-                       ("b", 2, True)]
+    bench_step.time_rows([Recorder("a", log), Recorder("b", log)], steps=3, warmup=1, per_turn=2)
+    assert log == [("a", 0, False), ("b", 0, False), ("a", 1, True), ("a", 2, True), ("b", 1, True),
+                   ("b", 2, True), ("a", 3, True), ("b", 3, True)]
+    log.clear()
+    bench_step.time_rows([Recorder("a", log), Recorder("b", log)], steps=2, warmup=1)
+    assert log == [("a", 0, False), ("b", 0, False), ("a", 1, True), ("a", 2, True), ("b", 1, True),
+                   ("b", 2, True)]
