@@ -51,3 +51,12 @@ def device(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """A small CIFAR-10 in the official layout (16 images per training batch, 24 test images)."""
+    from cifar_fixture import write_cifar_fixture
+    d = tmp_path / "data"
+    write_cifar_fixture(str(d), n_per_batch=16, n_test=24)
+    return str(d)

@@ -20,24 +20,8 @@ from minireuse import train as train_mod
 from minireuse.__main__ import main
 
 from cifar_fixture import write_cifar_fixture
+from cli_helpers import base, history
 from test_train import ROOT, run_cli
-
-
-@pytest.fixture
-def data(tmp_path):
-    d = tmp_path / "data"
-    write_cifar_fixture(str(d), n_per_batch=16, n_test=24)
-    return str(d)
-
-
-def base(data, out, *extra):
-    return ["train", "--data", data, "--device", "cpu", "--out", str(out), "--quiet", "--limit-train", "64",
-            "--batch-size", "32", "--no-download", *extra]
-
-
-def history(out):
-    with open(os.path.join(out, "history.json")) as f:
-        return json.load(f)
 
 
 def one_line_error(err):
