@@ -74,7 +74,9 @@ def release(a):
     needs its contents and reads it no more."""
     while a.base is not None:
         a = a.base
-    _idle.append(a)
+    if not a.flags.c_contiguous:
+        return
+    _idle.append(a.reshape(-1))
     _idle.sort(key=lambda m: m.size)
     del _idle[:-IDLE_KEPT]
 
