@@ -8,7 +8,7 @@ Two kinds of marker in a Markdown file under docs/:
     ```
     <!-- end include -->
 
-``include py PATH NAME`` copies a top-level Python function or class the same way.
+``include py PATH NAME`` copies a top-level Python function or class (or Class.method) the same way.
 ``include cuda`` also reads CUDA held in a Python string (minireuse/step_kernels.py).
 
     <!-- ptxas hash_rows_h8 hash_rows_h16 -->
@@ -34,7 +34,7 @@ DOCS = ROOT / "docs"
 PTXAS_JSON = DOCS / "kernels" / "ptxas.json"
 ARCH = "sm_90"
 
-INCLUDE = re.compile(r"(<!-- include (cuda|py) (\S+) (\w+) -->\n)(.*?)(<!-- end include -->)", re.S)
+INCLUDE = re.compile(r"(<!-- include (cuda|py) (\S+) ([\w.]+) -->\n)(.*?)(<!-- end include -->)", re.S)
 PTXAS = re.compile(r"(<!-- ptxas ([\w ]+) -->\n)(.*?)(<!-- end ptxas -->)", re.S)
 
 # Threads per block of each launch (cuda/*.py, step_kernels.THREADS); ptxas cannot know them.
@@ -75,12 +75,17 @@ def c_definition(text, name):
 
 
 def py_definition(text, name):
-    """The source of the top-level function or class `name` of a Python module's text."""
-    for node in ast.parse(text).body:
-        if getattr(node, "name", None) == name:
-            first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-            return "\n".join(text.split("\n")[first - 1:node.end_lineno])
-    raise KeyError(f"no top-level definition of {name}")
+    """The source of the top-level function or class `name` (or `Class.method`) of a module's text."""
+    body = ast.parse(text).body
+    for part in name.split("."):
+        node = next((n for n in body if getattr(n, "name", None) == part), None)
+        if node is None:
+            raise KeyError(f"no definition of {name}")
+        body = node.body
+    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+    lines = text.split("\n")[first - 1:node.end_lineno]
+    indent = len(lines[0]) - len(lines[0].lstrip())
+    return "\n".join(line[indent:] for line in lines)
 
 
 def source_of(kind, path, name):
@@ -96,7 +101,8 @@ def occupancy(regs, shared, threads):
               "threads": SM90["warps"] // warps, "blocks": SM90["blocks"],
               "shared memory": SM90["shared"] // (shared + SM90["reserved"])}
     blocks = min(limits.values())
-    return blocks * warps / SM90["warps"], min(limits, key=limits.get)
+    full = blocks * warps == SM90["warps"]
+    return blocks * warps / SM90["warps"], "nothing" if full else min(limits, key=limits.get)
 
 
 def ptxas_table(names, data):
