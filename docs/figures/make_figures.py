@@ -193,6 +193,30 @@ def accuracy_vs_speed():
     save(fig, "accuracy_vs_speed")
 
 
+def controller():
+    """The adaptive strategy's states and what moves a layer between them (docs/adaptive.md)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(11, 3.2))
+    boxes = [("exact\n(warm-up, until the\nloss falls steadily)", 0.5), ("stage 1\nmost error\n(fewest clusters)", 3.0),
+             ("stage 2\nless error", 5.5), ("...", 7.2), ("exact\n(speed guard, or the\nlast exact_tail of training)", 9.4)]
+    for text, x in boxes:
+        ax.text(x, 1, text, ha="center", va="center", fontsize=9,
+                bbox=dict(boxstyle="round", fc="tab:green" if "exact" in text else "tab:orange", alpha=0.3))
+    arrows = [(1.45, 2.2, "start: loss fell by\nsteady_drop after warm-up"),
+              (3.8, 4.8, "harm > harm_bound, or\nloss rose (divergence)"), (6.2, 6.9, ""),
+              (7.5, 8.3, "")]
+    for x0, x1, label in arrows:
+        ax.annotate("", xy=(x1, 1), xytext=(x0, 1), arrowprops=dict(arrowstyle="->", lw=1.5))
+        ax.text((x0 + x1) / 2, 1.45, label, ha="center", fontsize=8)
+    ax.annotate("", xy=(9.4, 0.55), xytext=(3.0, 0.55), arrowprops=dict(arrowstyle="->", ls="--", color="0.4",
+                                                                        connectionstyle="arc3,rad=0.15"))
+    ax.text(6.2, 0.1, "slower than exact for speed_patience epochs: straight to exact", ha="center", fontsize=8,
+            color="0.3")
+    ax.set_xlim(-0.6, 10.8), ax.set_ylim(-0.1, 1.9), ax.axis("off")
+    ax.set_title("One reuse layer under the adaptive strategy: checked at the end of every epoch", fontsize=10)
+    save(fig, "controller")
+
+
 def mapping(name, title, shape, block, note, run=1):
     """A grid of outputs coloured by the block that computes them; the numbers are thread ids."""
     plt = pyplot()
@@ -227,7 +251,7 @@ def kernel_mappings():
 
 
 FIGURES = {"hash_cells": hash_cells, "conv_as_matmul": conv_as_matmul, "assignment": assignment,
-           "error_vs_clusters": error_vs_clusters, "accuracy_vs_speed": accuracy_vs_speed,
+           "error_vs_clusters": error_vs_clusters, "accuracy_vs_speed": accuracy_vs_speed, "controller": controller,
            "map_rows": kernel_mappings, "map_run_columns": kernel_mappings, "map_elements": kernel_mappings,
            "map_columns_run": kernel_mappings}
 
