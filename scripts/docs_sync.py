@@ -147,7 +147,7 @@ def stale_pages():
         if fill(text, data) != text:
             found.append((path, "an included source or a ptxas table differs from the sources"))
     if data and data["sources"] != source_hashes():
-        found.append((PTXAS_JSON, "the kernel sources changed since ptxas.json was made"))
+        found.append((PTXAS_JSON, "the kernel sources changed since ptxas.json was made: make docs PTXAS=1 (needs nvcc)"))
     return found
 
 
