@@ -40,7 +40,7 @@ CIFAR_COMMAND = $(strip make cifar $(foreach v,PYTHON DATA OUT EPOCHS DEVICE REU
 # the accuracy-parity protocol's budget (docs/adaptive.md): a CPU session's worth
 PARITY_FLAGS ?= --seeds 0,1,2 --epochs 8 --limit-train 5000
 
-.PHONY: install test cifar cifar-exact bench parity data gpu-check clean
+.PHONY: install test cifar cifar-exact bench parity data gpu-check docs figures clean
 
 ifdef OWN_VENV
 install: $(INSTALLED)
@@ -95,6 +95,14 @@ bench: $(INSTALLED)
 # tqdm and no network. Without a usable GPU it stops within seconds, writing nothing.
 gpu-check: $(if $(OWN_VENV),$(INSTALLED))
 	PYTHON='$(PYTHON)' DATA='$(DATA)' OUT_DIR='$(GPU_RESULTS)' bash scripts/gpu_check.sh
+
+# the docs' copies of kernel sources and ptxas tables (PTXAS=1: recompile with nvcc first)
+docs: $(if $(OWN_VENV),$(INSTALLED))
+	$(PYTHON) scripts/docs_sync.py $(if $(PTXAS),--ptxas)
+
+# every figure of docs/ (seconds on a CPU; matplotlib from .[plot])
+figures: $(if $(OWN_VENV),$(INSTALLED))
+	$(PYTHON) docs/figures/make_figures.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

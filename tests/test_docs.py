@@ -1,17 +1,43 @@
-"""Every docs/*.md file runs: its ```python blocks in order, outputs checked against ```output blocks."""
+"""Every Markdown file under docs/ runs: its ```python blocks in order, outputs checked
+against ```output blocks; its copies of the sources are current and its figures exist."""
+import importlib.util
+import re
 from pathlib import Path
 
 import pytest
 
 from docs_runner import blocks, run_markdown
 
-DOCS = sorted((Path(__file__).resolve().parent.parent / "docs").glob("*.md"))
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted((ROOT / "docs").rglob("*.md"))
+IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 
 
-@pytest.mark.parametrize("path", DOCS, ids=[p.name for p in DOCS])
+def load(path, name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(ROOT / "docs")) for p in DOCS])
 def test_doc_runs(path, monkeypatch):
-    monkeypatch.chdir(path.parent.parent)
+    monkeypatch.chdir(ROOT)
     run_markdown(str(path))
+
+
+def test_included_sources_and_ptxas_tables_are_current():
+    stale = load("scripts/docs_sync.py", "docs_sync").stale_pages()
+    assert not stale, f"stale docs (run `make docs`): {stale}"
+
+
+def test_every_referenced_figure_exists_and_has_a_maker():
+    made = set(load("docs/figures/make_figures.py", "make_figures").FIGURES)
+    for path in DOCS + [ROOT / "README.md"]:
+        for ref in IMAGE.findall(path.read_text(encoding="utf-8")):
+            figure = (path.parent / ref).resolve()
+            assert figure.exists(), f"{path.name} shows {ref}, which does not exist"
+            assert figure.stem in made, f"{path.name} shows {ref}, which docs/figures/make_figures.py does not make"
 
 
 def test_runner_checks_outputs(tmp_path):
@@ -22,3 +48,11 @@ def test_runner_checks_outputs(tmp_path):
     doc.write_text("```python\nprint(3)\n```\n```output\n2\n```\n")
     with pytest.raises(AssertionError, match="printed"):
         run_markdown(str(doc))
+
+
+def test_sync_finds_definitions(tmp_path):
+    sync = load("scripts/docs_sync.py", "docs_sync")
+    c = "// why\nextern \"C\" __global__ void\nk(int* x)\n{\n    if (x) { f(x); }\n}\nvoid g() { k(0); }\n"
+    assert sync.c_definition(c, "k") == "// why\nextern \"C\" __global__ void\nk(int* x)\n{\n    if (x) { f(x); }\n}"
+    assert sync.py_definition("import x\n\ndef f(a):\n    return a\n", "f") == "def f(a):\n    return a"
+    assert sync.occupancy(166, 0, 128) == (0.1875, "registers")
