@@ -70,8 +70,10 @@ def _pooled(shape, dtype):
 
 
 def release(a):
-    """Give the memory under ``a`` (an array from im2col) to the pool: the caller no longer
-    needs its contents and reads it no more."""
+    """Give the memory under ``a`` (columns from im2col) to the pool: the caller no longer
+    needs its contents and reads it no more. Not NumPy memory (CuPy's) is left alone."""
+    if type(a) is not np.ndarray:
+        return
     while a.base is not None:
         a = a.base
     if not a.flags.c_contiguous:
@@ -137,18 +139,6 @@ def flipped_pads(x_shape, kh, kw, stride, pads):
     top, _, left, _ = pads
     dpads = (kh - 1 - top, h + top - oh, kw - 1 - left, w + left - ow)
     return dpads if min(dpads) >= 0 else None
-
-
-def conv_forward(x, W, b, stride, pads):
-    """The exact conv y = im2col(x) @ W (+ b) for callers that keep no columns (their
-    memory goes back to the pool)."""
-    kh, kw, _, m = W.shape
-    cols, (oh, ow) = im2col(x, kh, kw, stride, pads)
-    y = cols @ W.reshape(-1, m)
-    release(cols)
-    if b is not None:
-        y += b
-    return y.reshape(x.shape[0], oh, ow, m)
 
 
 def weight_grads(cols, dy2):

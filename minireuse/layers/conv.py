@@ -74,8 +74,8 @@ class Conv2D(ReusableLayer):
             y += b
         if train:
             self._cache = ("exact", (cols, x.shape, pads))
-        elif cpu.supports(cols):
-            cpu_conv.release(cols)          # the fast path's columns: memory for the next im2col
+        else:
+            cpu_conv.release(cols)          # the CPU fast path keeps the memory for the next im2col
         return y.reshape(x.shape[0], oh, ow, self.c_out)
 
     def backward(self, dy):

@@ -41,7 +41,7 @@ mean towards zero).
 """
 import dataclasses
 
-from .. import backend, cpu
+from .. import backend
 from ..conv_geometry import col2im, im2col, pad_nhwc
 from ..cpu import conv as cpu_conv
 from .clustering import assign_clusters, assignment_matrix, centroids, group_keys, transposed_product
@@ -61,11 +61,10 @@ def use_pixel_aligned(config, c_in):
 
 def exact_conv(x, W, b, stride, pads):
     """The exact convolution (im2col + GEMM): forward 'exact', and the reference of the reuse error."""
-    if cpu.supports(x, W):     # the CPU fast path: the same product, its columns in reused memory
-        return cpu_conv.conv_forward(x, W, b, stride, pads)
     kh, kw, _, m = W.shape
     cols, (oh, ow) = im2col(x, kh, kw, stride, pads)
     y = cols @ W.reshape(-1, m)
+    cpu_conv.release(cols)     # the CPU fast path keeps the columns' memory for the next im2col
     if b is not None:
         y += b
     return y.reshape(x.shape[0], oh, ow, m)
