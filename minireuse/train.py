@@ -390,7 +390,7 @@ class Trainer:
         if self.strategy_steps is not None:
             # the strategy's probes run first: the step's dropout masks are drawn after them,
             # so a reuse run draws the same randomness as the exact run of the same seed
-            self.strategy_steps.before_step(xb, yb, epoch, step, steps, first_step=step == self.start_step)
+            self.strategy_steps.before_step(xb, yb, epoch, step, steps)
         reseed_layers(self.model, (c["seed"], epoch, step))
         self.opt.lr = lr
         # eager steps are timed per layer; with graphs, one step in GRAPH_TIMING_EVERY runs eagerly
@@ -494,6 +494,7 @@ class Trainer:
                           lr=lr, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
             record["layers"] = self._layer_records(step + 1 - start)
             if self.strategy is not None:
+                self.strategy_steps.add_exact_times(record["layers"])
                 record["reuse_harm"] = self.strategy_steps.epoch_harm()
                 self.strategy.on_epoch_end((epoch + 1) / c["epochs"], record["train_loss"], record["layers"],
                                            harm=record["reuse_harm"])
