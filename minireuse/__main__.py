@@ -109,12 +109,15 @@ def add_train_arguments(p, resume=True, reuse_default="off", overwrite=True, see
                             "such a directory is refused)")
     p.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=positive_int, default=None, help="use only the first N test images")
+    p.add_argument("--eval-every", type=number(0, 1, open_low=True), default=d["eval_every"],
+                   help="evaluate the test set every this fraction of an epoch too (0.5: at half and end; "
+                        "the time resolution of time to accuracy); it changes nothing that is trained")
     if resume:
         p.add_argument("--resume", metavar="CKPT", default=None,
                        help="continue the run saved in a checkpoint.npz with its own settings; flags given "
                             "with it may only change " + ", ".join(f"--{k.replace('_', '-')}" for k in
                                                                   ("epochs", "data", "device", "graph", "out",
-                                                                   "limit_test")))
+                                                                   "limit_test", "eval_every")))
     p.add_argument("--reuse", choices=["off", "fixed", "schedule", "adaptive"][reuse_default != "off":],
                    default=reuse_default,
                    help="deep-reuse strategy for the conv/dense layers (off: exact)")
@@ -146,7 +149,7 @@ def seed_list(s):
 def train_config(a):
     keys = ["model", "data", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
             "weight_decay", "schedule", "warmup_epochs", "augment", "seed", "out", "limit_train",
-            "limit_test", "device", "download", "graph"]
+            "limit_test", "device", "download", "graph", "eval_every"]
     cfg = {k: getattr(a, k) for k in keys}
     # saved absolute, so that a resume from another directory finds them
     cfg["out"], cfg["data"] = os.path.abspath(a.out), os.path.abspath(a.data)
