@@ -146,6 +146,17 @@ def seed_list(s):
         raise argparse.ArgumentTypeError(str(e))
 
 
+def percent_list(s):
+    """'70,75,80' -> [70.0, 75.0, 80.0]: accuracies in percent, in (0, 100]."""
+    try:
+        values = [float(v) for v in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated percentages, got {s!r}") from None
+    if not all(0 < v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"percentages must be in (0, 100], got {s!r}")
+    return values
+
+
 def train_config(a):
     keys = ["model", "data", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
             "weight_decay", "schedule", "warmup_epochs", "augment", "seed", "out", "limit_train",
@@ -237,7 +248,8 @@ def cmd_parity(a):
         raise ValueError("parity trains one pair of runs per seed of --seeds; --seed is for train and compare")
     cfg = train_config(a)
     del cfg["seed"]
-    result = parity.run(cfg, a.seeds, exact_from=a.exact_from, quiet=a.quiet, control=a.control)
+    result = parity.run(cfg, a.seeds, exact_from=a.exact_from, quiet=a.quiet, control=a.control,
+                        targets=a.targets, pytorch=a.pytorch)
     print(result["table"])
     return 0
 
@@ -272,6 +284,12 @@ def build_parser():
     p.add_argument("--control", action="store_true",
                    help="also train each seed's control run (OUT/seedS/control: the reuse layers with the "
                         "exact gradients, so only float rounding differs from exact): the table's noise floor")
+    p.add_argument("--targets", type=percent_list, default=[], metavar="P,P,...",
+                   help="test accuracies (percent) whose time to reach every run reports, besides each "
+                        "seed's exact final accuracy minus 0.3 and minus 1.0 points")
+    p.add_argument("--pytorch", type=seed_list, nargs="?", const=True, default=None, metavar="SEEDS",
+                   help="also train the recipe in PyTorch (OUT/seedS/pytorch; the .[compare] extra) on every "
+                        "seed, or on the comma-separated SEEDS")
     p.set_defaults(func=cmd_parity, out="runs/parity")
     p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts",
                        formatter_class=Formatter)
