@@ -253,6 +253,9 @@ class TorchRun:
                 "strategy": None, "epoch_totals": None}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         atomic_savez(os.path.join(self.out, CHECKPOINT), arrays)
+        self.write_history()
+
+    def write_history(self):
         atomic_write_json(os.path.join(self.out, HISTORY),
                           {"settings": self.cfg, "device": self.describe(), "epochs": self.history})
 
