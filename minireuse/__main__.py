@@ -109,12 +109,15 @@ def add_train_arguments(p, resume=True, reuse_default="off", overwrite=True, see
                             "such a directory is refused)")
     p.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=positive_int, default=None, help="use only the first N test images")
+    p.add_argument("--eval-every", type=number(0, 1, open_low=True), default=d["eval_every"],
+                   help="evaluate the test set every this fraction of an epoch too (0.5: at half and end; "
+                        "the time resolution of time to accuracy); it changes nothing that is trained")
     if resume:
         p.add_argument("--resume", metavar="CKPT", default=None,
                        help="continue the run saved in a checkpoint.npz with its own settings; flags given "
                             "with it may only change " + ", ".join(f"--{k.replace('_', '-')}" for k in
                                                                   ("epochs", "data", "device", "graph", "out",
-                                                                   "limit_test")))
+                                                                   "limit_test", "eval_every")))
     p.add_argument("--reuse", choices=["off", "fixed", "schedule", "adaptive"][reuse_default != "off":],
                    default=reuse_default,
                    help="deep-reuse strategy for the conv/dense layers (off: exact)")
@@ -143,10 +146,21 @@ def seed_list(s):
         raise argparse.ArgumentTypeError(str(e))
 
 
+def percent_list(s):
+    """'70,75,80' -> [70.0, 75.0, 80.0]: accuracies in percent, in (0, 100]."""
+    try:
+        values = [float(v) for v in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated percentages, got {s!r}") from None
+    if not all(0 < v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"percentages must be in (0, 100], got {s!r}")
+    return values
+
+
 def train_config(a):
     keys = ["model", "data", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
             "weight_decay", "schedule", "warmup_epochs", "augment", "seed", "out", "limit_train",
-            "limit_test", "device", "download", "graph"]
+            "limit_test", "device", "download", "graph", "eval_every"]
     cfg = {k: getattr(a, k) for k in keys}
     # saved absolute, so that a resume from another directory finds them
     cfg["out"], cfg["data"] = os.path.abspath(a.out), os.path.abspath(a.data)
@@ -234,7 +248,8 @@ def cmd_parity(a):
         raise ValueError("parity trains one pair of runs per seed of --seeds; --seed is for train and compare")
     cfg = train_config(a)
     del cfg["seed"]
-    result = parity.run(cfg, a.seeds, exact_from=a.exact_from, quiet=a.quiet, control=a.control)
+    result = parity.run(cfg, a.seeds, exact_from=a.exact_from, quiet=a.quiet, control=a.control,
+                        targets=a.targets, pytorch=a.pytorch)
     print(result["table"])
     return 0
 
@@ -269,6 +284,12 @@ def build_parser():
     p.add_argument("--control", action="store_true",
                    help="also train each seed's control run (OUT/seedS/control: the reuse layers with the "
                         "exact gradients, so only float rounding differs from exact): the table's noise floor")
+    p.add_argument("--targets", type=percent_list, default=[], metavar="P,P,...",
+                   help="test accuracies (percent) whose time to reach every run reports, besides each "
+                        "seed's exact final accuracy minus 0.3 and minus 1.0 points")
+    p.add_argument("--pytorch", type=seed_list, nargs="?", const=True, default=None, metavar="SEEDS",
+                   help="also train the recipe in PyTorch (OUT/seedS/pytorch; the .[compare] extra) on every "
+                        "seed, or on the comma-separated SEEDS")
     p.set_defaults(func=cmd_parity, out="runs/parity")
     p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts",
                        formatter_class=Formatter)

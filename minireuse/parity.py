@@ -36,6 +36,20 @@ the layer's setting) with their mean r_c, sampled relative error (and dw_cos whe
 recorded); across seeds the mean, sample standard deviation, min and max of the
 differences, the mean accuracies, and the time ratios of the summed seconds.
 
+Time to accuracy: every run's test accuracy at each evaluation (every epoch's end,
+and every ``--eval-every`` of an epoch) against its cumulative training seconds
+(evaluation excluded) is in parity.json (``curves``), with the training seconds each
+run took to reach each target: per seed its exact run's final accuracy minus 0.3 and
+minus 1.0 points, and the levels of ``--targets`` (percent); across seeds, the runs that
+reached it and the ratio of summed seconds against exact and against PyTorch. The
+figure OUT/time_to_accuracy.png (matplotlib, the plot extra) draws those curves, one
+panel per seed.
+
+``--pytorch [SEEDS]`` also trains, per seed (all, or those listed), OUT/seedS/pytorch:
+the recipe in PyTorch from the same initial weights, batches, dropout masks and
+updates (minireuse.pytorch_run), a row of the table and the figure; without PyTorch
+the table says it was skipped and why.
+
 At small budgets (few epochs, a subset of the data) the accuracy difference of one
 seed is noisy, often by more than the effect of a reuse setting: report the spread
 over three seeds or more, not one seed's number.
@@ -51,11 +65,15 @@ from .compare import summarise
 from .tables import align_rows
 from .reuse.adaptive import resolved_layers, stage_label
 from .fileio import atomic_write_json
-from .train import CHECKPOINT, HISTORY, Trainer
+from .train import CHECKPOINT, HISTORY, Trainer, load_data
 
 RESULT = "parity.json"
-# where and how a run ran, not what it computed
-IGNORED_SETTINGS = frozenset({"out", "data", "download", "device", "graph", "log_every", "quiet"})
+FIGURE = "time_to_accuracy.png"
+# where and how a run ran, or when it was evaluated: not what it computed
+IGNORED_SETTINGS = frozenset({"out", "data", "download", "device", "graph", "log_every", "quiet", "eval_every"})
+# the default targets: each seed's exact final accuracy minus these points
+TARGET_POINTS = (0.3, 1.0)
+RUNS = ("exact", "reuse", "control", "pytorch")
 # what an exact run may hold from a reuse config it did not use (its "reuse" must still be "off")
 REUSE_OPTION_SETTINGS = frozenset({"reuse_layers", "reuse_options"})
 
@@ -93,11 +111,16 @@ def settings_differences(saved, wanted, ignore=()):
     [(key, saved value, wanted value)]; empty means "same settings".
 
     Every key of either dict counts except IGNORED_SETTINGS and ``ignore``; values are
-    compared as JSON holds them, and a key missing on one side is ABSENT there."""
+    compared as JSON holds them, and a key missing on one side is its Trainer default there
+    (a run saved before a setting existed ran as its default), else ABSENT."""
     saved, wanted = json.loads(json.dumps(saved)), json.loads(json.dumps(wanted))
     skip = IGNORED_SETTINGS | set(ignore)
-    return [(k, saved.get(k, ABSENT), wanted.get(k, ABSENT)) for k in sorted(set(saved) | set(wanted))
-            if k not in skip and saved.get(k, ABSENT) != wanted.get(k, ABSENT)]
+    defaults = json.loads(json.dumps(Trainer.DEFAULTS))
+
+    def value(d, k):
+        return d.get(k, defaults.get(k, ABSENT))
+    return [(k, value(saved, k), value(wanted, k)) for k in sorted(set(saved) | set(wanted))
+            if k not in skip and value(saved, k) != value(wanted, k)]
 
 
 def _differences_text(diffs):
@@ -344,6 +367,117 @@ def format_table(result):
     return "\n".join(lines)
 
 
+def accuracy_curve(history):
+    """[(epoch position, training seconds so far, test accuracy)] at every evaluation of a run,
+    in order: the mid-epoch ones (eval_every) and each epoch's end; evaluation time excluded."""
+    curve, before = [], 0.0
+    for e in history:
+        for m in e.get("mid_evals", []):
+            curve.append((m["epoch"], before + m["seconds"], m["test_acc"]))
+        before += e["seconds"]
+        curve.append((e["epoch"], before, e["test_acc"]))
+    return curve
+
+
+def time_to(curve, accuracy):
+    """Training seconds at the first evaluation at or above ``accuracy``; None if never reached."""
+    return next((t for _, t, a in curve if a >= accuracy - 1e-12), None)
+
+
+def seed_targets(exact_final, levels=()):
+    """[(label, accuracy)]: exact's final accuracy minus TARGET_POINTS, then ``levels`` (percent)."""
+    return ([(f"exact - {p:g} pts", exact_final - p / 100) for p in TARGET_POINTS]
+            + [(f"{v:g} %", v / 100) for v in levels])
+
+
+def time_to_targets(curves, targets):
+    """Per target: its accuracy, each run's training seconds to reach it (None: not reached),
+    and the ratios exact / run and pytorch / run (> 1: the run got there faster)."""
+    out = []
+    for label, acc in targets:
+        secs = {run: time_to(c, acc) for run, c in curves.items()}
+        out.append(dict(label=label, accuracy=acc, seconds=secs,
+                        **{f"ratio_vs_{base}": {run: _ratio(secs[base], t) if None not in (secs[base], t) else None
+                                                for run, t in secs.items()}
+                           for base in ("exact", "pytorch") if base in secs}))
+    return out
+
+
+def aggregate_targets(per_seed):
+    """Per target label (in order): per run, the seeds that reached it, the summed seconds when
+    every seed did, and the ratios of those sums against exact and PyTorch."""
+    labels = [t["label"] for t in per_seed[0]["time_to_targets"]] if per_seed else []
+    out = []
+    for i, label in enumerate(labels):
+        rows = [p["time_to_targets"][i]["seconds"] for p in per_seed]
+        runs = [r for r in RUNS if all(r in row for row in rows)]
+        sums = {r: sum(row[r] for row in rows) if all(row[r] is not None for row in rows) else None for r in runs}
+        out.append(dict(label=label, reached={r: sum(row[r] is not None for row in rows) for r in runs},
+                        seconds=sums, **{f"ratio_vs_{base}": {r: _ratio(sums[base], t) if None not in (sums[base], t)
+                                                              else None for r, t in sums.items()}
+                                         for base in ("exact", "pytorch") if base in sums}))
+    return out
+
+
+def format_targets(result):
+    """The time-to-accuracy block of the table: per seed and target, each run's seconds (and the
+    ratio exact / run), then the sums over seeds."""
+    per_seed = result["per_seed"]
+    if not per_seed:
+        return []
+    runs = [r for r in RUNS if any(r in p["curves"] for p in per_seed)]
+
+    def cell(t, ratio):
+        if t is False:
+            return "-"
+        if t is None:
+            return "not reached"
+        return f"{t:.1f} s" + ("" if ratio is None else f" ({ratio:.2f}x)")
+    rows = [("seed", "target", *runs)]
+    for p in per_seed:
+        for t in p["time_to_targets"]:
+            rows.append((str(p["seed"]), f"{t['label']} ({100 * t['accuracy']:.2f}%)",
+                         *(cell(t["seconds"].get(r, False), None if r == "exact" else t["ratio_vs_exact"].get(r))
+                           for r in runs)))
+    k = len(per_seed)
+    for t in result["aggregate"]["time_to_targets"]:
+        rows.append(("sum", t["label"], *(cell(False, None) if r not in t["reached"] else
+                                          cell(t["seconds"][r], None if r == "exact" else t["ratio_vs_exact"][r])
+                                          if t["reached"][r] == k else f"reached in {t['reached'][r]} of {k}"
+                                          for r in runs)))
+    return ["", "time to accuracy (training seconds to the first evaluation at or above the target, evaluation "
+            "excluded; (x) = exact's seconds / the run's, > 1: faster than exact):"] + align_rows(rows)
+
+
+def format_pytorch(result):
+    """The PyTorch rows of the table (or the reason they were skipped)."""
+    if result["pytorch"] is None:
+        return []
+    if result["pytorch"].get("skipped"):
+        return ["", f"pytorch: skipped: {result['pytorch']['skipped']}"]
+    rows = [("seed", "pytorch final", "pytorch best", "pytorch - exact", "pytorch time", "time pytorch/exact",
+             "time pytorch/reuse", "run")]
+    for p in result["per_seed"]:
+        if "pytorch" in p:
+            pt = p["pytorch"]
+            rows.append((str(p["seed"]), f"{100 * pt['final_test_acc']:.2f}%", f"{100 * pt['best_test_acc']:.2f}%",
+                         f"{p['pytorch_diff_pts']:+.2f} pts", f"{pt['train_seconds']:.1f} s",
+                         f"{_ratio(pt['train_seconds'], p['exact']['train_seconds']):.2f}x",
+                         f"{_ratio(pt['train_seconds'], p['reuse']['train_seconds']):.2f}x", p["pytorch_run"]["source"]))
+    return ["", "the same recipe in PyTorch (same weights, batches, dropout masks and updates):"] + align_rows(rows)
+
+
+def save_figure(result, out):
+    """OUT/time_to_accuracy.png; returns a line naming it, or why there is none."""
+    from . import plot
+    panels = [(f"seed {p['seed']}", p["curves"], [(t["label"], t["accuracy"]) for t in p["time_to_targets"]])
+              for p in result["per_seed"]]
+    try:
+        return "figure: " + plot.save_accuracy_time_figure(panels, os.path.join(out, FIGURE))
+    except plot.PlotError as e:
+        return f"no figure: {e}"
+
+
 def _check_strategy(cfg):
     """Build the strategy and attach it to a fresh model, so that bad reuse settings
     fail before the exact runs are trained."""
@@ -369,18 +503,29 @@ def _count_test_images(cfg):
     return min(n, cfg["limit_test"]) if cfg.get("limit_test") else n
 
 
-def run(cfg, seeds, exact_from=None, quiet=False, data=None, control=False):
+def run(cfg, seeds, exact_from=None, quiet=False, data=None, control=False, targets=(), pytorch=None):
     """The protocol for a train config (its "reuse" the strategy, "out" the parity
     directory; any "seed" is replaced by each of ``seeds``). Returns the parity.json dict
     (its "table" the printed report). Every run directory is checked before anything is
-    trained. control: also train each seed's control run (module docstring)."""
+    trained. control: also train each seed's control run; targets: accuracy levels in
+    percent for the time to accuracy; pytorch: the seeds that get a PyTorch run (True:
+    all) (module docstring)."""
     seeds = parse_seeds(",".join(str(s) for s in seeds)) if not isinstance(seeds, str) else parse_seeds(seeds)
+    torch_seeds = seeds if pytorch is True else [s for s in (pytorch or ()) if s in seeds]
+    unknown = sorted(set(pytorch) - set(seeds)) if pytorch not in (None, True) else []
+    if unknown:
+        raise ParityError(f"--pytorch names seeds {unknown} that --seeds does not list")
     base = {**Trainer.DEFAULTS, **{k: v for k, v in cfg.items() if k != "seed"}}
     strategy = base["reuse"]
     if strategy == "off":
         raise ParityError("parity needs a reuse strategy: --reuse fixed, schedule or adaptive")
     _check_strategy(base)
     out = base["out"]
+    torch_skipped = None
+    if torch_seeds:
+        from .pytorch_run import check_recipe, torch_missing
+        check_recipe(base)
+        torch_skipped = torch_missing()
     plan = []
     for s in seeds:
         ecfg = dict(base, seed=s, reuse="off", reuse_layers=None, reuse_options=None,
@@ -403,45 +548,76 @@ def run(cfg, seeds, exact_from=None, quiet=False, data=None, control=False):
             ccfg = dict(base, seed=s, reuse="fixed", reuse_layers=control_layers(rcfg["reuse_layers"]),
                         reuse_options=None, out=os.path.join(out, f"seed{s}", "control"))
             runs.append((ccfg, inspect_run(ccfg["out"], ccfg), None))
+        if s in torch_seeds and torch_skipped is None:
+            pcfg = dict(ecfg, reuse_options=None, framework="pytorch", out=os.path.join(out, f"seed{s}", "pytorch"))
+            runs.append((pcfg, inspect_run(pcfg["out"], pcfg), None))
         plan.append((s, runs))
 
     per_seed = []
     for s, runs in plan:
-        got = []
-        for (c, st, src), kind in zip(runs, ("exact", "reuse", "control")):
+        got = {}
+        for c, st, src in runs:
+            kind = "pytorch" if c.get("framework") else os.path.basename(st.path)
             if st.state == "complete":
                 src = src or "reused"
                 _log(f"seed {s} {kind}: using the complete run in {st.path}")
                 history = st.history
             else:
-                trainer = Trainer(c, data=data, quiet=quiet)
-                data = trainer.data          # loaded once for all runs
-                if st.state == "partial":
-                    meta = trainer.resume(st.checkpoint)
-                    src = "resumed"
-                    _log(f"seed {s} {kind}: resuming {st.checkpoint} at epoch {meta['epoch'] + 1}, "
-                         f"step {meta['step']}")
-                else:
-                    src = "trained"
-                    _log(f"seed {s} {kind}: training into {st.path}")
-                history = trainer.fit()
-                if trainer.start_epoch >= c["epochs"]:
-                    trainer.write_history()  # the checkpoint was ahead of history.json
-            got.append((history, dict(dir=os.path.abspath(st.path), source=src)))
-        (eh, erun), (rh, rrun), *controls = got
-        per_seed.append(seed_entry(s, eh, rh, erun, rrun, *(controls[0] if controls else ())))
+                history, src, data = _train(c, st, kind, s, data, quiet)
+            got[kind] = (history, dict(dir=os.path.abspath(st.path), source=src))
+        (eh, erun), (rh, rrun) = got["exact"], got["reuse"]
+        entry = seed_entry(s, eh, rh, erun, rrun, *got.get("control", ()))
+        if "pytorch" in got:
+            entry.update(pytorch_entry(entry["exact"], *got["pytorch"]))
+        curves = {kind: accuracy_curve(h) for kind, (h, _) in got.items()}
+        entry.update(curves=curves, time_to_targets=time_to_targets(
+            curves, seed_targets(entry["exact"]["final_test_acc"], targets)))
+        per_seed.append(entry)
 
     n_test = len(data[2]) if data is not None else _count_test_images(base)
     result = dict(strategy=strategy, seeds=seeds, epochs=base["epochs"], test_images=n_test,
-                  control=control, train_images=len(data[0]) if data is not None else None,
+                  control=control, targets=list(targets),
+                  pytorch=None if not torch_seeds else (dict(skipped=torch_skipped) if torch_skipped
+                                                         else dict(seeds=torch_seeds)),
+                  train_images=len(data[0]) if data is not None else None,
                   limit_test=base["limit_test"],
                   exact_from=os.path.abspath(exact_from) if exact_from else None,
                   settings={k: v for k, v in base.items() if k not in ("out", "seed")},
-                  per_seed=per_seed, aggregate=aggregate(per_seed))
-    result["table"] = format_table(result)
+                  per_seed=per_seed, aggregate=dict(aggregate(per_seed), time_to_targets=aggregate_targets(per_seed)))
+    result["table"] = "\n".join([format_table(result), *format_pytorch(result), *format_targets(result),
+                                 "", save_figure(result, out)])
     atomic_write_json(os.path.join(out, RESULT), result)
     return result
 
 
+def _train(c, st, kind, seed, data, quiet):
+    """Train (or resume) one run of the plan; returns (history, source, the data loaded)."""
+    if c.get("framework"):
+        from .pytorch_run import TorchRun
+        data = data if data is not None else load_data(c, progress=not quiet)
+        trainer = TorchRun(c, data=data, quiet=quiet)
+    else:
+        trainer = Trainer(c, data=data, quiet=quiet)
+    data = trainer.data                      # loaded once for all runs
+    if st.state == "partial":
+        meta = trainer.resume(st.checkpoint)
+        src = "resumed"
+        _log(f"seed {seed} {kind}: resuming {st.checkpoint} at epoch {meta['epoch'] + 1}, step {meta['step']}")
+    else:
+        src = "trained"
+        _log(f"seed {seed} {kind}: training into {st.path}")
+    history = trainer.fit()
+    if trainer.start_epoch >= c["epochs"]:
+        trainer.write_history()              # the checkpoint was ahead of history.json
+    return history, src, data
+
+
+def pytorch_entry(ex, history, run):
+    """A seed's PyTorch numbers: the run's summary and its difference from exact (points)."""
+    pt = summarise(history)
+    return dict(pytorch=pt, pytorch_run=run, pytorch_diff_pts=100 * (pt["final_test_acc"] - ex["final_test_acc"]))
+
+
 __all__ = ["run", "parse_seeds", "settings_differences", "inspect_run", "stage_label", "reuse_stages",
-           "control_layers", "spread", "seed_entry", "aggregate", "format_table", "ParityError", "RESULT"]
+           "control_layers", "spread", "seed_entry", "aggregate", "format_table", "ParityError", "RESULT",
+           "accuracy_curve", "time_to", "seed_targets", "time_to_targets", "aggregate_targets"]

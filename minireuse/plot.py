@@ -124,6 +124,38 @@ def save_figure(run_dirs, path, labels=None):
     return path
 
 
+def accuracy_time_figure(panels):
+    """A matplotlib Figure of time to accuracy: per panel (title, {run: [(epoch, training
+    seconds, test accuracy)]}, [(target label, accuracy)]), test accuracy against cumulative
+    training seconds for every run, the targets as dotted horizontal lines."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (title, curves, targets) in zip(axes[0], panels):
+        for i, (run, curve) in enumerate(curves.items()):
+            _, secs, accs = zip(*curve)
+            ax.plot(secs, [100 * a for a in accs], color=f"C{i % 10}", marker="o", ms=3, label=run)
+        for label, acc in targets:
+            ax.axhline(100 * acc, color="grey", ls=":", lw=1)
+            ax.annotate(label, (0, 100 * acc), xycoords=("axes fraction", "data"), fontsize=7, color="grey",
+                        va="bottom")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training seconds (evaluation excluded)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save_accuracy_time_figure(panels, path):
+    """Write accuracy_time_figure(panels) to path (PNG); returns path."""
+    fig = accuracy_time_figure(panels)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    _pyplot().close(fig)
+    return path
+
+
 def run(a):
     """The plot command."""
     out = a.output or os.path.join(a.runs[0] if os.path.isdir(a.runs[0]) else os.path.dirname(a.runs[0]),

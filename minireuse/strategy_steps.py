@@ -1,12 +1,13 @@
 """What a deep-reuse strategy does around each training step, apart from the training loop.
 
-Before a step: the strategy's progress, the first step's timing probe of the exact
-layers (speed guard), the ladder order measured on the batch when reuse starts,
-and on a sampled step the exact forward's loss on the same batch and dropout masks
-(the harm probe) with error measurement switched on. After it: measurement off,
-and the (reuse loss, exact loss) pair kept for the epoch's harm. These probes run
-before the step's dropout masks are drawn, so a reuse run draws the same
-randomness as the exact run of the same seed.
+Before a step: the strategy's progress, the ladder order measured on the batch when
+reuse starts, on a probe step the timing of the reusing layers computed exactly (the
+speed guard's paired reference, read with the epoch's own layer times), and on a
+sampled step the exact forward's loss on the same batch and dropout masks (the harm
+probe) with error measurement switched on. After it: measurement off, and the
+(reuse loss, exact loss) pair kept for the epoch's harm. These probes run before the
+step's dropout masks are drawn and draw nothing themselves, so a reuse run draws the
+same randomness as the exact run of the same seed.
 """
 import numpy as np
 
@@ -25,17 +26,20 @@ class StrategySteps:
         self._measuring = False
         self._exact_loss = None
         self._harms = []            # (reuse loss, exact loss) device scalars of this epoch's sampled steps
+        self.probe_timer = LayerTimer(list(strategy.ladders))
 
-    def before_step(self, xb, yb, epoch, step, steps, first_step):
-        """Set this step's reuse settings; on a sampled step, compute the exact forward's loss."""
+    def before_step(self, xb, yb, epoch, step, steps):
+        """Set this step's reuse settings; time the exact layers on a probe step; on a sampled
+        step, compute the exact forward's loss."""
         st = self.strategy
-        if getattr(st, "speed_guard", False) and not st.exact_ms and first_step:
-            st.exact_ms = self.time_exact_layers(xb, yb, st.probe_steps)
         st.on_step((epoch + step / steps) / self.epochs)
         wanted = st.wants_ladder_order()
         if wanted:
             st.set_ladder_order({name: stage_errors(self.model, xb, name, st.ladders[name]) for name in wanted})
             st.apply()
+        probed = st.probe_now(step, steps)
+        if probed:
+            self.time_exact_layers(xb, probed, st.probe_steps)
         self._exact_loss = None
         self._measuring = st.measure_error_now(step)
         if not self._measuring:
@@ -63,6 +67,17 @@ class StrategySteps:
 
     def begin_epoch(self):
         self._harms = []
+        self.probe_timer.collect()      # a resumed epoch's probes start with its steps
+
+    def add_exact_times(self, layer_records):
+        """Put this epoch's probed exact ms per step (forward + backward) into the epoch's
+        per-layer records as ``exact_probe_ms``, with ``exact_probes`` passes timed."""
+        times = self.probe_timer.collect()
+        for name, rec in layer_records.items():
+            f, n = times.get((name, "forward"), (0.0, 0))
+            if n:
+                rec["exact_probe_ms"] = 1e3 * (f + times[(name, "backward")][0]) / n
+                rec["exact_probes"] = n
 
     def epoch_harm(self):
         """Mean relative loss increase of the reuse forward over the exact one on this epoch's
@@ -86,21 +101,29 @@ class StrategySteps:
             l.set_reuse(r)
         return loss
 
-    def time_exact_layers(self, xb, yb, repeats=2):
-        """ms per step of each reuse-capable layer computed exactly (forward + backward), on
-        this batch, without changing parameters (the gradients are overwritten by the next step)."""
+    def time_exact_layers(self, xb, names, repeats=1):
+        """Time the exact forward+backward of the layers ``names`` on the inputs the exact model
+        gives them for this batch, ``repeats`` passes each, into ``probe_timer``. Nothing the
+        step uses changes: the reuse settings and gradients are put back, no randomness is
+        drawn (the layers before run in evaluation mode), no parameter moves."""
         layers = self.model.reuse_layers()
-        saved = [l.reuse for l in layers]
+        saved = [(l, l.reuse, dict(l.grads)) for l in layers]
         for l in layers:
             l.set_reuse(None)
-        probe = LayerTimer([l.name for l in layers])
-        for _ in range(repeats):
-            probe.collect()
-            logits = self.model.forward(xb, train=True, timer=probe)
-            self.loss_fn.forward(logits, yb)
-            self.model.backward(self.loss_fn.backward(), timer=probe)
-        times = probe.collect()
-        for l, r in zip(layers, saved):
-            l.set_reuse(r)
-        return {l.name: 1e3 * (times[(l.name, "forward")][0] + times[(l.name, "backward")][0])
-                for l in layers}
+        last = max(i for i, l in enumerate(self.model.layers) if l.name in names)
+        x = xb
+        for layer in self.model.layers[:last + 1]:
+            if layer.name not in names:
+                x = layer.forward(x, train=False)
+                continue
+            for _ in range(repeats):
+                self.probe_timer.start(layer.name, "forward")
+                y = layer.forward(x, train=True)
+                self.probe_timer.stop(layer.name)
+                self.probe_timer.start(layer.name, "backward")
+                layer.backward(y)          # its output as dY: real data, any values serve for timing
+                self.probe_timer.stop(layer.name)
+            x = y
+        for l, reuse, grads in saved:
+            l.set_reuse(reuse)
+            l.grads.update(grads)

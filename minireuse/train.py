@@ -3,7 +3,10 @@
     python -m minireuse train --data DIR --epochs N --out runs/x
 
 Every epoch appends a record to OUT/history.json and rewrites OUT/checkpoint.npz
-(both atomically). All randomness of step s of epoch e (shuffle order, crops,
+(both atomically). With ``eval_every`` below 1 the test set is also evaluated every
+such fraction of an epoch (the record's ``mid_evals``, each with the training seconds
+of the epoch so far); evaluation time is never counted as training time, and an
+evaluation draws no random number, so it changes nothing that is trained. All randomness of step s of epoch e (shuffle order, crops,
 flips, dropout masks) is drawn from generators seeded with (seed, e[, s]), so a
 run resumed from a checkpoint continues exactly as the uninterrupted run would
 (bit for bit on the CPU).
@@ -213,9 +216,10 @@ class Trainer:
                     decay_layers=["fc3", "fc4"], schedule="cosine", warmup_epochs=1.0,
                     augment=True, seed=0, out="runs/cifarnet", limit_train=None, limit_test=None,
                     device="auto", log_every=25, download=True,
-                    reuse="off", reuse_layers=None, reuse_options=None, graph="off")
+                    reuse="off", reuse_layers=None, reuse_options=None, graph="off", eval_every=1.0)
     # what a resumed run may change: where things are, how long it goes on, how it executes
-    SAFE_TO_CHANGE = ("epochs", "data", "device", "graph", "download", "out", "limit_test", "log_every")
+    SAFE_TO_CHANGE = ("epochs", "data", "device", "graph", "download", "out", "limit_test", "log_every",
+                      "eval_every")
 
     def __init__(self, cfg, data=None, model=None, quiet=False):
         unknown = set(cfg) - set(self.DEFAULTS)
@@ -229,6 +233,7 @@ class Trainer:
         for key, low, high in (("lr", 0, None), ("momentum", 0, 1), ("weight_decay", 0, None),
                                ("warmup_epochs", 0, None)):
             check_number(key, c[key], low, high, open_low=key == "lr", open_high=key == "momentum")
+        check_number("eval_every", c["eval_every"], 0, 1, open_low=True)
         self.quiet = quiet
         check_writable(c["out"])           # before any data is loaded or any step runs
         check_unlocked(c["out"])
@@ -263,6 +268,7 @@ class Trainer:
         self._graphs = None
         self._replays_before = 0    # graph replays before this epoch
         self._resume_totals = None  # the sums of the resumed epoch's steps before the checkpoint
+        self._mid_evals = []        # this epoch's evaluations before its end
         self.totals = self.reader = None
 
     def _build_model(self):
@@ -283,14 +289,7 @@ class Trainer:
         return data
 
     def _load_data(self):
-        from .data import load_cifar10
-        xtr, ytr, xte, yte = load_cifar10(self.cfg["data"], download=self.cfg["download"],
-                                          progress=not self.quiet)
-        if self.cfg["limit_train"]:
-            xtr, ytr = xtr[:self.cfg["limit_train"]], ytr[:self.cfg["limit_train"]]
-        if self.cfg["limit_test"]:
-            xte, yte = xte[:self.cfg["limit_test"]], yte[:self.cfg["limit_test"]]
-        return xtr, ytr, xte, yte
+        return load_data(self.cfg, progress=not self.quiet)
 
     @property
     def out(self):
@@ -331,12 +330,7 @@ class Trainer:
         return meta
 
     def _batches(self, x, y, train):
-        """A batch iterator; it moves the uint8 images to the device once."""
-        from .data import CIFAR10_MEAN, CIFAR10_STD, BatchIterator
-        return BatchIterator(x, y, self.cfg["batch_size"], shuffle=train,
-                             rng=np.random.default_rng(self.cfg["seed"]) if train else None,
-                             augment=train and self.cfg["augment"], drop_last=False,
-                             mean=CIFAR10_MEAN, std=CIFAR10_STD)
+        return batches(self.cfg, x, y, train)
 
     def train_step(self, xb, yb, lr):
         """One eager step (forward, loss, backward, update) on a batch; returns (loss, logits).
@@ -390,7 +384,7 @@ class Trainer:
         if self.strategy_steps is not None:
             # the strategy's probes run first: the step's dropout masks are drawn after them,
             # so a reuse run draws the same randomness as the exact run of the same seed
-            self.strategy_steps.before_step(xb, yb, epoch, step, steps, first_step=step == self.start_step)
+            self.strategy_steps.before_step(xb, yb, epoch, step, steps)
         reseed_layers(self.model, (c["seed"], epoch, step))
         self.opt.lr = lr
         # eager steps are timed per layer; with graphs, one step in GRAPH_TIMING_EVERY runs eagerly
@@ -428,7 +422,8 @@ class Trainer:
     def _interrupt(self, ckpt, epoch, step, seen, t0, where):
         loss_sum, correct = self.totals.read()
         self._check_finite(loss_sum / max(seen, 1), epoch, step, ckpt)
-        totals = dict(loss_sum=loss_sum, correct=correct, seen=seen, seconds=time.perf_counter() - t0)
+        totals = dict(loss_sum=loss_sum, correct=correct, seen=seen, seconds=time.perf_counter() - t0,
+                      mid_evals=self._mid_evals)
         save_checkpoint(ckpt, self.model, self.opt, epoch, step + 1, self.history, self.cfg, self.strategy,
                         epoch_totals=totals)
         raise KeyboardInterrupt(
@@ -441,22 +436,22 @@ class Trainer:
         train_iter = self._batches(xtr, ytr, train=True)
         test_iter = self._batches(xte, yte, train=False)
         steps = len(train_iter)
+        mid = mid_epoch_evaluations(steps, c["eval_every"])
         self.begin_run()
         for epoch in range(self.start_epoch, c["epochs"]):
             start = self.start_step if epoch == self.start_epoch else 0
-            # every epoch's shuffle and augmentation come from (seed, epoch) alone
-            train_iter.rng = np.random.default_rng([c["seed"], epoch])
-            it = train_iter.epoch(start)
+            it = epoch_batches(train_iter, c["seed"], epoch, start)
             self.totals.reset()
             self.reader.clear()
             if self.strategy_steps is not None:
                 self.strategy_steps.begin_epoch()
             self._replays_before = self._graphs.replays if self._graphs is not None else 0
-            seen, earlier_s = 0, 0.0
+            seen, earlier_s, self._mid_evals = 0, 0.0, []
             if start > 0 and self._resume_totals:        # the steps of this epoch before the checkpoint
                 r = self._resume_totals
                 self.totals.sums[...] = backend.xp().asarray([r["loss_sum"], r["correct"]], dtype=np.float64)
                 seen, earlier_s = int(r["seen"]), float(r["seconds"])
+                self._mid_evals = list(r.get("mid_evals", []))
             self._resume_totals = None
             t0 = time.perf_counter() - earlier_s
             bar = tqdm(it, total=steps, initial=start, desc=f"epoch {epoch + 1}/{c['epochs']}", unit="batch",
@@ -464,6 +459,9 @@ class Trainer:
             step = start - 1
             with self.stream():
                 for step, (xb, yb) in enumerate(bar, start=start):
+                    # after `step` steps; a run resumed from an interrupted evaluation does it again
+                    if step in mid and all(m["step"] != step for m in self._mid_evals):
+                        t0 += self._evaluate_mid_epoch(test_iter, epoch, step, steps, seen, t0, ckpt, interrupted)
                     lr = self.run_step(xb, yb, epoch, step, steps)
                     seen += len(yb)
                     if (step + 1) % c["log_every"] == 0 or step + 1 == steps:
@@ -472,7 +470,7 @@ class Trainer:
                         self._show_progress(bar, epoch, lr, seen, t0, ckpt)
                         if epoch == self.start_epoch and step + 1 - start <= c["log_every"] and not self.quiet:
                             tqdm.write(self._run_estimate(time.perf_counter() - t0 - earlier_s, step + 1 - start,
-                                                          epoch, step, steps, len(test_iter)))
+                                                          epoch, step, steps, len(test_iter) * (1 + len(mid))))
                     if interrupted:
                         bar.close()
                         self._interrupt(ckpt, epoch, step, seen, t0, f"after step {step + 1}")
@@ -491,9 +489,11 @@ class Trainer:
                 self._check_finite(self._parameters_sum(), epoch, step, ckpt, what="parameters (their sum)")
             record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1),
                           train_acc=correct / max(seen, 1), test_loss=test_loss, test_acc=test_acc,
-                          lr=lr, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
+                          lr=lr, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0,
+                          mid_evals=self._mid_evals)
             record["layers"] = self._layer_records(step + 1 - start)
             if self.strategy is not None:
+                self.strategy_steps.add_exact_times(record["layers"])
                 record["reuse_harm"] = self.strategy_steps.epoch_harm()
                 self.strategy.on_epoch_end((epoch + 1) / c["epochs"], record["train_loss"], record["layers"],
                                            harm=record["reuse_harm"])
@@ -514,6 +514,22 @@ class Trainer:
                                         f"{os.path.abspath(ckpt)} (continue with {resume_command(ckpt)})")
         self.model.save(os.path.join(self.out, MODEL))
         return self.history
+
+    def _evaluate_mid_epoch(self, test_iter, epoch, step, steps, seen, t0, ckpt, interrupted):
+        """Evaluate the test set after ``step`` steps of the epoch into ``_mid_evals``; returns
+        the seconds it took (the caller moves the epoch's clock on by them). A Ctrl-C during it
+        saves the run before this evaluation, which the resumed run then does."""
+        began = time.perf_counter()
+        evaluated = evaluate(self.model, self.loss_fn, test_iter, stop=lambda: bool(interrupted),
+                             progress=None if self.quiet else f"epoch {epoch + 1}: evaluating at step {step}")
+        took = time.perf_counter() - began
+        if evaluated is None:
+            self._interrupt(ckpt, epoch, step - 1, seen, t0 + took, "during an evaluation")
+        test_loss, test_acc = evaluated
+        self._check_finite(test_loss, epoch, step - 1, ckpt, what="test loss")
+        self._mid_evals.append(dict(epoch=epoch + step / steps, step=step, seconds=began - t0,
+                                    test_loss=test_loss, test_acc=test_acc))
+        return took
 
     def _run_estimate(self, seconds, steps_timed, epoch, step, steps, test_batches):
         """The whole run's remaining time from the first steps timed, as a line: the steps left,
@@ -587,6 +603,40 @@ class Trainer:
         settings = {k: v for k, v in self.cfg.items()}
         atomic_write_json(os.path.join(self.out, HISTORY),
                           {"settings": settings, "device": backend.describe_device(), "epochs": self.history})
+
+
+def load_data(cfg, progress=True):
+    """(train images, labels, test images, labels) of a run's settings (limit_train, limit_test)."""
+    from .data import load_cifar10
+    xtr, ytr, xte, yte = load_cifar10(cfg["data"], download=cfg["download"], progress=progress)
+    if cfg["limit_train"]:
+        xtr, ytr = xtr[:cfg["limit_train"]], ytr[:cfg["limit_train"]]
+    if cfg["limit_test"]:
+        xte, yte = xte[:cfg["limit_test"]], yte[:cfg["limit_test"]]
+    return xtr, ytr, xte, yte
+
+
+def batches(cfg, x, y, train):
+    """The batch iterator of a run's training or test images (it moves the uint8 images to the
+    device once); epoch_batches gives a training epoch's batches."""
+    from .data import CIFAR10_MEAN, CIFAR10_STD, BatchIterator
+    return BatchIterator(x, y, cfg["batch_size"], shuffle=train,
+                         rng=np.random.default_rng(cfg["seed"]) if train else None,
+                         augment=train and cfg["augment"], drop_last=False, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+
+
+def epoch_batches(train_iter, seed, epoch, start=0):
+    """The batches of training epoch ``epoch`` from step ``start`` on: every epoch's shuffle and
+    augmentation come from (seed, epoch) alone, so a resumed run sees the same batches."""
+    train_iter.rng = np.random.default_rng([seed, epoch])
+    return train_iter.epoch(start)
+
+
+def mid_epoch_evaluations(steps, eval_every):
+    """The step counts within an epoch of ``steps`` steps after which the test set is evaluated
+    before the epoch's end, every ``eval_every`` of an epoch (none for 1)."""
+    points = {round(k * eval_every * steps) for k in range(1, math.ceil(1 / eval_every - 1e-9))}
+    return sorted(p for p in points if 0 < p < steps)
 
 
 def format_duration(seconds):

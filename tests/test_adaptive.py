@@ -127,31 +127,65 @@ def test_describe_shows_a_disabled_stage_as_exact():
 
 def test_adaptive_never_keeps_reuse_slower_than_exact():
     model, s = started()
-    s.exact_ms = {"conv2": 10.0}
-    s.on_epoch_end(0.1, 2.0, {"conv2": {"step_ms": 12.0, "rel_error": 0.01}})
+    s.on_epoch_end(0.1, 2.0, {"conv2": {"step_ms": 12.0, "exact_probe_ms": 10.0, "rel_error": 0.01}})
     assert model.layer("conv2").reuse is not None                  # one slow epoch may be noise
-    s.on_epoch_end(0.2, 1.9, {"conv2": {"step_ms": 12.0, "rel_error": 0.01}})
+    s.on_epoch_end(0.2, 1.9, {"conv2": {"step_ms": 12.0, "exact_probe_ms": 10.0, "rel_error": 0.01}})
     assert model.layer("conv2").reuse is None and "slower than exact" in s.events[-1]["reason"]
     assert "for 2 epochs" in s.events[-1]["reason"]
 
 
 def test_speed_guard_needs_slow_epochs_in_a_row_beyond_the_margin():
     model, s = started()
-    s.exact_ms = {"conv2": 10.0}
     for ms in (10.4, 10.4, 10.4, 12.0, 9.0, 12.0):                # within 5 %, or not in a row
-        s.on_epoch_end(0.1, 2.0, {"conv2": {"step_ms": ms}})
+        s.on_epoch_end(0.1, 2.0, {"conv2": {"step_ms": ms, "exact_probe_ms": 10.0}})
         assert model.layer("conv2").reuse is not None
+    s.on_epoch_end(0.1, 2.0, {"conv2": {"step_ms": 12.0}})        # no exact time this epoch: no verdict
+    assert model.layer("conv2").reuse is not None
     restored = AdaptiveStrategy(LADDER)
     restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
     assert restored.slow_epochs == {"conv2": 1}                    # the count survives a resume
     _, strict = started(speed_patience=1, speed_margin=0.0)
-    strict.exact_ms = {"conv2": 10.0}
-    strict.on_epoch_end(0.1, 2.0, {"conv2": {"step_ms": 10.1}})
+    strict.on_epoch_end(0.1, 2.0, {"conv2": {"step_ms": 10.1, "exact_probe_ms": 10.0}})
     assert "slower than exact" in strict.events[-1]["reason"]
     with pytest.raises(ValueError, match="speed_patience: got 0, expected an int >= 1"):
         AdaptiveStrategy(LADDER, speed_patience=0)
     with pytest.raises(ValueError, match="speed_margin: got -0.1"):
         AdaptiveStrategy(LADDER, speed_margin=-0.1)
+
+
+def test_a_checkpoint_from_before_the_paired_speed_guard_still_loads():
+    """Strategy state saved when exact was timed once, on the first batch (exact_ms), and
+    before probe_every existed: it loads, and the guard waits for this epoch's exact times."""
+    old = {"stage": {"conv2": 0}, "events": [], "prev_loss": 1.9, "exact_ms": {"conv2": 394.3},
+           "slow_epochs": {"conv2": 1}, "rising_epochs": 0, "started": True, "ordered": True,
+           "start_after": 0.125, "ladders": {"conv2": [ReuseConfig(L=32, H=8).as_dict()]}}
+    model = cifarnet()
+    s = AdaptiveStrategy(LADDER)
+    s.attach(model)
+    s.load_state_dict(old)
+    s.apply()
+    s.on_epoch_end(0.5, 1.8, {"conv2": {"step_ms": 693.5}})
+    assert model.layer("conv2").reuse is not None and s.slow_epochs == {"conv2": 1}
+    assert s.probe_now(49, 50) == ["conv2"] and s.probe_now(1, 50) == []
+
+
+def test_probes_of_the_speed_guard_change_nothing_trained(tmp_path):
+    """A reuse run whose exact layers are timed on every step trains bit for bit like the same
+    run without the speed guard (the margin keeps the guard from acting)."""
+    import numpy as np
+    from test_train import params
+    data = learnable_data(n_train=64, n_test=16)
+    runs = []
+    for name, guard in (("guarded", True), ("unguarded", False)):
+        t = Trainer(config(tmp_path, epochs=1, out=str(tmp_path / name), reuse="adaptive",
+                           reuse_layers={"conv2": dict(L=16, H=8)},
+                           reuse_options=dict(start_after=0.0, steady_drop=None, speed_guard=guard,
+                                              probe_every=1, speed_margin=1e6)), data=data, quiet=True)
+        t.fit()
+        runs.append(t)
+    assert runs[0].history[-1]["layers"]["conv2"]["exact_probes"] == 2
+    a, b = params(runs[0].model), params(runs[1].model)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_strategy_state_round_trip():
@@ -244,7 +278,7 @@ def test_strategy_probes_draw_no_training_randomness(tmp_path):
                              reuse_layers={"conv2": dict(L=16, H=8)}, reuse_options=dict(steady_drop=0.99)),
                       data=data, quiet=True)
     waiting.fit()
-    assert waiting.strategy.exact_ms and not waiting.strategy.started
+    assert not waiting.strategy.started
     a, b = params(exact.model), params(waiting.model)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -290,3 +324,58 @@ def test_rise_patience_waits_for_rising_epochs_in_a_row():
     assert s.rising_epochs == 0
     with pytest.raises(ValueError, match="rise_patience: got 0, expected an int >= 1"):
         AdaptiveStrategy(LADDER, rise_patience=0)
+
+
+class FakeClock:
+    """What minireuse.timing reads as ``time``: a clock that moves only while conv2 computes,
+    by its cost (exact or reuse, in ms) times the machine's load of the current epoch."""
+
+    def __init__(self, reuse_cost, loads):
+        self.now, self.reuse_cost, self.loads, self.load = 0.0, reuse_cost, loads, loads[0]
+
+    def perf_counter(self):
+        return self.now
+
+    def run(self, layer, fn, *args, **kw):
+        self.now += 1e-3 * self.load * (self.reuse_cost if layer.reuse is not None else 1.0)
+        return fn(*args, **kw)
+
+
+def run_under_clock(tmp_path, monkeypatch, reuse_cost, loads):
+    """An adaptive run of len(loads) epochs reusing conv2's forward from the first step, only
+    the speed guard able to end it, conv2 timed by a FakeClock; returns the trainer."""
+    import minireuse.timing
+    clock = FakeClock(reuse_cost, loads)
+    monkeypatch.setattr(minireuse.timing, "time", clock)
+    cfg = config(tmp_path, epochs=len(loads), reuse="adaptive", reuse_layers={"conv2": dict(L=16, H=8)},
+                 reuse_options=dict(start_after=0.0, steady_drop=None, exact_tail=0.0, harm_bound=None,
+                                    rise_patience=100))
+    t = Trainer(cfg, data=learnable_data(n_train=64, n_test=16), quiet=True)
+    conv2 = t.model.layer("conv2")
+    for name in ("forward", "backward"):
+        monkeypatch.setattr(conv2, name, lambda *a, fn=getattr(conv2, name), **kw: clock.run(conv2, fn, *a, **kw))
+    run_step = t.run_step
+
+    def loaded_step(xb, yb, epoch, step, steps):
+        clock.load = loads[epoch]
+        return run_step(xb, yb, epoch, step, steps)
+    monkeypatch.setattr(t, "run_step", loaded_step)
+    t.fit()
+    return t
+
+
+def test_speed_guard_ignores_a_slowdown_common_to_reuse_and_exact(tmp_path, monkeypatch):
+    """The machine gets twice as slow after the first epoch (another job starts): reuse, at 0.6
+    of exact's time, is still faster than exact timed under the same load, so it goes on."""
+    t = run_under_clock(tmp_path, monkeypatch, reuse_cost=0.6, loads=[1.0, 2.0, 2.0])
+    assert not any("slower than exact" in e["reason"] for e in t.strategy.events), t.strategy.events
+    assert all(e["layers"]["conv2"]["reuse"] is not None for e in t.history)
+    last = t.history[-1]["layers"]["conv2"]
+    assert last["exact_probe_ms"] == pytest.approx(4.0) and last["step_ms"] < 4.0
+
+
+def test_speed_guard_still_ends_reuse_that_is_slower_than_exact(tmp_path, monkeypatch):
+    t = run_under_clock(tmp_path, monkeypatch, reuse_cost=1.5, loads=[2.0, 2.0, 2.0])
+    slow = [e for e in t.strategy.events if "slower than exact" in e["reason"]]
+    assert [e["epoch"] for e in slow] == [2] and "for 2 epochs" in slow[0]["reason"]
+    assert t.history[-1]["layers"]["conv2"]["reuse"] is None

@@ -237,8 +237,12 @@ def test_settings_rule():
     assert parity.settings_differences(a, same) == []
     diffs = parity.settings_differences(a, dict(a, lr=0.1, seed=2))
     assert [(k, s, w) for k, s, w in diffs] == [("lr", 0.05, 0.1), ("seed", 1, 2)]
-    [(k, s, w)] = parity.settings_differences({k: v for k, v in a.items() if k != "epochs"}, a)
-    assert k == "epochs" and s is parity.ABSENT and w == 30
+    # a key a run saved before it existed is its default there; one Trainer does not know is absent
+    older = {k: v for k, v in a.items() if k not in ("epochs", "eval_every")}
+    assert parity.settings_differences(older, a) == []
+    assert parity.settings_differences(older, dict(a, epochs=8, eval_every=0.5)) == [("epochs", 30, 8)]
+    [(k, s, w)] = parity.settings_differences(a, dict(a, framework="pytorch"))
+    assert k == "framework" and s is parity.ABSENT and w == "pytorch"
     # tuples and lists are the same once in JSON; reuse options ignored only when asked
     b = dict(a, decay_layers=("fc3", "fc4"), reuse_layers={"conv2": {"L": 8}})
     assert [d[0] for d in parity.settings_differences(a, b)] == ["reuse_layers"]
@@ -328,3 +332,55 @@ def test_control_runs_beside_the_pairs_and_report_the_noise_floor(first_run, fix
     r = parity_cli(fixture_dir, out2, "--control", "--exact-from", str(out))     # complete: nothing retrained
     assert r.returncode == 0 and r.stderr.count("using the complete run") == 6
     assert "control - exact" in r.stdout
+
+
+def test_time_to_accuracy_from_the_evaluations_of_each_run():
+    """Mid-epoch evaluations count with the epoch's seconds so far; targets are exact's final
+    minus 0.3 and 1.0 points and the levels given; sums over seeds only where every seed got there."""
+    def history(points):          # [(mid acc or None, end acc)] per epoch of 10 s
+        return [dict(epoch=i + 1, seconds=10.0, test_acc=end, mid_evals=[] if mid is None else
+                     [dict(epoch=i + 0.5, step=5, seconds=4.0, test_acc=mid)]) for i, (mid, end) in enumerate(points)]
+    exact = history([(0.30, 0.50), (0.55, 0.600)])
+    reuse = history([(0.40, 0.598), (None, 0.599)])
+    curve = parity.accuracy_curve(exact)
+    assert curve == [(0.5, 4.0, 0.30), (1, 10.0, 0.50), (1.5, 14.0, 0.55), (2, 20.0, 0.60)]
+    targets = parity.seed_targets(0.60, [50])
+    assert [label for label, _ in targets] == ["exact - 0.3 pts", "exact - 1 pts", "50 %"]
+    got = parity.time_to_targets({"exact": curve, "reuse": parity.accuracy_curve(reuse)}, targets)
+    assert [t["seconds"] for t in got] == [{"exact": 20.0, "reuse": 10.0}, {"exact": 20.0, "reuse": 10.0},
+                                           {"exact": 10.0, "reuse": 10.0}]
+    assert got[0]["ratio_vs_exact"] == {"exact": 1.0, "reuse": 2.0}
+    assert parity.time_to(curve, 0.61) is None
+    late = parity.time_to_targets({"exact": curve, "reuse": [(1, 30.0, 0.2)]}, targets)
+    agg = parity.aggregate_targets([dict(time_to_targets=got), dict(time_to_targets=late)])
+    assert agg[0]["reached"] == {"exact": 2, "reuse": 1} and agg[0]["seconds"] == {"exact": 40.0, "reuse": None}
+
+
+def test_eval_every_targets_and_pytorch_reuse_the_runs_made_without_them(first_run, fixture_dir, monkeypatch):
+    """A protocol started before --eval-every existed (no eval_every in its settings) is reused
+    as it is; --pytorch adds the PyTorch run of one seed as a row of the table and the figure,
+    or says why it was skipped."""
+    out, _ = first_run
+    for hist in out.glob("seed*/*/history.json"):       # runs saved before the setting existed
+        saved = json.load(open(hist))
+        del saved["settings"]["eval_every"]
+        hist.write_text(json.dumps(saved))
+    before = mtimes(out)
+    r = parity_cli(fixture_dir, out, "--eval-every", "0.5", "--targets", "10,90", "--pytorch", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("using the complete run") == 4 and "seed 0 pytorch: training into" in r.stderr
+    assert {k: v for k, v in mtimes(out).items() if "pytorch" not in k} == before
+    assert "the same recipe in PyTorch" in r.stdout and "time to accuracy" in r.stdout
+    assert "90 % (90.00%)" in r.stdout and "figure: " in r.stdout
+    saved = json.load(open(out / "parity.json"))
+    seed0, seed1 = saved["per_seed"]
+    assert set(seed0["curves"]) == {"exact", "reuse", "pytorch"} and set(seed1["curves"]) == {"exact", "reuse"}
+    assert [t["label"] for t in seed0["time_to_targets"]] == ["exact - 0.3 pts", "exact - 1 pts", "10 %", "90 %"]
+    assert len(seed0["curves"]["pytorch"]) == 2 and len(seed0["curves"]["exact"]) == 1   # mid and end; end only
+    assert (out / parity.FIGURE).exists() and saved["pytorch"] == {"seeds": [0]}
+    monkeypatch.setattr("minireuse.pytorch_run.torch_missing", lambda: "PyTorch does not import (test)")
+    res = parity.run(dict(Trainer.DEFAULTS, data=str(fixture_dir / "data"), epochs=1, batch_size=20, device="cpu",
+                          reuse="fixed", reuse_layers=REUSE["layers"], reuse_options={}, out=str(out)), [0, 1], quiet=True,
+                     pytorch=True)
+    assert res["pytorch"] == {"skipped": "PyTorch does not import (test)"}
+    assert "pytorch: skipped: PyTorch does not import (test)" in res["table"]

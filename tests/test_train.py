@@ -101,6 +101,52 @@ def test_ctrl_c_saves_and_resume_is_exact(tmp_path, monkeypatch):
         assert [e[key] for e in resumed.history] == [e[key] for e in full.history], key
 
 
+def test_mid_epoch_evaluations_change_nothing_trained_and_survive_a_ctrl_c(tmp_path, monkeypatch):
+    """eval_every 0.5: the test set is evaluated after 3 of the 6 steps too, with the epoch's
+    training seconds so far; a Ctrl-C during that evaluation in epoch 2 saves the run before
+    it, the resumed run evaluates there again, and the parameters end as without evaluations."""
+    import minireuse.train
+    data = learnable_data()
+    plain = Trainer(config(tmp_path, out=str(tmp_path / "a")), data=data, quiet=True)
+    plain.fit()
+    t = Trainer(config(tmp_path, out=str(tmp_path / "b"), eval_every=0.5), data=data, quiet=True)
+    real_evaluate, calls = minireuse.train.evaluate, []
+
+    def evaluate_interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:                       # epoch 2's evaluation after step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(*args, **kw)
+    monkeypatch.setattr(minireuse.train, "evaluate", evaluate_interrupted)
+    with pytest.raises(KeyboardInterrupt, match="during an evaluation"):
+        t.fit()
+    monkeypatch.setattr(minireuse.train, "evaluate", real_evaluate)
+    resumed = Trainer(config(tmp_path, out=str(tmp_path / "b"), eval_every=0.5), data=data, quiet=True)
+    assert resumed.resume(str(tmp_path / "b" / "checkpoint.npz"))["step"] == 3
+    resumed.fit()
+    a, b = params(plain.model), params(resumed.model)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert [e["train_loss"] for e in plain.history] == [e["train_loss"] for e in resumed.history]
+    assert [e["mid_evals"] for e in plain.history] == [[], []]
+    for record in resumed.history:
+        (mid,) = record["mid_evals"]
+        assert mid["step"] == 3 and mid["epoch"] == record["epoch"] - 0.5
+        assert 0 < mid["seconds"] < record["seconds"] and 0 <= mid["test_acc"] <= 1
+    with pytest.raises(ValueError, match="eval_every must be a finite number in \\(0, 1\\]"):
+        Trainer(config(tmp_path, eval_every=0), data=data, quiet=True)
+
+
+def test_mid_epoch_evaluations_change_nothing_a_reuse_run_trains(tmp_path):
+    data = learnable_data(n_train=64, n_test=16)
+    runs = [Trainer(config(tmp_path, epochs=1, out=str(tmp_path / str(every)), eval_every=every, reuse="fixed",
+                           reuse_layers={"conv2": dict(L=16, H=8)}), data=data, quiet=True) for every in (1.0, 0.5)]
+    for t in runs:
+        t.fit()
+    a, b = params(runs[0].model), params(runs[1].model)
+    assert all(np.array_equal(a[k], b[k]) for k in a) and len(runs[1].history[0]["mid_evals"]) == 1
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     t = Trainer(config(tmp_path, epochs=2), data=learnable_data(), quiet=True)

@@ -32,9 +32,11 @@ back once per epoch; the harm and the error are sampled on one step in
 5. speed: a layer whose reuse forward+backward took longer per step than its
    exact computation, by more than ``speed_margin`` (5 %) in ``speed_patience`` (2)
    epochs in a row, goes straight to exact, so reuse does not keep training
-   slower while one noisy epoch cannot end it (exact is timed on the first batch,
-   ``probe_steps`` forward+backward passes that change no parameter and draw no
-   training randomness);
+   slower while one noisy epoch cannot end it. The comparison is paired: exact is
+   timed in the same epoch as reuse, ``probe_steps`` exact forward+backward passes
+   of the layer on the step's batch every ``probe_every`` steps and on the epoch's
+   last step (passes that change no parameter and draw no training randomness), so
+   a load that slows the machine slows both sides alike;
 6. end: every layer is exact for the final ``exact_tail`` fraction of training.
 
 All decisions are functions of the seed-determined run, so a resumed run makes
@@ -193,6 +195,10 @@ class ReuseStrategy:
         """Layers whose ladders should be measured now (see AdaptiveStrategy)."""
         return []
 
+    def probe_now(self, step, steps):
+        """Layers whose exact computation is timed on this step (the adaptive speed guard)."""
+        return []
+
     def on_epoch_end(self, progress, train_loss, layer_stats, harm=None):
         """layer_stats: {layer: dict(rel_error, step_ms, ...)}; harm: the epoch's mean relative
         loss increase of the reuse forward over the exact one on sampled steps (or None).
@@ -246,8 +252,8 @@ class AdaptiveStrategy(ReuseStrategy):
     name = "adaptive"
 
     def __init__(self, ladders, start_after=None, steady_drop=0.02, harm_bound=0.05, error_bound=None,
-                 exact_tail=0.1, sample_every=20, probe_steps=2, speed_guard=True, order_ladders=True,
-                 speed_margin=0.05, speed_patience=2, rise_patience=1):
+                 exact_tail=0.1, sample_every=20, probe_steps=1, probe_every=50, speed_guard=True,
+                 order_ladders=True, speed_margin=0.05, speed_patience=2, rise_patience=1):
         super().__init__(ladders, exact_tail)
         for name, v, lo, hi in (("start_after", start_after, 0.0, 1.0), ("steady_drop", steady_drop, 0.0, 1.0),
                                 ("harm_bound", harm_bound, 0.0, None), ("error_bound", error_bound, 0.0, None),
@@ -257,12 +263,13 @@ class AdaptiveStrategy(ReuseStrategy):
                 raise ValueError(f"adaptive option {name}: got {v!r}, expected a number >= {lo}"
                                  + (f" and < {hi}" if hi is not None else "") + " (or null)")
         for name, v in (("sample_every", sample_every), ("speed_patience", speed_patience),
-                        ("rise_patience", rise_patience)):
+                        ("rise_patience", rise_patience), ("probe_steps", probe_steps),
+                        ("probe_every", probe_every)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"adaptive option {name}: got {v!r}, expected an int >= 1")
         self.start_after, self.steady_drop = start_after, steady_drop
         self.harm_bound, self.error_bound = harm_bound, error_bound
-        self.sample_every, self.probe_steps = sample_every, probe_steps
+        self.sample_every, self.probe_steps, self.probe_every = sample_every, probe_steps, probe_every
         self.speed_guard, self.order_ladders = speed_guard, order_ladders
         self.speed_margin, self.speed_patience = speed_margin or 0.0, speed_patience
         self.slow_epochs = {}       # layer -> consecutive epochs slower than exact beyond the margin
@@ -271,7 +278,6 @@ class AdaptiveStrategy(ReuseStrategy):
         self.started = False
         self.ordered = not order_ladders
         self.prev_loss = None
-        self.exact_ms = {}
 
     def configure(self, warmup_fraction):
         """The trainer tells the strategy where the learning-rate warm-up ends (a fraction of training)."""
@@ -287,6 +293,14 @@ class AdaptiveStrategy(ReuseStrategy):
     def measure_error_now(self, step):
         return self.started and step % self.sample_every == 0 and any(
             self.current(l) is not None for l in self.ladders)
+
+    def probe_now(self, step, steps):
+        """The reusing layers whose exact computation the speed guard times on this step (of
+        ``steps`` in the epoch): every probe_every steps, and on the last one, so that an epoch
+        resumed past its probes still has one."""
+        if not (self.speed_guard and (step % self.probe_every == 0 or step == steps - 1)):
+            return []
+        return [l for l in self.ladders if self.current(l) is not None]
 
     def on_step(self, progress):
         if not self.started and self.steady_drop is None and progress >= (self.start_after or 0.0):
@@ -332,14 +346,16 @@ class AdaptiveStrategy(ReuseStrategy):
         moved = set()
         for layer in reusing:
             st = layer_stats.get(layer, {})
-            exact_ms, reuse_ms, err = self.exact_ms.get(layer), st.get("step_ms"), st.get("rel_error")
-            slow = (self.speed_guard and exact_ms is not None and reuse_ms is not None
-                    and reuse_ms > exact_ms * (1 + self.speed_margin))
-            self.slow_epochs[layer] = self.slow_epochs.get(layer, 0) + 1 if slow else 0
+            # exact_probe_ms: exact timed in this epoch, under the load reuse ran under
+            exact_ms, reuse_ms, err = st.get("exact_probe_ms"), st.get("step_ms"), st.get("rel_error")
+            slow = None
+            if self.speed_guard and exact_ms is not None and reuse_ms is not None:
+                slow = reuse_ms > exact_ms * (1 + self.speed_margin)
+                self.slow_epochs[layer] = self.slow_epochs.get(layer, 0) + 1 if slow else 0
             if slow and self.slow_epochs[layer] >= self.speed_patience:
-                self.advance(layer, f"reuse {reuse_ms:.1f} ms/step slower than exact {exact_ms:.1f} "
-                                    f"(+{100 * self.speed_margin:.0f} %) for {self.slow_epochs[layer]} epochs",
-                             to_exact=True)
+                self.advance(layer, f"reuse {reuse_ms:.1f} ms/step slower than exact {exact_ms:.1f} timed in "
+                                    f"the same epoch (+{100 * self.speed_margin:.0f} %) for "
+                                    f"{self.slow_epochs[layer]} epochs", to_exact=True)
                 moved.add(layer)
             elif self.error_bound is not None and err is not None and err > self.error_bound:
                 self.advance(layer, f"sampled error {err:.3f} > bound {self.error_bound:.3f}")
@@ -360,7 +376,7 @@ class AdaptiveStrategy(ReuseStrategy):
 
     def state_dict(self):
         d = super().state_dict()
-        d.update(prev_loss=self.prev_loss, exact_ms=dict(self.exact_ms), slow_epochs=dict(self.slow_epochs),
+        d.update(prev_loss=self.prev_loss, slow_epochs=dict(self.slow_epochs),
                  rising_epochs=self.rising_epochs,
                  started=self.started,
                  ordered=self.ordered, start_after=self.start_after,
@@ -369,8 +385,9 @@ class AdaptiveStrategy(ReuseStrategy):
 
     def load_state_dict(self, d):
         super().load_state_dict(d)
+        # a checkpoint from before the paired speed guard also holds exact_ms (the first batch's
+        # exact times): the guard times exact in every epoch now, so it is not read
         self.prev_loss = d.get("prev_loss")
-        self.exact_ms = dict(d.get("exact_ms", {}))
         self.slow_epochs = {k: int(v) for k, v in d.get("slow_epochs", {}).items()}
         self.rising_epochs = int(d.get("rising_epochs", 0))
         self.started, self.ordered = bool(d.get("started", False)), bool(d.get("ordered", self.ordered))
