@@ -1,4 +1,5 @@
 """The parity protocol: exact and reuse runs per seed, re-used and resumed, with the spread."""
+import importlib.util
 import json
 import os
 import signal
@@ -368,16 +369,21 @@ def test_eval_every_targets_and_pytorch_reuse_the_runs_made_without_them(first_r
     before = mtimes(out)
     r = parity_cli(fixture_dir, out, "--eval-every", "0.5", "--targets", "10,90", "--pytorch", "0")
     assert r.returncode == 0, r.stderr
-    assert r.stderr.count("using the complete run") == 4 and "seed 0 pytorch: training into" in r.stderr
+    assert r.stderr.count("using the complete run") == 4
     assert {k: v for k, v in mtimes(out).items() if "pytorch" not in k} == before
-    assert "the same recipe in PyTorch" in r.stdout and "time to accuracy" in r.stdout
-    assert "90 % (90.00%)" in r.stdout and "figure: " in r.stdout
+    assert "time to accuracy" in r.stdout and "90 % (90.00%)" in r.stdout and "figure: " in r.stdout
     saved = json.load(open(out / "parity.json"))
     seed0, seed1 = saved["per_seed"]
-    assert set(seed0["curves"]) == {"exact", "reuse", "pytorch"} and set(seed1["curves"]) == {"exact", "reuse"}
     assert [t["label"] for t in seed0["time_to_targets"]] == ["exact - 0.3 pts", "exact - 1 pts", "10 %", "90 %"]
-    assert len(seed0["curves"]["pytorch"]) == 2 and len(seed0["curves"]["exact"]) == 1   # mid and end; end only
-    assert (out / parity.FIGURE).exists() and saved["pytorch"] == {"seeds": [0]}
+    assert len(seed0["curves"]["exact"]) == 1 and (out / parity.FIGURE).exists()
+    if importlib.util.find_spec("torch") is None:      # the optional extra is not installed here
+        assert "pytorch: skipped: " in r.stdout and saved["pytorch"]["skipped"]
+        assert set(seed0["curves"]) == {"exact", "reuse"}
+    else:
+        assert "seed 0 pytorch: training into" in r.stderr and "the same recipe in PyTorch" in r.stdout
+        assert set(seed0["curves"]) == {"exact", "reuse", "pytorch"} and set(seed1["curves"]) == {"exact", "reuse"}
+        assert len(seed0["curves"]["pytorch"]) == 2                 # mid and end of its epoch
+        assert saved["pytorch"] == {"seeds": [0]}
     monkeypatch.setattr("minireuse.pytorch_run.torch_missing", lambda: "PyTorch does not import (test)")
     res = parity.run(dict(Trainer.DEFAULTS, data=str(fixture_dir / "data"), epochs=1, batch_size=20, device="cpu",
                           reuse="fixed", reuse_layers=REUSE["layers"], reuse_options={}, out=str(out)), [0, 1], quiet=True,
