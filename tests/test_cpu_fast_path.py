@@ -12,6 +12,7 @@ from minireuse import cpu
 from minireuse.conv_geometry import col2im, im2col, pad_nhwc
 from minireuse.cpu import conv as cpu_conv
 from minireuse.cpu import ops as cpu_ops
+from minireuse.cpu import sparse as cpu_sparse
 from minireuse.layers import Conv2D, LocalResponseNorm, MaxPool2D, ReLU
 from minireuse.losses import SoftmaxCrossEntropy
 from minireuse.models.sequential import Sequential
@@ -77,6 +78,34 @@ def test_conv_input_grad_equals_col2im_of_the_product(threads, rng, geo):
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("geo", GEOMETRIES[:3])
+def test_widened_columns_hold_the_columns_then_ones_then_zeros(threads, rng, geo, empty_pool):
+    b, h, w, c, kh, kw, stride, pads = geo
+    k = kh * kw * c
+    width = cpu_conv.column_width(k, True)
+    assert width % cpu_conv.WIDTH_MULTIPLE == 0 and width > k
+    empty_pool.append(np.full(b * h * w * kh * kw * (c + 9), np.nan))   # dirty pooled memory
+    x = rng.standard_normal((b, h, w, c))
+    with cpu.fast_path(False):
+        ref, _ = im2col(x, kh, kw, stride, pads)
+    cols, _ = cpu_conv.im2col(x, kh, kw, stride, pads, width)
+    assert cols.shape == (ref.shape[0], width)
+    np.testing.assert_array_equal(cols[:, :k], ref)
+    np.testing.assert_array_equal(cols[:, k], 1)
+    np.testing.assert_array_equal(cols[:, k + 1:], 0)
+    dy2 = rng.standard_normal((ref.shape[0], 4))
+    dW, db = cpu_conv.weight_grads(cols, dy2, k)
+    assert dW.shape == (k, 4) and db.shape == (4,)
+    np.testing.assert_allclose(dW, ref.T @ dy2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(db, dy2.sum(axis=0), rtol=1e-12, atol=1e-12)
+
+
+def test_column_widths():
+    assert cpu_conv.column_width(75, True) == 80 and cpu_conv.column_width(79, True) == 80
+    assert cpu_conv.column_width(80, True) == 80 and cpu_conv.column_width(1600, False) == 1600
+    assert cpu_conv.column_width(64 + 15, False) == 80 and cpu_conv.column_width(95, True) == 96
+
+
 def test_a_pad_of_the_kernel_size_or_more_takes_col2im():
     assert cpu_conv.flipped_pads((1, 6, 6, 1), 3, 3, 1, (3, 0, 0, 0)) is None
     assert cpu_conv.flipped_pads((1, 6, 6, 1), 3, 3, 1, (2, 2, 2, 2)) == (0, 0, 0, 0)
@@ -90,19 +119,26 @@ def conv_step(layer, x, dy):
 
 @pytest.mark.parametrize("stride,padding", [(1, "same"), (2, "same"), (1, "valid"), (1, 1)])
 @pytest.mark.parametrize("first", [False, True])
-def test_conv2d_layer_matches_the_array_code(threads, rng, stride, padding, first):
-    layer = Conv2D(3, 5, (5, 3), stride=stride, padding=padding, dtype=np.float32, rng=rng)
+@pytest.mark.parametrize("c_in,bias", [(3, True), (3, False), (16, True)],
+                         ids=["K 45 widened with bias", "K 45 widened", "K 240 as it is"])
+def test_conv2d_layer_matches_the_array_code(threads, rng, stride, padding, first, c_in, bias):
+    layer = Conv2D(c_in, 5, (5, 3), stride=stride, padding=padding, bias=bias, dtype=np.float32, rng=rng)
+    layer.params.get("b", np.zeros(1))[...] = rng.standard_normal(5 if bias else 1)   # not the zero init
     layer.needs_input_grad = not first
-    x = rng.standard_normal((6, 9, 8, 3)).astype(np.float32)
+    x = rng.standard_normal((6, 9, 8, c_in)).astype(np.float32)
     dy = rng.standard_normal(layer.output_shape(x.shape)).astype(np.float32)
     ref, fast = both_paths(lambda: conv_step(layer, x, dy))
-    np.testing.assert_allclose(fast[0], ref[0], rtol=1e-5, atol=1e-5)
+
+    def close(a, b):            # float32 sums of K terms: rounding grows with the largest term
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * np.abs(b).max())
+    close(fast[0], ref[0])
     if first:
         assert ref[1] is None and fast[1] is None
     else:
-        np.testing.assert_allclose(fast[1], ref[1], rtol=1e-5, atol=1e-5)
+        close(fast[1], ref[1])
+    assert fast[2].keys() == ref[2].keys() == ({"W", "b"} if bias else {"W"})
     for k in ref[2]:
-        np.testing.assert_allclose(fast[2][k], ref[2][k], rtol=1e-5, atol=1e-5)
+        close(fast[2][k], ref[2][k])
 
 
 @pytest.mark.parametrize("r,c,beta", [(4, 64, 0.75), (2, 7, 0.5), (5, 3, 0.6), (0, 4, 0.75)])
@@ -153,6 +189,46 @@ def test_fast_layers_pass_the_gradient_check(rng):
     for layer in (Conv2D(3, 4, 3, dtype=np.float64, rng=rng), LocalResponseNorm(2, 1.0, 0.5, 0.75)):
         with cpu.fast_path(True):
             check_layer_backward(layer, x, rng)
+
+
+def uneven_csr(rng, n_rows, n_cols, dtype):
+    """A 0/1 CSR matrix whose rows hold very different numbers of ones: empty rows, and one
+    row with about half of them (as a row of R^T is one cluster, and one cluster can be large)."""
+    import scipy.sparse
+    per_row = rng.integers(0, 4, n_rows)
+    per_row[n_rows // 3] = per_row.sum() + 5
+    per_row[: n_rows // 5] = 0
+    cols = np.concatenate([rng.choice(n_cols, k, replace=False) for k in per_row]).astype(np.int32)
+    indptr = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    return scipy.sparse.csr_matrix((np.ones(len(cols), dtype), cols, indptr), shape=(n_rows, n_cols))
+
+
+@pytest.fixture(params=["numba kernel", "scipy"])
+def sparse_impl(request):
+    if request.param == "numba kernel":
+        pytest.importorskip("numba", reason="the numba kernel needs numba (the fast extra; the test extra has it)")
+    cpu_sparse.use_compiled(request.param == "numba kernel")
+    assert cpu_sparse.compiled() == (request.param == "numba kernel")
+    yield request.param
+    cpu_sparse.use_compiled(True)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_product_is_scipys_bit_for_bit(rng, sparse_impl, n_threads, dtype):
+    before = cpu.threads()
+    cpu.set_threads(n_threads)
+    try:
+        for n_rows in (2, 37, 200):
+            R = uneven_csr(rng, n_rows, 700, dtype)
+            B = rng.standard_normal((700, 5)).astype(dtype)
+            got = cpu_sparse.product(R, B)
+            assert got.dtype == dtype
+            np.testing.assert_array_equal(got, R @ B)
+            RT, dY = R.T.tocsr(), rng.standard_normal((n_rows, 4)).astype(dtype)   # cluster sums' shape
+            np.testing.assert_array_equal(cpu_sparse.product(RT, dY), RT @ dY)
+    finally:
+        cpu.set_threads(before)
 
 
 def test_shards_cover_the_range_once():
@@ -228,7 +304,7 @@ def test_conv_columns_reuse_memory_only_once_their_backward_is_done(rng, empty_p
     layer.forward(x1, True)
     pending = layer._cache[1][0]
     layer.forward(x2, False)              # an evaluation before the backward: a pool user too
-    np.testing.assert_array_equal(pending, expected_cols)
+    np.testing.assert_array_equal(pending[:, :27], expected_cols)     # K = 27, widened by the bias column
     layer.backward(dy)
     for k in expected:
         np.testing.assert_allclose(layer.grads[k], expected[k], rtol=1e-5, atol=1e-5)

@@ -7,11 +7,15 @@ memory traffic and split the elementwise work over a pool of threads (NumPy
 releases the GIL inside its loops):
 
     module       replaces (the twin, in the layer)            how
-    conv.py      im2col, col2im, Conv2D.backward's dX          padding per shard of
-                                                               images; dX of a stride-1
-                                                               conv as the convolution
-                                                               of dY with the flipped
-                                                               kernel (no col2im)
+    conv.py      im2col, col2im, Conv2D's GEMMs and dX         padding per shard of
+                                                               images; a K that is not a
+                                                               multiple of 16 widened to
+                                                               one by a bias column; dX
+                                                               of a stride-1 conv as the
+                                                               convolution of dY with the
+                                                               flipped kernel (no col2im)
+    sparse.py    the reuse path's R @ P and R^T @ dY            numba kernel, or scipy
+                                                               over row blocks
     ops.py       LocalResponseNorm, MaxPool2D, ReLU             window sums by shifted
                                                                adds, D^-0.75 by square
                                                                roots, the pool's first
@@ -76,7 +80,10 @@ def fast_path(on):
 
 def describe():
     """'numpy, fast path, 2 threads' (or 'numpy, array code' with the fast path off)."""
-    return f"numpy, fast path, {threads()} threads" if _state["fast"] else "numpy, array code"
+    if not _state["fast"]:
+        return "numpy, array code"
+    from . import sparse
+    return f"numpy, fast path, {threads()} threads" + (", numba" if sparse.compiled() else "")
 
 
 def supports(*arrays):

@@ -68,24 +68,29 @@ class Conv2D(ReusableLayer):
                                                 self.reuse_state, train=train)
             self._cache = ("reuse", cache)
             return y
-        cols, (oh, ow) = im2col(x, self.kh, self.kw, self.stride, pads)
-        y = cols @ W.reshape(-1, self.c_out)
-        if b is not None:
-            y += b
+        if cpu.supports(x, W):      # the CPU fast path: widened columns carry the bias
+            y, cols = cpu_conv.forward(x, W, b, self.stride, pads)
+            kind = "cpu"
+        else:
+            cols, (oh, ow) = im2col(x, self.kh, self.kw, self.stride, pads)
+            y = (cols @ W.reshape(-1, self.c_out)).reshape(x.shape[0], oh, ow, self.c_out)
+            if b is not None:
+                y += b
+            kind = "exact"
         if train:
-            self._cache = ("exact", (cols, x.shape, pads))
+            self._cache = (kind, (cols, x.shape, pads))
         else:
             cpu_conv.release(cols)          # the CPU fast path keeps the memory for the next im2col
-        return y.reshape(x.shape[0], oh, ow, self.c_out)
+        return y
 
     def backward(self, dy):
         kind, cache = self._cache
         self._cache = None
         if kind == "reuse":
             dx, dW, db = deep_reuse.conv2d_backward(dy, cache, self.needs_input_grad)
-        elif cpu.supports(dy, self.params["W"]):   # the CPU fast path: dX as a conv of dY, no col2im
+        elif kind == "cpu":             # the CPU fast path: dX as a conv of dY, no col2im
             cols, x_shape, pads = cache
-            dW, db = cpu_conv.weight_grads(cols, dy.reshape(-1, self.c_out))
+            dW, db = cpu_conv.weight_grads(cols, dy.reshape(-1, self.c_out), self.kh * self.kw * self.c_in)
             dW = dW.reshape(self.params["W"].shape)
             cpu_conv.release(cols)          # dY's columns (and the next step's) reuse its memory
             dx = (cpu_conv.input_grad(dy, self.params["W"], x_shape, self.stride, pads)

@@ -18,11 +18,13 @@ Why a sparse matrix: measured on 2 CPU cores for conv2 of CifarNet (32768 rows,
 ``take(...).sum()`` gather took 50 ms, one ``take`` + add per group 46 ms, and
 ``np.add.at`` is slower by more than an order of magnitude. The products never
 build an (N, G, M) temporary, so memory stays at the size of R (N*G indices).
+On the CPU fast path, ``product`` runs them compiled on every core (cpu/sparse.py).
 CuPy has the same API in cupyx.scipy.sparse (cuSPARSE).
 """
 import numpy as np
 
-from .. import backend
+from .. import backend, cpu
+from ..cpu import sparse as cpu_sparse
 
 # Number clusters with a dense (group, code) presence table while it is small,
 # both in bytes (a 16 MB bool table at most) and next to the number of keys
@@ -130,6 +132,17 @@ def cluster_sums(dY, ids, cmax, R=None):
     return transposed_product(R, dY).reshape(g, cmax, dY.shape[1])
 
 
+def product(R, B):
+    """R @ B for the CSR assignment matrix R (or its transpose in CSR form) and a dense B.
+
+    On the CPU fast path a compiled kernel where numba is installed (cpu/sparse.py,
+    the same result bit for bit); otherwise (the array code, CuPy) scipy's R @ B.
+    """
+    if cpu.supports(B):
+        return cpu_sparse.product(R, B)
+    return R @ B
+
+
 def transposed_product(R, dY):
     """R.T @ dY for the CSR assignment matrix R.
 
@@ -139,10 +152,10 @@ def transposed_product(R, dY):
     (32768 x 25 ones, 64 columns; 2-core CPU). cupyx's product is left as it is.
     """
     if isinstance(dY, np.ndarray):
-        return R.T.tocsr() @ dY
+        return product(R.T.tocsr(), dY)
     return R.T @ dY
 
 
 def reconstruct(R, P):
     """y (N, M): y[n] = sum_g P[g, ids[n, g]] for P (G, Cmax, M), as R @ P."""
-    return R @ P.reshape(-1, P.shape[-1])
+    return product(R, P.reshape(-1, P.shape[-1]))

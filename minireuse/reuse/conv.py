@@ -41,10 +41,10 @@ mean towards zero).
 """
 import dataclasses
 
-from .. import backend
+from .. import backend, cpu
 from ..conv_geometry import col2im, im2col, pad_nhwc
 from ..cpu import conv as cpu_conv
-from .clustering import assign_clusters, assignment_matrix, centroids, group_keys, transposed_product
+from .clustering import assign_clusters, assignment_matrix, centroids, group_keys, product, transposed_product
 from .matmul import (DwCorrection, cosine, dw_sample_draw, hash_groups, impl_label, relative_error,
                      reuse_matmul_backward, reuse_matmul_forward, reuse_matmul_forward_assigned)
 
@@ -61,10 +61,13 @@ def use_pixel_aligned(config, c_in):
 
 def exact_conv(x, W, b, stride, pads):
     """The exact convolution (im2col + GEMM): forward 'exact', and the reference of the reuse error."""
+    if cpu.supports(x, W):
+        y, cols = cpu_conv.forward(x, W, b, stride, pads)
+        cpu_conv.release(cols)     # the CPU fast path keeps the columns' memory for the next im2col
+        return y
     kh, kw, _, m = W.shape
     cols, (oh, ow) = im2col(x, kh, kw, stride, pads)
     y = cols @ W.reshape(-1, m)
-    cpu_conv.release(cols)     # the CPU fast path keeps the columns' memory for the next im2col
     if b is not None:
         y += b
     return y.reshape(x.shape[0], oh, ow, m)
@@ -207,7 +210,7 @@ def pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L,
     if forward == "exact":
         return exact_conv(x, W, b, stride, pads), cache   # no centroid GEMM, no reconstruct
     P = C @ offset_weights(W, L)                       # (Q, Cmax, T*M): every offset at once
-    y = R @ P.reshape(q * cmax * t, m)                 # rows of P read as (q, cluster, t)
+    y = product(R, P.reshape(q * cmax * t, m))         # rows of P read as (q, cluster, t)
     if b is not None:
         y += b
     oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
