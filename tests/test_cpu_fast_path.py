@@ -153,7 +153,7 @@ def test_lrn_matches_the_array_code(threads, rng, r, c, beta, dtype, tol):
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
-def test_maxpool_matches_the_array_code_with_ties_and_nan(threads, rng):
+def test_maxpool_matches_the_array_code_with_ties_and_nan(threads, compiled, rng):
     layer = MaxPool2D(2, 2)
     x = rng.integers(-2, 3, (5, 6, 8, 3)).astype(np.float32)   # many ties, within windows too
     x[0, 0, 0, 0] = x[0, 1, 1, 0] = np.nan                      # a NaN maximum: no gradient
@@ -203,19 +203,20 @@ def uneven_csr(rng, n_rows, n_cols, dtype):
     return scipy.sparse.csr_matrix((np.ones(len(cols), dtype), cols, indptr), shape=(n_rows, n_cols))
 
 
-@pytest.fixture(params=["numba kernel", "scipy"])
-def sparse_impl(request):
-    if request.param == "numba kernel":
-        pytest.importorskip("numba", reason="the numba kernel needs numba (the fast extra; the test extra has it)")
-    cpu_sparse.use_compiled(request.param == "numba kernel")
-    assert cpu_sparse.compiled() == (request.param == "numba kernel")
+@pytest.fixture(params=["numba kernels", "numpy"])
+def compiled(request):
+    """The fast path with its numba kernels (kernels.py) and without them."""
+    if request.param == "numba kernels":
+        pytest.importorskip("numba", reason="the kernels need numba (the fast extra; the test extra has it)")
+    cpu.use_compiled(request.param == "numba kernels")
+    assert (cpu.compiled_kernels() is not None) == (request.param == "numba kernels")
     yield request.param
-    cpu_sparse.use_compiled(True)
+    cpu.use_compiled(True)
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_sparse_product_is_scipys_bit_for_bit(rng, sparse_impl, n_threads, dtype):
+def test_sparse_product_is_scipys_bit_for_bit(rng, compiled, n_threads, dtype):
     before = cpu.threads()
     cpu.set_threads(n_threads)
     try:

@@ -14,16 +14,19 @@ releases the GIL inside its loops):
                                                                of a stride-1 conv as the
                                                                convolution of dY with the
                                                                flipped kernel (no col2im)
-    sparse.py    the reuse path's R @ P and R^T @ dY            numba kernel, or scipy
-                                                               over row blocks
+    sparse.py    the reuse path's R @ P and R^T @ dY            a numba kernel (kernels.py)
     ops.py       LocalResponseNorm, MaxPool2D, ReLU             window sums by shifted
                                                                adds, D^-0.75 by square
                                                                roots, the pool's first
                                                                maximum kept as a byte
+                                                               (its backward a numba
+                                                               kernel)
 
 A layer calls them when ``supports(x)``: NumPy float arrays while the fast path is
 on (``use_fast_path``). The tests run every layer both ways on asymmetric random
 data. ``set_threads(n)`` sizes this pool and BLAS's together (``--threads``).
+The numba kernels (kernels.py; numba is the ``fast`` extra) run only where one beat
+threaded NumPy by a clear measured margin; without numba, NumPy and scipy do it all.
 """
 import contextlib
 import os
@@ -31,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-_state = {"fast": True, "threads": None, "pool": None}
+_state = {"fast": True, "threads": None, "pool": None, "compiled": True, "kernels": None, "tried": False}
 
 # below this many elements a shard's work is shorter than handing it to a thread
 MIN_SHARD_ELEMENTS = 1 << 16
@@ -78,12 +81,30 @@ def fast_path(on):
         use_fast_path(before)
 
 
+def use_compiled(on=True):
+    """Switch the numba kernels of kernels.py on (where numba is installed) or off (NumPy/scipy)."""
+    _state["compiled"] = bool(on)
+
+
+def compiled_kernels():
+    """The kernels module where numba is installed and the kernels are on, else None."""
+    if not _state["compiled"]:
+        return None
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            from . import kernels
+        except ImportError:         # numba not installed: NumPy and scipy do it all
+            return None
+        _state["kernels"] = kernels
+    return _state["kernels"]
+
+
 def describe():
     """'numpy, fast path, 2 threads' (or 'numpy, array code' with the fast path off)."""
     if not _state["fast"]:
         return "numpy, array code"
-    from . import sparse
-    return f"numpy, fast path, {threads()} threads" + (", numba" if sparse.compiled() else "")
+    return f"numpy, fast path, {threads()} threads" + (", numba" if compiled_kernels() else "")
 
 
 def supports(*arrays):

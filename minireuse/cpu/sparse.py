@@ -14,37 +14,12 @@ forward and backward in a loop, interleaved: scipy 51-54 / 46-49 ms, the kernel
 36-40 / 37 ms. Blocks of R's rows handed to scipy on the thread pool (scipy
 releases the GIL) ran twice as fast in isolation but no faster inside the layer.
 """
-from . import threads
-
-_compiled = {"on": True, "kernels": None, "tried": False}
-
-
-def compiled():
-    """True where the numba kernel runs the products (numba importable and not switched off)."""
-    return _kernels() is not None
-
-
-def use_compiled(on=True):
-    """Switch the numba kernel on (where numba is installed) or off (scipy's product)."""
-    _compiled["on"] = bool(on)
-
-
-def _kernels():
-    if not _compiled["on"]:
-        return None
-    if not _compiled["tried"]:
-        _compiled["tried"] = True
-        try:
-            from . import kernels
-        except ImportError:         # numba not installed: scipy's product
-            return None
-        _compiled["kernels"] = kernels
-    return _compiled["kernels"]
+from . import compiled_kernels, threads
 
 
 def product(R, B):
     """R @ B for a scipy CSR matrix R (n, k) and a dense NumPy B (k, m)."""
-    kernels = _kernels()
+    kernels = compiled_kernels()
     if kernels is not None and R.dtype == B.dtype:
         return kernels.csr_product(R.indptr, R.indices, R.data, B, threads())
     return R @ B
