@@ -143,7 +143,7 @@ def test_conv2d_layer_matches_the_array_code(threads, rng, stride, padding, firs
 
 @pytest.mark.parametrize("r,c,beta", [(4, 64, 0.75), (2, 7, 0.5), (5, 3, 0.6), (0, 4, 0.75)])
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
-def test_lrn_matches_the_array_code(threads, rng, r, c, beta, dtype, tol):
+def test_lrn_matches_the_array_code(threads, compiled, rng, r, c, beta, dtype, tol):
     layer = LocalResponseNorm(depth_radius=r, bias=1.5, alpha=0.3, beta=beta)
     x = (2.0 * rng.standard_normal((4, 5, 3, c)) + 0.5).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
