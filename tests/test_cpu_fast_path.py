@@ -339,3 +339,13 @@ def test_the_workers_follow_the_callers_floating_point_error_handling():
             layer.forward(x)
     finally:
         cpu.set_threads(None)
+
+
+def test_minireuse_numba_0_keeps_the_kernels_off():
+    import os
+    import subprocess
+    import sys
+    code = "from minireuse import cpu; print(cpu.compiled_kernels() is None, cpu.describe())"
+    env = dict(os.environ, MINIREUSE_NUMBA="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "numpy,", "fast", "path,"] + out.split()[4:] and "numba" not in out

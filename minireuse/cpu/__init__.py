@@ -26,7 +26,9 @@ A layer calls them when ``supports(x)``: NumPy float arrays while the fast path 
 on (``use_fast_path``). The tests run every layer both ways on asymmetric random
 data. ``set_threads(n)`` sizes this pool and BLAS's together (``--threads``).
 The numba kernels (kernels.py; numba is the ``fast`` extra) run only where one beat
-threaded NumPy by a clear measured margin; without numba, NumPy and scipy do it all.
+threaded NumPy by a clear measured margin; without numba, NumPy and scipy do it all
+(``use_compiled(False)`` or MINIREUSE_NUMBA=0 choose that where numba is installed:
+its runtime costs about 130 MB of resident memory).
 """
 import contextlib
 import os
@@ -34,7 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-_state = {"fast": True, "threads": None, "pool": None, "compiled": True, "kernels": None, "tried": False}
+# MINIREUSE_NUMBA=0 keeps the numba kernels off (numba's runtime holds about 130 MB)
+_state = {"fast": True, "threads": None, "pool": None, "kernels": None, "tried": False,
+          "compiled": os.environ.get("MINIREUSE_NUMBA", "1") != "0"}
 
 # below this many elements a shard's work is shorter than handing it to a thread
 MIN_SHARD_ELEMENTS = 1 << 16
