@@ -2,10 +2,18 @@
 
     python docs/figures/make_figures.py              # every figure
     python docs/figures/make_figures.py hash_cells   # some of them
+    python docs/figures/make_figures.py --rerun rc_over_training   # train its runs again
 
 Figures come from small runs made here (fixed seeds) or from numbers recorded in
-the docs, named where they are drawn.
+the docs, named where they are drawn. rc_over_training draws two training runs
+kept under docs/figures/runs/ (their history.json, with the command, commit and
+machine that made them); --rerun trains them again on CIFAR-10 in $DATA (default
+data/), about 5 minutes on a 2-core CPU.
 """
+import json
+import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -217,6 +225,79 @@ def controller():
     save(fig, "controller")
 
 
+# r_c over training: conv2 of CifarNet on the first 2,560 CIFAR-10 training images, 10 epochs of 20 steps
+RC_BUDGET = ["--limit-train", "2560", "--limit-test", "2000", "--epochs", "10", "--seed", "0", "--device", "cpu"]
+RC_RUNS = {"rc_fixed": ("--reuse fixed (conv2 L64 H32, forward and backward, from step 0)", ["--reuse", "fixed"]),
+           "rc_adaptive": ("--reuse adaptive (the default: conv2 L64 H32 backward only, after the warm-up)",
+                           ["--reuse", "adaptive"])}
+RUNS = OUT / "runs"
+
+
+def machine():
+    """'2-core AMD EPYC' from /proc/cpuinfo (else the platform's processor name)."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{os.cpu_count()}-core {names[0] if names else platform.processor() or platform.machine()}"
+
+
+def commit():
+    """HEAD's short hash, '-dirty' when minireuse/ differs from it (the code a run ran)."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "minireuse"], capture_output=True, text=True).stdout
+    return (head or "unknown") + ("-dirty" if dirty.strip() else "")
+
+
+def train_rc_run(name):
+    """Train one of RC_RUNS into runs/figures/NAME and keep its history.json (plus how it was
+    made) as docs/figures/runs/NAME.json."""
+    args = ["train", "--data", os.environ.get("DATA", "data"), *RC_BUDGET, *RC_RUNS[name][1]]
+    out = ROOT / "runs" / "figures" / name
+    subprocess.run([sys.executable, "-m", "minireuse", *args, "--out", str(out), "--overwrite", "--quiet"],
+                   cwd=ROOT, check=True)
+    history = json.loads((out / "history.json").read_text())
+    history["made_by"] = dict(command="python -m minireuse " + " ".join(args), commit=commit(), machine=machine())
+    RUNS.mkdir(exist_ok=True)
+    (RUNS / f"{name}.json").write_text(json.dumps(history, indent=1) + "\n")
+
+
+def rc_over_training(rerun=False):
+    """conv2's remaining ratio r_c and test accuracy per epoch of two runs kept under runs/."""
+    plt = pyplot()
+    from minireuse.reuse.adaptive import stage_label
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for (name, (label, _)), colour in zip(RC_RUNS.items(), ("tab:red", "tab:blue")):
+        if rerun or not (RUNS / f"{name}.json").exists():
+            train_rc_run(name)
+        run = json.loads((RUNS / f"{name}.json").read_text())
+        epochs = [e["epoch"] for e in run["epochs"]]
+        conv2 = [e["layers"]["conv2"] for e in run["epochs"]]
+        r_c = [rec.get("r_c") if rec.get("reuse") else None for rec in conv2]
+        a.plot(epochs, [np.nan if r is None else r for r in r_c], "o-", color=colour, label=label)
+        for e, rec, r in zip(epochs, conv2, r_c):
+            if r is None:
+                a.annotate("exact", (e, 0), textcoords="offset points", xytext=(0, 4 + 10 * (colour == "tab:red")),
+                           ha="center", fontsize=7, color=colour)
+        for event in (ev for e in run["epochs"] for ev in e.get("reuse_events", [])):
+            a.axvline(event["epoch"], color=colour, ls=":", lw=1)
+        b.plot(epochs, [100 * e["test_acc"] for e in run["epochs"]], "o-", color=colour,
+               label=f"{name.split('_')[1]}: {100 * run['epochs'][-1]['test_acc']:.1f} % at the end")
+        made = run["made_by"]
+    a.set_ylim(bottom=0)
+    a.set_xlabel("epoch (20 steps of 128 images)"), a.set_ylabel("conv2 r_c (clusters / neuron vectors, epoch mean)")
+    a.set_title("r_c while reusing ('exact': the layer ran exact; dotted: a stage change)", fontsize=9)
+    a.legend(fontsize=7, loc="upper right")
+    b.set_xlabel("epoch"), b.set_ylabel("test accuracy (%, 2,000 test images)")
+    b.set_title("the same runs' test accuracy", fontsize=9)
+    b.legend(fontsize=8, loc="lower right")
+    budget = made["command"].split(" --reuse")[0]
+    fig.suptitle(f"{budget} --reuse ...\ncommit {made['commit']}, {made['machine']}", fontsize=8)
+    save(fig, "rc_over_training")
+
+
 def mapping(name, title, shape, block, note, run=1):
     """A grid of outputs coloured by the block that computes them; the numbers are thread ids."""
     plt = pyplot()
@@ -252,13 +333,16 @@ def kernel_mappings():
 
 FIGURES = {"hash_cells": hash_cells, "conv_as_matmul": conv_as_matmul, "assignment": assignment,
            "error_vs_clusters": error_vs_clusters, "accuracy_vs_speed": accuracy_vs_speed, "controller": controller,
+           "rc_over_training": rc_over_training,
            "map_rows": kernel_mappings, "map_run_columns": kernel_mappings, "map_elements": kernel_mappings,
            "map_columns_run": kernel_mappings}
 
 
 def main(names):
+    rerun = "--rerun" in names
+    names = [n for n in names if n != "--rerun"]
     for make in dict.fromkeys(FIGURES[n] for n in (names or FIGURES)):
-        make()
+        make(rerun=True) if rerun and make is rc_over_training else make()
         print(f"made {make.__name__}")
 
 
