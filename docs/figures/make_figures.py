@@ -267,7 +267,6 @@ def train_rc_run(name):
 def rc_over_training(rerun=False):
     """conv2's remaining ratio r_c and test accuracy per epoch of two runs kept under runs/."""
     plt = pyplot()
-    from minireuse.reuse.adaptive import stage_label
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     for (name, (label, _)), colour in zip(RC_RUNS.items(), ("tab:red", "tab:blue")):
         if rerun or not (RUNS / f"{name}.json").exists():
@@ -319,6 +318,31 @@ def mapping(name, title, shape, block, note, run=1):
     save(fig, name)
 
 
+def batched_gemm():
+    """cuda.batched_gemm: one cuBLAS call whose batch index is the group g; cuBLAS maps the threads."""
+    plt = pyplot()
+    from matplotlib.patches import Rectangle
+    fig, ax = plt.subplots(figsize=(11, 3.4))
+    cap, L, M = 3.0, 1.2, 2.4
+    for g in range(3):
+        x0 = g * 8.8
+        for x, w, h, fc, label in ((x0, L, cap, "tab:orange", f"C_{g}\ncap x L"), (x0 + L + 0.8, M, L, "tab:blue",
+                                   f"W_{g}\nL x M"), (x0 + L + M + 1.6, M, cap, "tab:green", f"P_{g}\ncap x M")):
+            ax.add_patch(Rectangle((x, 0.4 + cap - h), w, h, fc=fc, alpha=0.3, ec="k"))
+            ax.text(x + w / 2, 0.4 + cap - h / 2, label, ha="center", va="center", fontsize=8)
+        ax.text(x0 + L + 0.4, 0.4 + cap / 2, "@", ha="center", va="center", fontsize=12)
+        ax.text(x0 + L + M + 1.2, 0.4 + cap / 2, "=", ha="center", va="center", fontsize=12)
+        ax.text(x0 + 3.2, 3.75, f"batch index i = g = {g}", ha="center", fontsize=9)
+    ax.text(25.6, 2.0, "...", fontsize=14, va="center")
+    ax.text(13.2, 0.0, "one cublasSgemmStridedBatched call: matrix i starts one matrix (stride) after matrix i - 1; "
+            "no Python loop over groups,\nno transpose copy (transposes are cuBLAS flags); inside each product "
+            "cuBLAS picks the tiles and threads", ha="center", va="top", fontsize=8)
+    ax.set_xlim(-0.3, 26.6), ax.set_ylim(-0.9, 4.1), ax.axis("off")
+    ax.set_title("batched_gemm, the forward's centroid GEMM: G products of the same shape in one launch "
+                 "(pixel path: Q channel groups, M -> kh*kw*M)", fontsize=9)
+    save(fig, "map_batched_gemm")
+
+
 def kernel_mappings():
     mapping("map_rows", "hash_rows_h*: one thread per row, blockIdx.y = group\n(block of 4 shown; 128 in the kernel)",
             (8, 3), (4, 1), "columns: groups g (one block column each); rows: rows r of X or pixels")
@@ -335,7 +359,7 @@ FIGURES = {"hash_cells": hash_cells, "conv_as_matmul": conv_as_matmul, "assignme
            "error_vs_clusters": error_vs_clusters, "accuracy_vs_speed": accuracy_vs_speed, "controller": controller,
            "rc_over_training": rc_over_training,
            "map_rows": kernel_mappings, "map_run_columns": kernel_mappings, "map_elements": kernel_mappings,
-           "map_columns_run": kernel_mappings}
+           "map_columns_run": kernel_mappings, "map_batched_gemm": batched_gemm}
 
 
 def main(names):
