@@ -8,7 +8,8 @@ Figures come from small runs made here (fixed seeds) or from numbers recorded in
 the docs, named where they are drawn. rc_over_training draws two training runs
 kept under docs/figures/runs/ (their history.json, with the command, commit and
 machine that made them); --rerun trains them again on CIFAR-10 in $DATA (default
-data/), about 5 minutes on a 2-core CPU.
+data/): 200 steps each, minutes on an idle 2-core CPU (about 15 minutes each for
+the stored runs, on a machine shared with other jobs).
 """
 import json
 import os
@@ -227,9 +228,8 @@ def controller():
 
 # r_c over training: conv2 of CifarNet on the first 2,560 CIFAR-10 training images, 10 epochs of 20 steps
 RC_BUDGET = ["--limit-train", "2560", "--limit-test", "2000", "--epochs", "10", "--seed", "0", "--device", "cpu"]
-RC_RUNS = {"rc_fixed": ("--reuse fixed (conv2 L64 H32, forward and backward, from step 0)", ["--reuse", "fixed"]),
-           "rc_adaptive": ("--reuse adaptive (the default: conv2 L64 H32 backward only, after the warm-up)",
-                           ["--reuse", "adaptive"])}
+RC_RUNS = {"rc_fixed": ("fixed: L64 H32, forward + backward, from step 0", ["--reuse", "fixed"]),
+           "rc_adaptive": ("adaptive (default): L64 H32, backward only,\nafter the warm-up", ["--reuse", "adaptive"])}
 RUNS = OUT / "runs"
 
 
@@ -251,15 +251,21 @@ def commit():
     return (head or "unknown") + ("-dirty" if dirty.strip() else "")
 
 
+def rc_args(name, data="data"):
+    """The arguments of `python -m minireuse` that train run NAME of RC_RUNS."""
+    return ["train", "--data", data, *RC_BUDGET, *RC_RUNS[name][1]]
+
+
 def train_rc_run(name):
     """Train one of RC_RUNS into runs/figures/NAME and keep its history.json (plus how it was
     made) as docs/figures/runs/NAME.json."""
-    args = ["train", "--data", os.environ.get("DATA", "data"), *RC_BUDGET, *RC_RUNS[name][1]]
+    args = rc_args(name, os.environ.get("DATA", "data"))
     out = ROOT / "runs" / "figures" / name
+    made_by = dict(command="python -m minireuse " + " ".join(rc_args(name)), commit=commit(), machine=machine())
     subprocess.run([sys.executable, "-m", "minireuse", *args, "--out", str(out), "--overwrite", "--quiet"],
                    cwd=ROOT, check=True)
     history = json.loads((out / "history.json").read_text())
-    history["made_by"] = dict(command="python -m minireuse " + " ".join(args), commit=commit(), machine=machine())
+    history["made_by"] = made_by
     RUNS.mkdir(exist_ok=True)
     (RUNS / f"{name}.json").write_text(json.dumps(history, indent=1) + "\n")
 
@@ -287,13 +293,15 @@ def rc_over_training(rerun=False):
         made = run["made_by"]
     a.set_ylim(bottom=0)
     a.set_xlabel("epoch (20 steps of 128 images)"), a.set_ylabel("conv2 r_c (clusters / neuron vectors, epoch mean)")
-    a.set_title("r_c while reusing ('exact': the layer ran exact; dotted: a stage change)", fontsize=9)
-    a.legend(fontsize=7, loc="upper right")
+    a.set_title("conv2's r_c per epoch ('exact': no reuse in that epoch;\ndotted: a stage change during or at the "
+                "end of that epoch)", fontsize=9)
+    a.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 0.15))
     b.set_xlabel("epoch"), b.set_ylabel("test accuracy (%, 2,000 test images)")
-    b.set_title("the same runs' test accuracy", fontsize=9)
+    b.set_title("the same runs' test accuracy (one seed: about +-1 point of noise)", fontsize=9)
     b.legend(fontsize=8, loc="lower right")
     budget = made["command"].split(" --reuse")[0]
-    fig.suptitle(f"{budget} --reuse ...\ncommit {made['commit']}, {made['machine']}", fontsize=8)
+    fig.text(0.5, -0.02, f"{budget} --reuse fixed | adaptive; commit {made['commit']}, {made['machine']}",
+             ha="center", va="top", fontsize=8)
     save(fig, "rc_over_training")
 
 
