@@ -282,7 +282,7 @@ def rc_over_training(rerun=False):
         conv2 = [e["layers"]["conv2"] for e in run["epochs"]]
         r_c = [rec.get("r_c") if rec.get("reuse") else None for rec in conv2]
         a.plot(epochs, [np.nan if r is None else r for r in r_c], "o-", color=colour, label=label)
-        for e, rec, r in zip(epochs, conv2, r_c):
+        for e, r in zip(epochs, r_c):
             if r is None:
                 a.annotate("exact", (e, 0), textcoords="offset points", xytext=(0, 4 + 10 * (colour == "tab:red")),
                            ha="center", fontsize=7, color=colour)
