@@ -1,6 +1,7 @@
 """Every Markdown file under docs/ runs: its ```python blocks in order, outputs checked
 against ```output blocks; its copies of the sources are current and its figures exist."""
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -38,6 +39,17 @@ def test_every_referenced_figure_exists_and_has_a_maker():
             figure = (path.parent / ref).resolve()
             assert figure.exists(), f"{path.name} shows {ref}, which does not exist"
             assert figure.stem in made, f"{path.name} shows {ref}, which docs/figures/make_figures.py does not make"
+
+
+def test_stored_runs_of_the_figures_are_those_their_maker_and_page_name():
+    figures = load("docs/figures/make_figures.py", "make_figures")
+    page = (ROOT / "docs" / "adaptive.md").read_text(encoding="utf-8")
+    page = " ".join(page.replace("\\\n", " ").split())            # commands continued with backslashes
+    for name in figures.RC_RUNS:
+        made_by = json.loads((figures.RUNS / f"{name}.json").read_text())["made_by"]
+        command = "python -m minireuse " + " ".join(figures.rc_args(name))
+        assert made_by["command"] == command, f"{name}: stored run made by {made_by['command']!r}, not {command!r}"
+        assert f"{command} --out" in page, f"adaptive.md does not give the command of {name}"
 
 
 def test_runner_checks_outputs(tmp_path):

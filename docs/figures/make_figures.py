@@ -2,10 +2,19 @@
 
     python docs/figures/make_figures.py              # every figure
     python docs/figures/make_figures.py hash_cells   # some of them
+    python docs/figures/make_figures.py --rerun rc_over_training   # train its runs again
 
 Figures come from small runs made here (fixed seeds) or from numbers recorded in
-the docs, named where they are drawn.
+the docs, named where they are drawn. rc_over_training draws two training runs
+kept under docs/figures/runs/ (their history.json, with the command, commit and
+machine that made them); --rerun trains them again on CIFAR-10 in $DATA (default
+data/): 200 steps each, minutes on an idle 2-core CPU (about 15 minutes each for
+the stored runs, on a machine shared with other jobs).
 """
+import json
+import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -217,6 +226,85 @@ def controller():
     save(fig, "controller")
 
 
+# r_c over training: conv2 of CifarNet on the first 2,560 CIFAR-10 training images, 10 epochs of 20 steps
+RC_BUDGET = ["--limit-train", "2560", "--limit-test", "2000", "--epochs", "10", "--seed", "0", "--device", "cpu"]
+RC_RUNS = {"rc_fixed": ("fixed: L64 H32, forward + backward, from step 0", ["--reuse", "fixed"]),
+           "rc_adaptive": ("adaptive (default): L64 H32, backward only,\nafter the warm-up", ["--reuse", "adaptive"])}
+RUNS = OUT / "runs"
+
+
+def machine():
+    """'2-core AMD EPYC' from /proc/cpuinfo (else the platform's processor name)."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{os.cpu_count()}-core {names[0] if names else platform.processor() or platform.machine()}"
+
+
+def commit():
+    """HEAD's short hash, '-dirty' when minireuse/ differs from it (the code a run ran)."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "minireuse"], capture_output=True, text=True).stdout
+    return (head or "unknown") + ("-dirty" if dirty.strip() else "")
+
+
+def rc_args(name, data="data"):
+    """The arguments of `python -m minireuse` that train run NAME of RC_RUNS."""
+    return ["train", "--data", data, *RC_BUDGET, *RC_RUNS[name][1]]
+
+
+def train_rc_run(name):
+    """Train one of RC_RUNS into runs/figures/NAME and keep its history.json (plus how it was
+    made) as docs/figures/runs/NAME.json."""
+    args = rc_args(name, os.environ.get("DATA", "data"))
+    out = ROOT / "runs" / "figures" / name
+    made_by = dict(command="python -m minireuse " + " ".join(rc_args(name)), commit=commit(), machine=machine())
+    subprocess.run([sys.executable, "-m", "minireuse", *args, "--out", str(out), "--overwrite", "--quiet"],
+                   cwd=ROOT, check=True)
+    history = json.loads((out / "history.json").read_text())
+    history["made_by"] = made_by
+    RUNS.mkdir(exist_ok=True)
+    (RUNS / f"{name}.json").write_text(json.dumps(history, indent=1) + "\n")
+
+
+def rc_over_training(rerun=False):
+    """conv2's remaining ratio r_c and test accuracy per epoch of two runs kept under runs/."""
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for (name, (label, _)), colour in zip(RC_RUNS.items(), ("tab:red", "tab:blue")):
+        if rerun or not (RUNS / f"{name}.json").exists():
+            train_rc_run(name)
+        run = json.loads((RUNS / f"{name}.json").read_text())
+        epochs = [e["epoch"] for e in run["epochs"]]
+        conv2 = [e["layers"]["conv2"] for e in run["epochs"]]
+        r_c = [rec.get("r_c") if rec.get("reuse") else None for rec in conv2]
+        a.plot(epochs, [np.nan if r is None else r for r in r_c], "o-", color=colour, label=label)
+        for e, r in zip(epochs, r_c):
+            if r is None:
+                a.annotate("exact", (e, 0), textcoords="offset points", xytext=(0, 4 + 10 * (colour == "tab:red")),
+                           ha="center", fontsize=7, color=colour)
+        for event in (ev for e in run["epochs"] for ev in e.get("reuse_events", [])):
+            a.axvline(event["epoch"], color=colour, ls=":", lw=1)
+        b.plot(epochs, [100 * e["test_acc"] for e in run["epochs"]], "o-", color=colour,
+               label=f"{name.split('_')[1]}: {100 * run['epochs'][-1]['test_acc']:.1f} % at the end")
+        made = run["made_by"]
+    a.set_ylim(bottom=0)
+    a.set_xlabel("epoch (20 steps of 128 images)"), a.set_ylabel("conv2 r_c (clusters / neuron vectors, epoch mean)")
+    a.set_title("conv2's r_c per epoch ('exact': no reuse in that epoch;\ndotted: a stage change during or at the "
+                "end of that epoch)", fontsize=9)
+    a.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 0.15))
+    b.set_xlabel("epoch"), b.set_ylabel("test accuracy (%, 2,000 test images)")
+    b.set_title("the same runs' test accuracy (one seed: about +-1 point of noise)", fontsize=9)
+    b.legend(fontsize=8, loc="lower right")
+    budget = made["command"].split(" --reuse")[0]
+    fig.text(0.5, -0.02, f"{budget} --reuse fixed | adaptive; commit {made['commit']}, {made['machine']}",
+             ha="center", va="top", fontsize=8)
+    save(fig, "rc_over_training")
+
+
 def mapping(name, title, shape, block, note, run=1):
     """A grid of outputs coloured by the block that computes them; the numbers are thread ids."""
     plt = pyplot()
@@ -238,6 +326,31 @@ def mapping(name, title, shape, block, note, run=1):
     save(fig, name)
 
 
+def batched_gemm():
+    """cuda.batched_gemm: one cuBLAS call whose batch index is the group g; cuBLAS maps the threads."""
+    plt = pyplot()
+    from matplotlib.patches import Rectangle
+    fig, ax = plt.subplots(figsize=(11, 3.4))
+    cap, L, M = 3.0, 1.2, 2.4
+    for g in range(3):
+        x0 = g * 8.8
+        for x, w, h, fc, label in ((x0, L, cap, "tab:orange", f"C_{g}\ncap x L"), (x0 + L + 0.8, M, L, "tab:blue",
+                                   f"W_{g}\nL x M"), (x0 + L + M + 1.6, M, cap, "tab:green", f"P_{g}\ncap x M")):
+            ax.add_patch(Rectangle((x, 0.4 + cap - h), w, h, fc=fc, alpha=0.3, ec="k"))
+            ax.text(x + w / 2, 0.4 + cap - h / 2, label, ha="center", va="center", fontsize=8)
+        ax.text(x0 + L + 0.4, 0.4 + cap / 2, "@", ha="center", va="center", fontsize=12)
+        ax.text(x0 + L + M + 1.2, 0.4 + cap / 2, "=", ha="center", va="center", fontsize=12)
+        ax.text(x0 + 3.2, 3.75, f"batch index i = g = {g}", ha="center", fontsize=9)
+    ax.text(25.6, 2.0, "...", fontsize=14, va="center")
+    ax.text(13.2, 0.0, "one cublasSgemmStridedBatched call: matrix i starts one matrix (stride) after matrix i - 1; "
+            "no Python loop over groups,\nno transpose copy (transposes are cuBLAS flags); inside each product "
+            "cuBLAS picks the tiles and threads", ha="center", va="top", fontsize=8)
+    ax.set_xlim(-0.3, 26.6), ax.set_ylim(-0.9, 4.1), ax.axis("off")
+    ax.set_title("batched_gemm, the forward's centroid GEMM: G products of the same shape in one launch "
+                 "(pixel path: Q channel groups, M -> kh*kw*M)", fontsize=9)
+    save(fig, "map_batched_gemm")
+
+
 def kernel_mappings():
     mapping("map_rows", "hash_rows_h*: one thread per row, blockIdx.y = group\n(block of 4 shown; 128 in the kernel)",
             (8, 3), (4, 1), "columns: groups g (one block column each); rows: rows r of X or pixels")
@@ -252,13 +365,16 @@ def kernel_mappings():
 
 FIGURES = {"hash_cells": hash_cells, "conv_as_matmul": conv_as_matmul, "assignment": assignment,
            "error_vs_clusters": error_vs_clusters, "accuracy_vs_speed": accuracy_vs_speed, "controller": controller,
+           "rc_over_training": rc_over_training,
            "map_rows": kernel_mappings, "map_run_columns": kernel_mappings, "map_elements": kernel_mappings,
-           "map_columns_run": kernel_mappings}
+           "map_columns_run": kernel_mappings, "map_batched_gemm": batched_gemm}
 
 
 def main(names):
+    rerun = "--rerun" in names
+    names = [n for n in names if n != "--rerun"]
     for make in dict.fromkeys(FIGURES[n] for n in (names or FIGURES)):
-        make()
+        make(rerun=True) if rerun and make is rc_over_training else make()
         print(f"made {make.__name__}")
 
 
