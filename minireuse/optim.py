@@ -9,7 +9,7 @@ A step has a host part and a device part: ``prepare_step`` counts it and, on the
 GPU, uploads the values that change every step (learning rate, Adam's bias
 corrections) into device memory without waiting; ``apply`` updates the parameters.
 ``step`` is both. On CuPy arrays ``apply`` is one fused kernel per parameter
-(minireuse.step_kernels) that reads those values from device memory, so a step recorded in
+(minireuse.kernels.step_kernels) that reads those values from device memory, so a step recorded in
 a CUDA graph (step_graphs.py) replays with the current learning rate; ``update`` below,
 the array code, is its twin and runs on NumPy.
 """
@@ -17,7 +17,8 @@ import math
 
 import numpy as np
 
-from . import backend, step_kernels
+from . import backend
+from .kernels import step_kernels
 
 
 class Optimizer:

@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minireuse import backend, bench  # noqa: E402
+from minireuse import backend  # noqa: E402
+from minireuse.tools import bench  # noqa: E402
 from minireuse.timing import Clock, timed  # noqa: E402
 from minireuse.reuse import ReuseConfig, ReuseState, cuda  # noqa: E402
 

@@ -5,9 +5,9 @@ import pytest
 
 from minireuse.models import cifarnet
 from minireuse.reuse import ReuseConfig
-from minireuse.reuse.adaptive import (AdaptiveStrategy, FixedStrategy, ScheduleStrategy, load_settings,
+from minireuse.training.adaptive import (AdaptiveStrategy, FixedStrategy, ScheduleStrategy, load_settings,
                                       make_strategy, stage_errors)
-from minireuse.train import Trainer
+from minireuse.training.trainer import Trainer
 
 from test_train import config, learnable_data
 
@@ -299,7 +299,7 @@ def test_default_ladder_trains_with_reuse_in_conv2s_backward(tmp_path):
 
 def test_each_model_has_reuse_defaults_on_its_own_layers():
     from minireuse.models import MODELS
-    from minireuse.reuse.adaptive import make_strategy
+    from minireuse.training.adaptive import make_strategy
     for name in ("cifarnet", "alexnet", "vgg19"):
         model = MODELS[name](seed=0)
         for kind in ("fixed", "adaptive"):

@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from minireuse import checkpoint as checkpoint_mod
-from minireuse import train as train_mod
+from minireuse.training import checkpoint as checkpoint_mod
+from minireuse.training import trainer as train_mod
 from minireuse.__main__ import main
 
 from cifar_fixture import write_cifar_fixture
@@ -196,7 +196,7 @@ def trained(tmp_path, data):
 
 
 def test_evaluate_checks_its_json_path_before_evaluating(tmp_path, data, trained, capsys, monkeypatch):
-    from minireuse import evaluate as evaluate_mod
+    from minireuse.tools import evaluate as evaluate_mod
     blocker = tmp_path / "file"
     blocker.write_text("x")
     ran = []
@@ -308,7 +308,7 @@ def test_plot_of_a_run_without_history_says_why(tmp_path, capsys):
 
 def test_plot_of_a_one_epoch_exact_run_draws_points_and_says_there_is_no_reuse(tmp_path, trained):
     pytest.importorskip("matplotlib")
-    from minireuse import plot
+    from minireuse.tools import plot
     fig = plot.figure([plot.read_history(str(trained))])
     acc, loss, _, rc, err, harm = fig.axes
     assert all(line.get_marker() == "o" for line in acc.lines + loss.lines)

@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from minireuse import checkpoint as checkpoint_mod
-from minireuse import train as train_mod
+from minireuse.training import checkpoint as checkpoint_mod
+from minireuse.training import trainer as train_mod
 from minireuse.__main__ import main
 from minireuse.models import Sequential
 from minireuse.layers import Dense
@@ -220,7 +220,7 @@ def test_bench_says_what_it_times(capsys):
 
 
 def test_weight_decay_layers_follow_the_model(tmp_path):
-    from minireuse.train import Trainer
+    from minireuse.training.trainer import Trainer
     from test_train import config, learnable_data
     t = Trainer(config(tmp_path, model="alexnet", epochs=1), data=learnable_data(n_train=8, n_test=8), quiet=True)
     assert t.cfg["decay_layers"] is None                     # CifarNet's fc3, fc4 do not exist here

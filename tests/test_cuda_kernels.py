@@ -18,7 +18,8 @@ The reference path runs on NumPy copies (its CPU form is the oracle).
 import numpy as np
 import pytest
 
-from minireuse import backend, runtime
+from minireuse import backend
+from minireuse.kernels import runtime
 from minireuse.layers.conv import im2col as ref_im2col
 from minireuse.reuse import ReuseConfig, ReuseState, clustering, conv2d_backward, conv2d_forward, lsh
 from minireuse.reuse import conv as ref_conv

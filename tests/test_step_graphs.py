@@ -1,4 +1,4 @@
-"""CUDA-graph training steps (minireuse.step_graphs) and the sync-free host <-> device scalars.
+"""CUDA-graph training steps (minireuse.training.graphs) and the sync-free host <-> device scalars.
 
 On the CPU: mode resolution and its errors, what may be recorded, the graph keys,
 and the NumPy side of DeviceScalars/AsyncReader. On a GPU: a run replaying
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from minireuse import backend
-from minireuse.step_graphs import (GraphError, prepare_replay, resolve_mode, reuse_capturable, settings_key,
+from minireuse.training.graphs import (GraphError, prepare_replay, resolve_mode, reuse_capturable, settings_key,
                                    uncapturable_layers)
 from minireuse.models import cifarnet
 from minireuse.reuse import ReuseConfig
-from minireuse.train import Trainer
+from minireuse.training.trainer import Trainer
 
 from test_train import config, learnable_data, params, run_cli
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from minireuse import backend
-from minireuse.train import Trainer, TrainingError, load_checkpoint
+from minireuse.training.trainer import Trainer, TrainingError, load_checkpoint
 
 from cifar_fixture import write_cifar_fixture
 
@@ -105,22 +105,22 @@ def test_mid_epoch_evaluations_change_nothing_trained_and_survive_a_ctrl_c(tmp_p
     """eval_every 0.5: the test set is evaluated after 3 of the 6 steps too, with the epoch's
     training seconds so far; a Ctrl-C during that evaluation in epoch 2 saves the run before
     it, the resumed run evaluates there again, and the parameters end as without evaluations."""
-    import minireuse.train
+    import minireuse.training.trainer
     data = learnable_data()
     plain = Trainer(config(tmp_path, out=str(tmp_path / "a")), data=data, quiet=True)
     plain.fit()
     t = Trainer(config(tmp_path, out=str(tmp_path / "b"), eval_every=0.5), data=data, quiet=True)
-    real_evaluate, calls = minireuse.train.evaluate, []
+    real_evaluate, calls = minireuse.training.trainer.evaluate, []
 
     def evaluate_interrupted(*args, **kw):
         calls.append(1)
         if len(calls) == 3:                       # epoch 2's evaluation after step 3
             os.kill(os.getpid(), signal.SIGINT)
         return real_evaluate(*args, **kw)
-    monkeypatch.setattr(minireuse.train, "evaluate", evaluate_interrupted)
+    monkeypatch.setattr(minireuse.training.trainer, "evaluate", evaluate_interrupted)
     with pytest.raises(KeyboardInterrupt, match="during an evaluation"):
         t.fit()
-    monkeypatch.setattr(minireuse.train, "evaluate", real_evaluate)
+    monkeypatch.setattr(minireuse.training.trainer, "evaluate", real_evaluate)
     resumed = Trainer(config(tmp_path, out=str(tmp_path / "b"), eval_every=0.5), data=data, quiet=True)
     assert resumed.resume(str(tmp_path / "b" / "checkpoint.npz"))["step"] == 3
     resumed.fit()

@@ -1,13 +1,14 @@
 """Parameter-free layers: ReLU, Flatten, Dropout.
 
 On CuPy arrays, ReLU's backward and Dropout's forward are one fused kernel each
-(minireuse.step_kernels); on NumPy arrays ReLU runs on every core (minireuse.cpu.ops).
+(minireuse.kernels.step_kernels); on NumPy arrays ReLU runs on every core (minireuse.cpu.ops).
 The array code below is their twin (Dropout's GPU masks come from a counter-based
 generator instead of NumPy's, see Dropout).
 """
 import numpy as np
 
-from .. import backend, cpu, step_kernels
+from .. import backend, cpu
+from ..kernels import step_kernels
 from ..cpu import ops as cpu_ops
 from .base import Layer
 

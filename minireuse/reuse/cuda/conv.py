@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from ... import step_kernels
+from ...kernels import step_kernels
 from ...conv_geometry import pad_nhwc
 from .. import conv as reference
 from .. import matmul as reference_matmul

@@ -1,7 +1,7 @@
 """What every product of the CUDA fast path runs on: sources, checks, device layers, workspace, capacity.
 
 - sources: ``kernels/*.cu`` pasted into one translation unit, one
-  ``minireuse.runtime.KernelModule`` (signatures read from the source, every launch
+  ``minireuse.kernels.runtime.KernelModule`` (signatures read from the source, every launch
   checked against them, built for the GPU or the host);
 - device layers: ``CupyDevice`` (CuPy arrays, NVRTC kernels, cuBLAS, pinned
   asynchronous copies) and ``HostDevice`` (NumPy arrays, the kernels' host build,
@@ -20,7 +20,8 @@ import re
 
 import numpy as np
 
-from ... import backend, runtime
+from ... import backend
+from ...kernels import runtime
 from .. import lsh
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")

@@ -20,7 +20,7 @@ The layers call these only on CuPy arrays; NumPy arrays take the array code.
 
 All kernels are grid-stride loops over independent outputs (gathers: no atomics,
 except for the two sums of accumulate_step). They load, are checked against their
-signatures and launch through minireuse.runtime, like the deep-reuse kernels, so
+signatures and launch through minireuse.kernels.runtime, like the deep-reuse kernels, so
 the same source also runs as its host build on NumPy arrays: tests check every
 kernel on machines without a GPU through the launch the GPU uses. The module is
 compiled without fused multiply-add (and the host build without contraction), so
@@ -36,7 +36,8 @@ replayed.
 """
 import numpy as np
 
-from . import backend, runtime
+from .. import backend
+from . import runtime
 
 _KERNELS = r"""
 // Every kernel: a grid-stride loop over independent outputs; scalars arrive as double
@@ -330,7 +331,7 @@ def _entry_points():
 
 CUDA_SOURCE = _KERNELS + "\n// ---- entry points\n" + _entry_points()
 
-MODULE = runtime.KernelModule("minireuse/step_kernels.py", CUDA_SOURCE, gpu_options=("--std=c++14", "--fmad=false"))
+MODULE = runtime.KernelModule("minireuse/kernels/step_kernels.py", CUDA_SOURCE, gpu_options=("--std=c++14", "--fmad=false"))
 
 THREADS = 256
 MAX_BLOCKS = 1 << 16

@@ -48,7 +48,7 @@ import inspect
 import json
 import math
 
-from .config import ReuseConfig
+from ..reuse.config import ReuseConfig
 
 STRATEGIES = ("off", "fixed", "schedule", "adaptive")
 
@@ -401,8 +401,8 @@ def stage_errors(model, x, layer_name, configs):
     """Relative output error of layer ``layer_name`` under each config, on the input that the
     exact model gives it for the batch x (train=False: no dropout drawn, nothing cached).
     A fresh ReuseState is used so the layer's statistics are not touched."""
-    from .config import ReuseState
-    from .matmul import relative_error
+    from ..reuse.config import ReuseState
+    from ..reuse.matmul import relative_error
     layer = model.layer(layer_name)
     x = model.input_of(layer_name, x)
     saved_cfg, saved_state = layer.reuse, layer.reuse_state

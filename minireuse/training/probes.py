@@ -11,10 +11,10 @@ same randomness as the exact run of the same seed.
 """
 import numpy as np
 
-from . import backend
-from .layers.simple import reseed_dropout
-from .reuse.adaptive import stage_errors
-from .timing import LayerTimer
+from .. import backend
+from ..layers.simple import reseed_dropout
+from .adaptive import stage_errors
+from ..timing import LayerTimer
 
 
 class StrategySteps:

@@ -46,7 +46,7 @@ import warnings
 
 import numpy as np
 
-from . import backend
+from .. import backend
 
 MODES = ("auto", "on", "off")
 

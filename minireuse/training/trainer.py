@@ -15,8 +15,8 @@ On the GPU a step never waits for the device (docs/speed.md): the loss and accur
 are summed on the device, and the progress bar and the non-finite-loss guard read
 those sums through an asynchronous copy that lands a few steps later (one wait per
 epoch, at its end). With ``graph`` 'auto' or 'on' (the default is 'off'), the step
-is recorded once as a CUDA graph and replayed (minireuse.step_graphs). Checkpoints are
-written and read by minireuse.checkpoint.
+is recorded once as a CUDA graph and replayed (minireuse.training.graphs). Checkpoints are
+written and read by minireuse.training.checkpoint.
 """
 import contextlib
 import functools
@@ -30,17 +30,18 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from . import backend, step_kernels
-from .layers.simple import reseed_layers
-from .losses import SoftmaxCrossEntropy
+from .. import backend
+from ..kernels import step_kernels
+from ..layers.simple import reseed_layers
+from ..losses import SoftmaxCrossEntropy
 from .checkpoint import TrainingError, load_checkpoint, read_checkpoint, resume_conflicts, save_checkpoint
-from .fileio import atomic_write_json
-from .models import MODELS
-from .optim import SGD, Adam, make_schedule
+from ..fileio import atomic_write_json
+from ..models import MODELS
+from ..optim import SGD, Adam, make_schedule
 from .outdir import OutLock, OutputError, check_unlocked, check_writable
-from .reuse.adaptive import make_strategy, resolved_layers, stage_label
-from .strategy_steps import StrategySteps
-from .timing import LayerTimer
+from .adaptive import make_strategy, resolved_layers, stage_label
+from .probes import StrategySteps
+from ..timing import LayerTimer
 
 # CIFAR-10's training and test images, for the memory estimate made before they are read
 CIFAR_IMAGES = (50000, 10000)
@@ -238,7 +239,7 @@ class Trainer:
         check_writable(c["out"])           # before any data is loaded or any step runs
         check_unlocked(c["out"])
         self.device = backend.set_device(c["device"])
-        from .step_graphs import resolve_mode
+        from .graphs import resolve_mode
         self.graph_mode = resolve_mode(c["graph"], self.device)
         backend.seed(c["seed"])
         self.model = model if model is not None else self._build_model()
@@ -360,7 +361,7 @@ class Trainer:
         self.reader = backend.AsyncReader(2, xp=xp)
         self._graphs = None
         if self.graph_mode != "off":
-            from .step_graphs import StepGraphs, prepare_replay
+            from .graphs import StepGraphs, prepare_replay
             self._graphs = StepGraphs(self._graph_body, self.model, functools.partial(prepare_replay, self.model,
                                                                                       self.opt),
                                       mode=self.graph_mode)
@@ -607,7 +608,7 @@ class Trainer:
 
 def load_data(cfg, progress=True):
     """(train images, labels, test images, labels) of a run's settings (limit_train, limit_test)."""
-    from .data import load_cifar10
+    from ..data import load_cifar10
     xtr, ytr, xte, yte = load_cifar10(cfg["data"], download=cfg["download"], progress=progress)
     if cfg["limit_train"]:
         xtr, ytr = xtr[:cfg["limit_train"]], ytr[:cfg["limit_train"]]
@@ -619,7 +620,7 @@ def load_data(cfg, progress=True):
 def batches(cfg, x, y, train):
     """The batch iterator of a run's training or test images (it moves the uint8 images to the
     device once); epoch_batches gives a training epoch's batches."""
-    from .data import CIFAR10_MEAN, CIFAR10_STD, BatchIterator
+    from ..data import CIFAR10_MEAN, CIFAR10_STD, BatchIterator
     return BatchIterator(x, y, cfg["batch_size"], shuffle=train,
                          rng=np.random.default_rng(cfg["seed"]) if train else None,
                          augment=train and cfg["augment"], drop_last=False, mean=CIFAR10_MEAN, std=CIFAR10_STD)

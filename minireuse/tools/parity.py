@@ -47,7 +47,7 @@ panel per seed.
 
 ``--pytorch [SEEDS]`` also trains, per seed (all, or those listed), OUT/seedS/pytorch:
 the recipe in PyTorch from the same initial weights, batches, dropout masks and
-updates (minireuse.pytorch_run), a row of the table and the figure; without PyTorch
+updates (minireuse.tools.pytorch_run), a row of the table and the figure; without PyTorch
 the table says it was skipped and why.
 
 At small budgets (few epochs, a subset of the data) the accuracy difference of one
@@ -60,12 +60,12 @@ import os
 import statistics
 import sys
 
-from .checkpoint import TrainingError, read_checkpoint
+from ..training.checkpoint import TrainingError, read_checkpoint
 from .compare import summarise
-from .tables import align_rows
-from .reuse.adaptive import resolved_layers, stage_label
-from .fileio import atomic_write_json
-from .train import CHECKPOINT, HISTORY, Trainer, load_data
+from ..tables import align_rows
+from ..training.adaptive import resolved_layers, stage_label
+from ..fileio import atomic_write_json
+from ..training.trainer import CHECKPOINT, HISTORY, Trainer, load_data
 
 RESULT = "parity.json"
 FIGURE = "time_to_accuracy.png"
@@ -481,8 +481,8 @@ def save_figure(result, out):
 def _check_strategy(cfg):
     """Build the strategy and attach it to a fresh model, so that bad reuse settings
     fail before the exact runs are trained."""
-    from .models import MODELS
-    from .reuse.adaptive import make_strategy
+    from ..models import MODELS
+    from ..training.adaptive import make_strategy
     strategy = make_strategy(cfg["reuse"], cfg.get("reuse_layers"), cfg.get("reuse_options"))
     if cfg.get("model") in MODELS:
         strategy.attach(MODELS[cfg["model"]]())
@@ -495,7 +495,7 @@ def _log(msg):
 def _count_test_images(cfg):
     """Test images the runs were evaluated on, when no run had to load the data: read
     the data (no download); None if they are not there."""
-    from .data import CorruptDataError, DataNotFoundError, load_cifar10
+    from ..data import CorruptDataError, DataNotFoundError, load_cifar10
     try:
         n = len(load_cifar10(cfg["data"], download=False, progress=False)[2])
     except (DataNotFoundError, CorruptDataError):
