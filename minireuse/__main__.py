@@ -205,7 +205,8 @@ def resumed_config(a, argv):
 
 
 def cmd_train(a):
-    from .training.trainer import Trainer, clear_run, refuse_existing_run
+    from .training.outdir import clear_run, refuse_existing_run
+    from .training.trainer import Trainer
     if a.resume and a.overwrite:
         raise ValueError("--resume continues a run and --overwrite discards one: give one of them")
     cfg = resumed_config(a, a.argv) if a.resume else train_config(a)

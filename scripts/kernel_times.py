@@ -122,7 +122,7 @@ def time_graph(x, W, b, dy, pads, config, state, repeats):
     """ms of one forward + backward recorded as a CUDA graph and replayed (median)."""
     cp = backend.require_gpu()
     # everything the capture allocates comes from a pool of its own, kept while the graph
-    # replays (as step_graphs.py does): later eager work cannot reuse the addresses it writes
+    # replays (as training/graphs.py does): later eager work cannot reuse the addresses it writes
     pool = cp.cuda.MemoryPool()
     stream = cp.cuda.Stream(non_blocking=True)
     cp.cuda.Stream.null.synchronize()

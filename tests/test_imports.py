@@ -132,3 +132,14 @@ def test_the_reference_path_imports_nothing_of_the_fast_path():
 def test_the_cycle_check_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_layers_the_optimizer_and_the_trainer_know_nothing_of_graph_capture():
+    """Recording and replaying a step is training/step.py's and training/graphs.py's business:
+    layers, optimizers and the training loop only advance and read per-step state."""
+    paths = [os.path.join(ROOT, "layers", f) for f in os.listdir(os.path.join(ROOT, "layers")) if f.endswith(".py")]
+    paths += [os.path.join(ROOT, "optim.py"), os.path.join(ROOT, "training", "trainer.py")]
+    for path in paths:
+        with open(path) as f:
+            text = f.read().lower()
+        assert "captur" not in text and "replay" not in text, os.path.relpath(path, ROOT)

@@ -11,7 +11,7 @@ from minireuse.tools import parity
 from minireuse.training.trainer import Trainer
 
 from cifar_fixture import write_cifar_fixture
-from test_train import learnable_data, run_cli
+from cli_helpers import learnable_data, run_cli
 
 REUSE = {"layers": {"conv2": {"L": 16, "H": 8}}}
 
@@ -183,7 +183,7 @@ def small_config(out, **kw):
 
 def test_interrupted_run_is_resumed_and_complete_ones_not_retrained(tmp_path, monkeypatch):
     data = learnable_data(n_train=64, n_test=32)
-    real_step, steps = Trainer.train_step, []
+    real_step, steps = Trainer.run_step, []
 
     def step_then_interrupt(self, *args):
         steps.append(1)
@@ -191,13 +191,13 @@ def test_interrupted_run_is_resumed_and_complete_ones_not_retrained(tmp_path, mo
         if len(steps) == 6:          # seed 0's exact run, epoch 2 (4 steps an epoch), after step 2
             os.kill(os.getpid(), signal.SIGINT)
         return out
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    monkeypatch.setattr(Trainer, "run_step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         parity.run(small_config(tmp_path / "p"), [0, 1], quiet=True, data=data)
     exact0 = tmp_path / "p" / "seed0" / "exact"
     assert len(json.load(open(exact0 / "history.json"))["epochs"]) == 1
     assert not os.path.exists(tmp_path / "p" / "seed0" / "reuse")
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    monkeypatch.setattr(Trainer, "run_step", real_step)
 
     calls = {"fit": 0, "resume": []}
     real_fit, real_resume = Trainer.fit, Trainer.resume

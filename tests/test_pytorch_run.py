@@ -6,7 +6,7 @@ import pytest
 
 from minireuse.training.trainer import Trainer
 
-from test_train import config, learnable_data
+from cli_helpers import config, learnable_data
 
 torch = pytest.importorskip("torch", reason="PyTorch is the optional .[compare] extra")
 

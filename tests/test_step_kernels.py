@@ -20,7 +20,7 @@ from minireuse.layers import Dense, Dropout, LocalResponseNorm, MaxPool2D, ReLU,
 from minireuse.layers.simple import call_key
 from minireuse.models import Sequential
 from minireuse.optim import SGD, Adam
-from minireuse.training.trainer import StepTotals
+from minireuse.training.step import StepTotals
 
 
 def _runners():

@@ -88,9 +88,10 @@ class Dropout(Layer):
     i of call k after ``reseed(s)`` keeps when SplitMix64(call_key(s, k) + i) says so.
     Reseeding is then a host integer (no generator to build per step), the mask of a
     step depends only on (seed, epoch, step), so resuming mid-epoch is exact on the
-    GPU too, and the key lives in device memory, so a step recorded in a CUDA graph
-    draws a fresh mask at every replay (the graph runner calls ``prepare_replay``,
-    which advances the key, before each replay). GPU masks differ from CPU masks.
+    GPU too. The key is per-step state in device memory: ``begin_step`` advances it
+    before a training step (the trainer's Step does, before every step) and the forward
+    only reads it; a forward with no step begun advances it itself. GPU masks differ
+    from CPU masks.
     """
 
     def __init__(self, rate=0.5, seed=0, name=None):
@@ -103,18 +104,22 @@ class Dropout(Layer):
 
     def reseed(self, seed):
         self.seed, self._calls = seed, 0
+        self._key_ready = False     # begin_step has set the next call's key
         # a cupy generator costs a kernel launch or more to build: the GPU path uses keys
         self.rng = backend.random_generator(seed) if backend.device() == "cpu" else None
 
-    def advance_key(self):
-        """Next call's key into device memory (asynchronous; never inside a capture)."""
+    def begin_step(self):
+        """The per-step state: on the GPU, the next call's key into device memory (asynchronous)."""
+        if backend.device() == "gpu":
+            self._advance_key()
+
+    def _advance_key(self):
         self._calls += 1
         key = call_key(self.seed, self._calls)
         if self._device_key is None:
             self._device_key = backend.DeviceScalars(2, np.uint32, xp=backend.require_gpu())
         self._device_key.set((key & 0xFFFFFFFF, key >> 32))
-
-    prepare_replay = advance_key
+        self._key_ready = True
 
     def forward(self, x, train=True):
         if not train or self.rate == 0.0:
@@ -122,10 +127,9 @@ class Dropout(Layer):
             return x
         keep = 1.0 - self.rate
         if step_kernels.supports(x):
-            if not backend.is_capturing():
-                self.advance_key()
-            elif self._device_key is None:
-                raise RuntimeError(f"{self.name}: a CUDA graph capture needs one eager step first")
+            if not self._key_ready:        # no step begun (a forward outside the trainer)
+                self._advance_key()
+            self._key_ready = False
             self._mask, y = step_kernels.dropout_forward(x, keep, self._device_key.array)
             return y
         if self.rng is None:

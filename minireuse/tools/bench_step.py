@@ -109,13 +109,13 @@ class MinireuseRow:
         self.t.begin_run()
         self.batches, self.gpu = batches, gpu
         self.per_epoch = math.ceil(EPOCH_IMAGES / len(batches[0][1]))
-        self.clock = Clock(gpu, self.t.graphs.stream if self.t.graphs is not None else None)
+        self.clock = Clock(gpu, self.t.step.graphs.stream if self.t.step.graphs is not None else None)
 
     def step(self, i, timed):
         xb, yb = self.batches[i % len(self.batches)]
         # steps numbered from 1: step 0 of an epoch is the one timed per layer
         args = (xb, yb, 0, 1 + i % (self.per_epoch - 1), self.per_epoch)
-        with self.t.stream():
+        with self.t.step.stream():
             if timed:
                 self.clock.time(self.t.run_step, *args)
             else:
@@ -131,7 +131,7 @@ class MinireuseRow:
                               if l.reuse is not None and l.reuse_state is not None and l.reuse_state.last})
         if reuse_impls:
             impl += ", reuse " + "/".join(reuse_impls)
-        graphs = t.graphs
+        graphs = t.step.graphs
         out = dict(summary(times), implementation=impl,
                    graph_replays=graphs.replays if graphs is not None else 0,
                    graph_recordings=graphs.recordings if graphs is not None else 0)

@@ -11,7 +11,8 @@ import os
 from . import plot
 from ..fileio import atomic_write_json
 from ..tables import align_rows
-from ..training.trainer import Trainer, clear_run, refuse_existing_run
+from ..training.outdir import clear_run, refuse_existing_run
+from ..training.trainer import Trainer
 
 
 def summarise(history):

@@ -65,7 +65,9 @@ from .compare import summarise
 from ..tables import align_rows
 from ..training.adaptive import resolved_layers, stage_label
 from ..fileio import atomic_write_json
-from ..training.trainer import CHECKPOINT, HISTORY, Trainer, load_data
+from ..training.batches import load_data
+from ..training.outdir import CHECKPOINT, HISTORY
+from ..training.trainer import Trainer
 
 RESULT = "parity.json"
 FIGURE = "time_to_accuracy.png"

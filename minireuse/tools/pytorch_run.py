@@ -36,7 +36,9 @@ from ..layers.simple import reseed_dropout
 from ..models import MODELS
 from ..optim import make_schedule
 from ..training.outdir import OutLock, check_writable
-from ..training.trainer import CHECKPOINT, HISTORY, Trainer, batches, epoch_batches, load_data, mid_epoch_evaluations
+from ..training.batches import batches, epoch_batches, load_data, mid_epoch_evaluations
+from ..training.outdir import CHECKPOINT, HISTORY
+from ..training.trainer import Trainer
 
 FRAMEWORK = "pytorch"
 # how to get this run: the optional extra of setup.cfg, or torch itself
