@@ -6,7 +6,8 @@ import pytest
 from minireuse.models import cifarnet
 from minireuse.reuse import ReuseConfig
 from minireuse.training.adaptive import (AdaptiveStrategy, FixedStrategy, ScheduleStrategy, load_settings,
-                                      make_strategy, stage_errors)
+                                         make_strategy)
+from minireuse.training.probes import stage_errors
 from minireuse.training.trainer import Trainer
 
 from cli_helpers import config, learnable_data

@@ -397,28 +397,6 @@ class AdaptiveStrategy(ReuseStrategy):
                 self.ladders[layer] = _configs(stages, layer)
 
 
-def stage_errors(model, x, layer_name, configs):
-    """Relative output error of layer ``layer_name`` under each config, on the input that the
-    exact model gives it for the batch x (train=False: no dropout drawn, nothing cached).
-    A fresh ReuseState is used so the layer's statistics are not touched."""
-    from ..reuse.config import ReuseState
-    from ..reuse.matmul import relative_error
-    layer = model.layer(layer_name)
-    x = model.input_of(layer_name, x)
-    saved_cfg, saved_state = layer.reuse, layer.reuse_state
-    try:
-        layer.set_reuse(None)
-        y_exact = layer.forward(x, train=False)
-        errors = []
-        for cfg in configs:
-            layer.set_reuse(cfg.replace(measure_error=False))
-            layer.reuse_state = ReuseState()
-            errors.append(float(relative_error(layer.forward(x, train=False), y_exact)))
-    finally:
-        layer.reuse, layer.reuse_state = saved_cfg, saved_state
-    return errors
-
-
 def model_defaults(model):
     """(ladders, fixed settings) of a model: MODEL_DEFAULTS[model], else CifarNet's."""
     return MODEL_DEFAULTS.get(model, (DEFAULT_LADDERS, DEFAULT_FIXED))
