@@ -14,7 +14,7 @@ import pytest
 from minireuse import backend
 from minireuse.training.graphs import (GraphError, resolve_mode, reuse_capturable, settings_key,
                                       uncapturable_layers)
-from minireuse.training.step import begin_step
+from minireuse.training.step import begin_step, end_step
 from minireuse.models import cifarnet
 from minireuse.reuse import ReuseConfig
 from minireuse.training.trainer import Trainer
@@ -211,9 +211,11 @@ def test_device_scalars_and_reader_on_the_gpu():
 
 def test_begin_step_advances_the_optimizer_and_every_layer_with_per_step_state():
     calls = []
-    layer = lambda name, state: type(name, (), {"begin_step": (lambda self: calls.append(name))}
+    layer = lambda name, state: type(name, (), {"begin_step": (lambda self: calls.append(name)),
+                                                "end_step": (lambda self: calls.append("end " + name))}
                                      if state else {})()
     model = type("M", (), {"layers": [layer("dropout1", True), layer("relu", False), layer("dropout2", True)]})()
     opt = type("O", (), {"begin_step": lambda self: calls.append("opt")})()
     begin_step(model, opt)
-    assert calls == ["opt", "dropout1", "dropout2"]
+    end_step(model)
+    assert calls == ["opt", "dropout1", "dropout2", "end dropout1", "end dropout2"]

@@ -89,9 +89,9 @@ class Dropout(Layer):
     Reseeding is then a host integer (no generator to build per step), the mask of a
     step depends only on (seed, epoch, step), so resuming mid-epoch is exact on the
     GPU too. The key is per-step state in device memory: ``begin_step`` advances it
-    before a training step (the trainer's Step does, before every step) and the forward
-    only reads it; a forward with no step begun advances it itself. GPU masks differ
-    from CPU masks.
+    before a training step and ``end_step`` closes the step (the trainer's Step does
+    both, around every step); within a step the forward only reads the key, outside
+    one every forward advances it itself. GPU masks differ from CPU masks.
     """
 
     def __init__(self, rate=0.5, seed=0, name=None):
@@ -104,14 +104,18 @@ class Dropout(Layer):
 
     def reseed(self, seed):
         self.seed, self._calls = seed, 0
-        self._key_ready = False     # begin_step has set the next call's key
+        self._in_step = False       # between begin_step and end_step: the key is the step's
         # a cupy generator costs a kernel launch or more to build: the GPU path uses keys
         self.rng = backend.random_generator(seed) if backend.device() == "cpu" else None
 
     def begin_step(self):
-        """The per-step state: on the GPU, the next call's key into device memory (asynchronous)."""
+        """The per-step state: on the GPU, the step's key into device memory (asynchronous)."""
         if backend.device() == "gpu":
             self._advance_key()
+            self._in_step = True
+
+    def end_step(self):
+        self._in_step = False
 
     def _advance_key(self):
         self._calls += 1
@@ -119,7 +123,6 @@ class Dropout(Layer):
         if self._device_key is None:
             self._device_key = backend.DeviceScalars(2, np.uint32, xp=backend.require_gpu())
         self._device_key.set((key & 0xFFFFFFFF, key >> 32))
-        self._key_ready = True
 
     def forward(self, x, train=True):
         if not train or self.rate == 0.0:
@@ -127,9 +130,8 @@ class Dropout(Layer):
             return x
         keep = 1.0 - self.rate
         if step_kernels.supports(x):
-            if not self._key_ready:        # no step begun (a forward outside the trainer)
+            if not self._in_step:          # a forward outside a training step draws its own key
                 self._advance_key()
-            self._key_ready = False
             self._mask, y = step_kernels.dropout_forward(x, keep, self._device_key.array)
             return y
         if self.rng is None:

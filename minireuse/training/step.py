@@ -5,7 +5,8 @@ its loss and accuracy to the epoch's device-resident sums. Before every step, ea
 replayed, it advances the per-step state that lives in device memory: the optimizer's
 scalars (step count, learning rate, Adam's bias corrections) and every layer's per-step
 state (Dropout's mask key), through their ``begin_step()``; a layer's forward then only
-reads it. With graphs ('auto' or 'on', GPU only) the step is recorded once as a CUDA
+reads it, whether it runs, is recorded, or runs again after a recording that failed,
+until ``end_step()``. With graphs ('auto' or 'on', GPU only) the step is recorded once as a CUDA
 graph and replayed (graphs.StepGraphs); one step in ``TIMING_EVERY`` runs eagerly with
 the per-layer timers, since a replay cannot be timed per layer. ``layer_times`` turns
 the timers and the reuse statistics into the epoch's per-layer records, and says what
@@ -50,13 +51,21 @@ class StepTotals:
 
 def begin_step(model, optimizer):
     """Advance the per-step device state of ``optimizer`` and of every layer of ``model`` that
-    has some (the protocol: a ``begin_step()`` method). Layers without per-step state need
-    nothing."""
+    has some (the protocol: ``begin_step()`` before the step, ``end_step()`` after it). Layers
+    without per-step state need nothing."""
     optimizer.begin_step()
     for layer in model.layers:
         begin = getattr(layer, "begin_step", None)
         if begin is not None:
             begin()
+
+
+def end_step(model):
+    """Close the step that begin_step opened, for every layer with per-step state."""
+    for layer in model.layers:
+        end = getattr(layer, "end_step", None)
+        if end is not None:
+            end()
 
 
 class Step:
@@ -100,11 +109,14 @@ class Step:
         replayed step."""
         self.opt.lr = lr
         begin_step(self.model, self.opt)
-        if self.graphs is not None and step % TIMING_EVERY != 0 and self.graphs.run(xb, yb):
-            return None
-        loss, logits = self.body(xb, yb, self.timer)
-        self.totals.add(loss, logits, yb)
-        return loss
+        try:
+            if self.graphs is not None and step % TIMING_EVERY != 0 and self.graphs.run(xb, yb):
+                return None
+            loss, logits = self.body(xb, yb, self.timer)
+            self.totals.add(loss, logits, yb)
+            return loss
+        finally:
+            end_step(self.model)
 
     def body(self, xb, yb, timer=None):
         """Forward, loss, backward and update on a batch; returns (loss, logits). Eager steps
