@@ -7,7 +7,7 @@ scalars (step count, learning rate, Adam's bias corrections) and every layer's p
 state (Dropout's mask key), through their ``begin_step()``; a layer's forward then only
 reads it, whether it runs, is recorded, or runs again after a recording that failed,
 until ``end_step()``. With graphs ('auto' or 'on', GPU only) the step is recorded once as a CUDA
-graph and replayed (graphs.StepGraphs); one step in ``TIMING_EVERY`` runs eagerly with
+graph and replayed (graphs.StepGraphs); one step in ``GRAPH_TIMING_EVERY`` runs eagerly with
 the per-layer timers, since a replay cannot be timed per layer. ``layer_times`` turns
 the timers and the reuse statistics into the epoch's per-layer records, and says what
 replays mean for them. The loop (trainer.py) knows none of this.
@@ -21,7 +21,7 @@ from .. import backend
 from ..kernels import step_kernels
 
 # with CUDA graphs, one step in this many runs eagerly with the per-layer timers
-TIMING_EVERY = 100
+GRAPH_TIMING_EVERY = 100
 
 
 class StepTotals:
@@ -110,7 +110,7 @@ class Step:
         self.opt.lr = lr
         begin_step(self.model, self.opt)
         try:
-            if self.graphs is not None and step % TIMING_EVERY != 0 and self.graphs.run(xb, yb):
+            if self.graphs is not None and step % GRAPH_TIMING_EVERY != 0 and self.graphs.run(xb, yb):
                 return None
             loss, logits = self.body(xb, yb, self.timer)
             self.totals.add(loss, logits, yb)
