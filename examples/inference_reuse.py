@@ -13,7 +13,7 @@ import tempfile
 import numpy as np
 
 from minireuse import backend
-from minireuse.evaluate import evaluate_model
+from minireuse.tools.evaluate import evaluate_model
 from minireuse.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from minireuse.losses import SoftmaxCrossEntropy
 from minireuse.models import Sequential

@@ -76,7 +76,7 @@ def positive_float(s):
 def add_train_arguments(p, resume=True, reuse_default="off", overwrite=True, seed=True):
     """The training flags; compare and parity (reuse_default not 'off') need a reuse strategy,
     parity takes its seeds from --seeds (seed=False)."""
-    from .train import Trainer
+    from .training.trainer import Trainer
     d = Trainer.DEFAULTS
     p.add_argument("--model", default=d["model"], choices=["alexnet", "cifarnet", "vgg19"])
     p.add_argument("--data", default=d["data"], help="directory holding cifar-10-batches-py/ or "
@@ -139,7 +139,7 @@ def add_threads_argument(p):
 
 
 def seed_list(s):
-    from .parity import ParityError, parse_seeds
+    from .tools.parity import ParityError, parse_seeds
     try:
         return parse_seeds(s)
     except ParityError as e:
@@ -167,7 +167,7 @@ def train_config(a):
     cfg["decay_layers"] = None if a.decay_layers == "all" else [s for s in a.decay_layers.split(",") if s]
     cfg["reuse"] = a.reuse
     if a.reuse_config:
-        from .reuse.adaptive import load_settings
+        from .training.adaptive import load_settings
         cfg["reuse_layers"], cfg["reuse_options"] = load_settings(a.reuse_config)
     return cfg
 
@@ -192,8 +192,8 @@ def resumed_config(a, argv):
     """The checkpoint's settings, with the flags given explicitly on top (Trainer.resume
     refuses those that contradict it, except Trainer.SAFE_TO_CHANGE); the output directory is
     the checkpoint's own unless --out is given."""
-    from .checkpoint import checkpoint_config
-    from .train import Trainer
+    from .training.checkpoint import checkpoint_config
+    from .training.trainer import Trainer
     saved = {k: v for k, v in checkpoint_config(a.resume).items() if k in Trainer.DEFAULTS}
     # a run continues where its checkpoint is (a copied run in the copy), not where it was saved
     saved["out"] = os.path.dirname(os.path.abspath(a.resume))
@@ -205,7 +205,8 @@ def resumed_config(a, argv):
 
 
 def cmd_train(a):
-    from .train import Trainer, clear_run, refuse_existing_run
+    from .training.outdir import clear_run, refuse_existing_run
+    from .training.trainer import Trainer
     if a.resume and a.overwrite:
         raise ValueError("--resume continues a run and --overwrite discards one: give one of them")
     cfg = resumed_config(a, a.argv) if a.resume else train_config(a)
@@ -235,7 +236,7 @@ def cmd_train(a):
 
 
 def cmd_compare(a):
-    from . import compare
+    from .tools import compare
     cfg = train_config(a)
     _, _, table = compare.run(cfg, a.reuse, quiet=a.quiet, overwrite=a.overwrite)
     print(table)
@@ -243,7 +244,7 @@ def cmd_compare(a):
 
 
 def cmd_parity(a):
-    from . import parity
+    from .tools import parity
     if a.seed is not None:
         raise ValueError("parity trains one pair of runs per seed of --seeds; --seed is for train and compare")
     cfg = train_config(a)
@@ -295,18 +296,18 @@ def build_parser():
                        formatter_class=Formatter)
     p.add_argument("--model", default="cifarnet", choices=["alexnet", "cifarnet", "vgg19"])
     p.set_defaults(func=cmd_summary)
-    from . import evaluate
+    from .tools import evaluate
     p = sub.add_parser("evaluate", help="a trained model's test accuracy and speed, exact and with deep "
                        "reuse at inference, side by side", formatter_class=Formatter)
     evaluate.add_arguments(p, positive_int)
     add_threads_argument(p)
     p.set_defaults(func=evaluate.run)
-    from . import plot
+    from .tools import plot
     p = sub.add_parser("plot", help="a figure of training runs: accuracy, loss, r_c and error of the reuse "
                        "layers, seconds per epoch (needs matplotlib: .[plot])", formatter_class=Formatter)
     plot.add_arguments(p)
     p.set_defaults(func=plot.run)
-    from . import bench, bench_step
+    from .tools import bench, bench_step
     p = sub.add_parser("bench", help="benchmarks: 'bench layers' times each layer exact and under reuse "
                        "settings, 'bench step' a whole training step")
     what = p.add_subparsers(dest="bench", required=True, metavar="{layers,step}")
@@ -338,10 +339,10 @@ def main(argv=None):
         cpu.set_threads(a.threads)
     from .backend import BackendMismatchError, DeviceError
     from .data import CorruptDataError, DataNotFoundError
-    from .step_graphs import GraphError
-    from .checkpoint import TrainingError
-    from .outdir import OutputError
-    from .plot import PlotError
+    from .training.graphs import GraphError
+    from .training.checkpoint import TrainingError
+    from .training.outdir import OutputError
+    from .tools.plot import PlotError
     user_errors = (DataNotFoundError, CorruptDataError, GraphError, OutputError, PlotError)
     try:
         return a.func(a)

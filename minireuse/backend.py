@@ -179,7 +179,7 @@ _capture = {"active": False, "on_success": None}
 
 
 class capturing:
-    """Marks the code of its block as being recorded into a CUDA graph (see step_graphs.py).
+    """Marks the code of its block as being recorded into a CUDA graph (see training/graphs.py).
 
     Layers and optimizers ask ``is_capturing()`` to keep host-side work (advancing a
     dropout key, counting a step) out of the recording: the graph runner does it

@@ -9,7 +9,8 @@ is their twin.
 """
 import numpy as np
 
-from . import backend, cpu, step_kernels
+from . import backend, cpu
+from .kernels import step_kernels
 from .cpu import conv as cpu_conv
 
 

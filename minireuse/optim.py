@@ -5,19 +5,20 @@ layers stored in backward. Weight decay is per parameter: it applies where the
 layer's ``decay[name]`` is True (weights, not biases, by default) and can be
 switched per layer with ``decay_layers``.
 
-A step has a host part and a device part: ``prepare_step`` counts it and, on the
+A step has a host part and a device part: ``begin_step`` counts it and, on the
 GPU, uploads the values that change every step (learning rate, Adam's bias
 corrections) into device memory without waiting; ``apply`` updates the parameters.
 ``step`` is both. On CuPy arrays ``apply`` is one fused kernel per parameter
-(minireuse.step_kernels) that reads those values from device memory, so a step recorded in
-a CUDA graph (step_graphs.py) replays with the current learning rate; ``update`` below,
-the array code, is its twin and runs on NumPy.
+(minireuse.kernels.step_kernels) that reads those values from device memory, never
+from its launch arguments; ``update`` below, the array code, is its twin and runs on
+NumPy.
 """
 import math
 
 import numpy as np
 
-from . import backend, step_kernels
+from . import backend
+from .kernels import step_kernels
 
 
 class Optimizer:
@@ -38,10 +39,10 @@ class Optimizer:
         return self.decay_layers is None or layer.name in self.decay_layers
 
     def step(self):
-        self.prepare_step()
+        self.begin_step()
         self.apply()
 
-    def prepare_step(self):
+    def begin_step(self):
         """The host part of a step: count it; on the GPU, upload this step's scalars."""
         self.steps += 1
         params = [layer.params[name] for _, layer, name in self.model.named_parameters()]
@@ -61,7 +62,7 @@ class Optimizer:
             wd = self.weight_decay if self._decays(layer, name) else 0.0
             if step_kernels.supports(p, g) and p.flags.c_contiguous:
                 if self._hyper is None:
-                    raise RuntimeError("Optimizer.apply on the GPU needs prepare_step first (use step())")
+                    raise RuntimeError("Optimizer.apply on the GPU needs begin_step first (use step())")
                 self.fused_update(key, p, g, wd)
                 continue
             if wd:

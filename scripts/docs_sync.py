@@ -9,7 +9,7 @@ Two kinds of marker in a Markdown file under docs/:
     <!-- end include -->
 
 ``include py PATH NAME`` copies a top-level Python function or class (or Class.method) the same way.
-``include cuda`` also reads CUDA held in a Python string (minireuse/step_kernels.py).
+``include cuda`` also reads CUDA held in a Python string.
 
     <!-- ptxas hash_rows_h8 hash_rows_h16 -->
     (a table of registers, shared memory and occupancy, from docs/kernels/ptxas.json)
@@ -154,7 +154,7 @@ def stale_pages():
 def kernel_sources():
     """{name: CUDA text} of every translation unit compiled for the table."""
     sys.path.insert(0, str(ROOT))
-    from minireuse import step_kernels
+    from minireuse.kernels import step_kernels
     from minireuse.reuse import cuda
     return {"reuse": cuda.module_source(), "step_kernels": step_kernels.CUDA_SOURCE}
 

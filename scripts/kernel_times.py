@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minireuse import backend, bench  # noqa: E402
+from minireuse import backend  # noqa: E402
+from minireuse.tools import bench  # noqa: E402
 from minireuse.timing import Clock, timed  # noqa: E402
 from minireuse.reuse import ReuseConfig, ReuseState, cuda  # noqa: E402
 
@@ -121,7 +122,7 @@ def time_graph(x, W, b, dy, pads, config, state, repeats):
     """ms of one forward + backward recorded as a CUDA graph and replayed (median)."""
     cp = backend.require_gpu()
     # everything the capture allocates comes from a pool of its own, kept while the graph
-    # replays (as step_graphs.py does): later eager work cannot reuse the addresses it writes
+    # replays (as training/graphs.py does): later eager work cannot reuse the addresses it writes
     pool = cp.cuda.MemoryPool()
     stream = cp.cuda.Stream(non_blocking=True)
     cp.cuda.Stream.null.synchronize()

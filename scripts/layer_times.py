@@ -21,12 +21,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minireuse import cpu  # noqa: E402
-from minireuse.bench_step import PCA_FAST  # noqa: E402
 from minireuse.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from minireuse.data.sample import sample_images  # noqa: E402
 from minireuse.losses import SoftmaxCrossEntropy  # noqa: E402
 from minireuse.models import MODELS  # noqa: E402
-from minireuse.reuse.adaptive import DEFAULT_LADDERS  # noqa: E402
+from minireuse.tools.bench_step import PCA_FAST  # noqa: E402
+from minireuse.training.adaptive import DEFAULT_LADDERS  # noqa: E402
 
 ROWS = {"exact": None, "default": {name: ladder[0] for name, ladder in DEFAULT_LADDERS.items()},
         "fastest": PCA_FAST}

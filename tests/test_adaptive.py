@@ -5,11 +5,12 @@ import pytest
 
 from minireuse.models import cifarnet
 from minireuse.reuse import ReuseConfig
-from minireuse.reuse.adaptive import (AdaptiveStrategy, FixedStrategy, ScheduleStrategy, load_settings,
-                                      make_strategy, stage_errors)
-from minireuse.train import Trainer
+from minireuse.training.adaptive import (AdaptiveStrategy, FixedStrategy, ScheduleStrategy, load_settings,
+                                         make_strategy)
+from minireuse.training.probes import stage_errors
+from minireuse.training.trainer import Trainer
 
-from test_train import config, learnable_data
+from cli_helpers import config, learnable_data
 
 LADDER = {"conv2": [dict(L=32, H=8), dict(L=16, H=12)]}
 
@@ -173,7 +174,7 @@ def test_probes_of_the_speed_guard_change_nothing_trained(tmp_path):
     """A reuse run whose exact layers are timed on every step trains bit for bit like the same
     run without the speed guard (the margin keeps the guard from acting)."""
     import numpy as np
-    from test_train import params
+    from cli_helpers import params
     data = learnable_data(n_train=64, n_test=16)
     runs = []
     for name, guard in (("guarded", True), ("unguarded", False)):
@@ -250,7 +251,7 @@ def test_resume_restores_the_strategy(tmp_path):
 
 def test_cli_compare_prints_side_by_side_table(tmp_path):
     from cifar_fixture import write_cifar_fixture
-    from test_train import run_cli
+    from cli_helpers import run_cli
     write_cifar_fixture(str(tmp_path / "data"), n_per_batch=8, n_test=16)
     settings = tmp_path / "reuse.json"
     settings.write_text(json.dumps({"layers": {"conv2": {"L": 16, "H": 8}}}))
@@ -270,7 +271,7 @@ def test_strategy_probes_draw_no_training_randomness(tmp_path):
     """An adaptive run that never starts reusing (its speed probe and exact timing run on
     step 0) trains bit for bit like the exact run: the comparison is paired."""
     import numpy as np
-    from test_train import params
+    from cli_helpers import params
     data = learnable_data()
     exact = Trainer(config(tmp_path, out=str(tmp_path / "e")), data=data, quiet=True)
     exact.fit()
@@ -299,7 +300,7 @@ def test_default_ladder_trains_with_reuse_in_conv2s_backward(tmp_path):
 
 def test_each_model_has_reuse_defaults_on_its_own_layers():
     from minireuse.models import MODELS
-    from minireuse.reuse.adaptive import make_strategy
+    from minireuse.training.adaptive import make_strategy
     for name in ("cifarnet", "alexnet", "vgg19"):
         model = MODELS[name](seed=0)
         for kind in ("fixed", "adaptive"):

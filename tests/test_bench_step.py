@@ -1,11 +1,12 @@
-"""The whole-step benchmark (minireuse.bench_step): rows, labels, JSON, and its errors."""
+"""The whole-step benchmark (minireuse.tools.bench_step): rows, labels, JSON, and its errors."""
 import argparse
 import importlib.util
 import json
 
 import pytest
 
-from minireuse import backend, bench_step, cpu
+from minireuse import backend, cpu
+from minireuse.tools import bench_step
 
 from cifar_fixture import write_cifar_fixture
 

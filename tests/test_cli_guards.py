@@ -15,13 +15,13 @@ import sys
 import numpy as np
 import pytest
 
-from minireuse import checkpoint as checkpoint_mod
-from minireuse import train as train_mod
+from minireuse.training import batches as batches_mod
+from minireuse.training import checkpoint as checkpoint_mod
+from minireuse.training import trainer as train_mod
 from minireuse.__main__ import main
 
 from cifar_fixture import write_cifar_fixture
-from cli_helpers import base, history
-from test_train import ROOT, run_cli
+from cli_helpers import ROOT, base, history, run_cli
 
 
 def one_line_error(err):
@@ -85,7 +85,7 @@ def test_compare_refuses_to_replace_its_runs(tmp_path, data, capsys):
 
 def test_ctrl_c_names_the_interpreter_that_runs(tmp_path, data, capsys, monkeypatch):
     out = tmp_path / "run"
-    real_step = train_mod.Trainer.train_step
+    real_step = train_mod.Trainer.run_step
     calls = []
 
     def step(self, *args):
@@ -93,7 +93,7 @@ def test_ctrl_c_names_the_interpreter_that_runs(tmp_path, data, capsys, monkeypa
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(self, *args)
-    monkeypatch.setattr(train_mod.Trainer, "train_step", step)
+    monkeypatch.setattr(train_mod.Trainer, "run_step", step)
     assert main(base(data, out, "--epochs", "1", "--batch-size", "16")) == 130
     err = capsys.readouterr().err
     assert f"continue with {sys.executable} -m minireuse train --resume {out / 'checkpoint.npz'}" in err
@@ -151,26 +151,26 @@ def test_a_batch_larger_than_the_training_set_is_refused(tmp_path, data, capsys)
 
 def test_a_step_that_cannot_fit_in_memory_is_refused_before_the_data(tmp_path, data, capsys, monkeypatch):
     from minireuse.models import MODELS
-    limit = train_mod.step_memory_bytes(MODELS["cifarnet"](), 16, sum(train_mod.CIFAR_IMAGES)) + 1
-    monkeypatch.setattr(train_mod, "available_memory", lambda: limit)
+    limit = batches_mod.step_memory_bytes(MODELS["cifarnet"](), 16, sum(batches_mod.CIFAR_IMAGES)) + 1
+    monkeypatch.setattr(batches_mod, "available_memory", lambda: limit)
     read = []
     monkeypatch.setattr(train_mod.Trainer, "_load_data", lambda self: read.append(1))
     assert main(base(data, tmp_path / "run", "--epochs", "1", "--batch-size", "32")) == 2
     err = one_line_error(capsys.readouterr().err)
     assert "with batches of 32 needs about" in err and "lower --batch-size" in err and not read
     monkeypatch.undo()
-    monkeypatch.setattr(train_mod, "available_memory", lambda: limit)
+    monkeypatch.setattr(batches_mod, "available_memory", lambda: limit)
     assert main(base(data, tmp_path / "run", "--epochs", "1", "--batch-size", "16")) == 0
 
 
 def test_the_memory_estimate_grows_with_the_batch_and_reads_meminfo():
     from minireuse.models import MODELS
     model = MODELS["cifarnet"]()
-    small, large = (train_mod.step_memory_bytes(model, b, 0) for b in (128, 256))
+    small, large = (batches_mod.step_memory_bytes(model, b, 0) for b in (128, 256))
     # conv2's im2col (128 x 16 x 16 x 1600 floats, twice) is part of a batch of 128
     assert large > small > 2 * 128 * 16 * 16 * 1600 * 4
     if os.path.exists("/proc/meminfo"):
-        assert train_mod.available_memory() > 0
+        assert batches_mod.available_memory() > 0
 
 
 # ---------------------------------------------------------------- D6: a reuse config is not ignored
@@ -196,7 +196,7 @@ def trained(tmp_path, data):
 
 
 def test_evaluate_checks_its_json_path_before_evaluating(tmp_path, data, trained, capsys, monkeypatch):
-    from minireuse import evaluate as evaluate_mod
+    from minireuse.tools import evaluate as evaluate_mod
     blocker = tmp_path / "file"
     blocker.write_text("x")
     ran = []
@@ -308,7 +308,7 @@ def test_plot_of_a_run_without_history_says_why(tmp_path, capsys):
 
 def test_plot_of_a_one_epoch_exact_run_draws_points_and_says_there_is_no_reuse(tmp_path, trained):
     pytest.importorskip("matplotlib")
-    from minireuse import plot
+    from minireuse.tools import plot
     fig = plot.figure([plot.read_history(str(trained))])
     acc, loss, _, rc, err, harm = fig.axes
     assert all(line.get_marker() == "o" for line in acc.lines + loss.lines)

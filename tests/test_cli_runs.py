@@ -16,15 +16,14 @@ import sys
 import numpy as np
 import pytest
 
-from minireuse import checkpoint as checkpoint_mod
-from minireuse import train as train_mod
+from minireuse.training import checkpoint as checkpoint_mod
+from minireuse.training import trainer as train_mod
 from minireuse.__main__ import main
 from minireuse.models import Sequential
 from minireuse.layers import Dense
 from minireuse.optim import SGD
 
-from cli_helpers import base, history
-from test_train import run_cli
+from cli_helpers import base, history, run_cli
 
 
 def reuse_file(tmp_path):
@@ -153,7 +152,7 @@ def test_ctrl_c_during_the_evaluation_saves_and_resumes_exactly(tmp_path, data, 
 
 def test_a_second_ctrl_c_stops_at_once_and_says_what_is_left(tmp_path, data, capsys, monkeypatch):
     out = tmp_path / "run"
-    real_step = train_mod.Trainer.train_step
+    real_step = train_mod.Trainer.run_step
     calls = []
 
     def step(self, *args):
@@ -162,7 +161,7 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_is_left(tmp_path, data, cap
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(self, *args)
-    monkeypatch.setattr(train_mod.Trainer, "train_step", step)
+    monkeypatch.setattr(train_mod.Trainer, "run_step", step)
     assert main(base(data, out, "--epochs", "2", "--batch-size", "16")) == 130
     err = capsys.readouterr().err
     assert "interrupted again: stopped at once without saving" in err
@@ -220,8 +219,8 @@ def test_bench_says_what_it_times(capsys):
 
 
 def test_weight_decay_layers_follow_the_model(tmp_path):
-    from minireuse.train import Trainer
-    from test_train import config, learnable_data
+    from minireuse.training.trainer import Trainer
+    from cli_helpers import config, learnable_data
     t = Trainer(config(tmp_path, model="alexnet", epochs=1), data=learnable_data(n_train=8, n_test=8), quiet=True)
     assert t.cfg["decay_layers"] is None                     # CifarNet's fc3, fc4 do not exist here
     assert Trainer(config(tmp_path), data=learnable_data(8, 8), quiet=True).cfg["decay_layers"] == ["fc3", "fc4"]

@@ -13,7 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from minireuse import runtime
+from minireuse.kernels import runtime
 from minireuse.reuse import cuda
 
 ARCHS = ("sm_80", "sm_90")

@@ -18,7 +18,8 @@ The reference path runs on NumPy copies (its CPU form is the oracle).
 import numpy as np
 import pytest
 
-from minireuse import backend, runtime
+from minireuse import backend
+from minireuse.kernels import runtime
 from minireuse.layers.conv import im2col as ref_im2col
 from minireuse.reuse import ReuseConfig, ReuseState, clustering, conv2d_backward, conv2d_forward, lsh
 from minireuse.reuse import conv as ref_conv
@@ -944,7 +945,7 @@ def test_a_call_site_counts_as_captured_only_once_its_recording_ended_well(ends_
 
 def _capture(xp, fn):
     """(graph, outputs, pool) of fn() captured on a new stream; everything it allocates comes
-    from a private pool kept with the graph (as step_graphs.py does), so eager work cannot reuse
+    from a private pool kept with the graph (as training/graphs.py does), so eager work cannot reuse
     addresses the graph writes."""
     pool = xp.cuda.MemoryPool()
     stream = xp.cuda.Stream(non_blocking=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minireuse.__main__ import main
-from minireuse.evaluate import evaluate_model, reuse_settings
+from minireuse.tools.evaluate import evaluate_model, reuse_settings
 from minireuse.models import cifarnet
 
 from cifar_fixture import write_cifar_fixture

@@ -1,4 +1,4 @@
-"""The kernel runtime's host build (minireuse.runtime): CUDA's execution model on the CPU.
+"""The kernel runtime's host build (minireuse.kernels.runtime): CUDA's execution model on the CPU.
 
 Each test builds a small kernel of its own. The host runner must run a launch as
 CUDA does (every block, blockDim real threads, barriers, shared memory, atomics),
@@ -9,7 +9,7 @@ memory. Correct variants of the same kernels pass under every schedule.
 import numpy as np
 import pytest
 
-from minireuse import runtime
+from minireuse.kernels import runtime
 
 pytestmark = pytest.mark.skipif(runtime.host_compiler() is None, reason="no host C++ compiler")
 

@@ -1,5 +1,8 @@
 """The package's import graph has no cycle: every module of minireuse imports (at module
-level or inside a function) only modules below it."""
+level or inside a function) only modules below it, and the package's wings stand on one
+another in one order: the ground (backend, fileio, tables, timing, cpu/, kernels/), the
+network's maths (conv_geometry, optim, losses, reuse/, layers/, models/, data/), training/,
+tools/, the command line."""
 import ast
 import os
 
@@ -84,6 +87,41 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# the wings from the ground up: a module imports nothing of a wing above its own
+WINGS = (
+    ("ground", ("backend", "fileio", "tables", "timing", "cpu", "kernels")),
+    ("maths", ("conv_geometry", "optim", "losses", "reuse", "layers", "models", "data")),
+    ("training", ("training",)),
+    ("tools", ("tools",)),
+    ("command line", ("__main__",)),
+)
+
+
+def wing(module):
+    """The index in WINGS of a module of the package (None for the package's face)."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return None
+    for i, (_, tops) in enumerate(WINGS):
+        if parts[1] in tops:
+            return i
+    raise AssertionError(f"{module} belongs to no wing: add its top-level name to WINGS")
+
+
+def test_every_wing_imports_only_the_wings_below_it():
+    graph = import_graph()
+    upward = [(m, d) for m, deps in graph.items() for d in deps
+              if wing(m) is not None and wing(d) is not None and wing(d) > wing(m)]
+    assert upward == [], "imports that climb to a higher wing: " + ", ".join(f"{m} -> {d}" for m, d in upward)
+
+
+def test_the_deep_reuse_engine_knows_nothing_of_training():
+    graph = import_graph()
+    for mod, deps in graph.items():
+        if mod.startswith("minireuse.reuse"):
+            assert not any(d.startswith(("minireuse.training", "minireuse.tools")) for d in deps), mod
+
+
 def test_the_reference_path_imports_nothing_of_the_fast_path():
     graph = import_graph()
     for ref in ("lsh", "clustering", "matmul", "conv", "config"):
@@ -94,3 +132,14 @@ def test_the_reference_path_imports_nothing_of_the_fast_path():
 def test_the_cycle_check_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_layers_the_optimizer_and_the_trainer_know_nothing_of_graph_capture():
+    """Recording and replaying a step is training/step.py's and training/graphs.py's business:
+    layers, optimizers and the training loop only advance and read per-step state."""
+    paths = [os.path.join(ROOT, "layers", f) for f in os.listdir(os.path.join(ROOT, "layers")) if f.endswith(".py")]
+    paths += [os.path.join(ROOT, "optim.py"), os.path.join(ROOT, "training", "trainer.py")]
+    for path in paths:
+        with open(path) as f:
+            text = f.read().lower()
+        assert "captur" not in text and "replay" not in text, os.path.relpath(path, ROOT)

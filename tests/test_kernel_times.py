@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from minireuse import backend, runtime
+from minireuse import backend
+from minireuse.kernels import runtime
 from minireuse.reuse import cuda
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "kernel_times.py"

@@ -68,6 +68,20 @@ def test_duplicate_layer_names_refused():
         Sequential([ReLU(name="r"), ReLU(name="r")])
 
 
+def test_reuse_settings_swaps_the_layers_and_puts_their_own_back():
+    model = cifarnet()
+    model.layer("conv2").set_reuse(dict(L=16, H=12))
+    before = {l.name: l.reuse for l in model.reuse_layers()}
+    with model.reuse_settings(None) as swapped:
+        assert [l.name for l in swapped] == list(before) and all(l.reuse is None for l in swapped)
+    assert {l.name: l.reuse for l in model.reuse_layers()} == before
+    with pytest.raises(RuntimeError):
+        with model.reuse_settings(dict(L=8, H=4), names={"conv1"}):
+            assert model.layer("conv1").reuse.L == 8 and model.layer("conv2").reuse.L == 16
+            raise RuntimeError("the settings come back all the same")
+    assert {l.name: l.reuse for l in model.reuse_layers()} == before
+
+
 def test_input_of_applies_the_layers_before_the_named_one():
     model = cifarnet(seed=0)
     x = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)

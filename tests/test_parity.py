@@ -7,11 +7,11 @@ import statistics
 
 import pytest
 
-from minireuse import parity
-from minireuse.train import Trainer
+from minireuse.tools import parity
+from minireuse.training.trainer import Trainer
 
 from cifar_fixture import write_cifar_fixture
-from test_train import learnable_data, run_cli
+from cli_helpers import learnable_data, run_cli
 
 REUSE = {"layers": {"conv2": {"L": 16, "H": 8}}}
 
@@ -183,7 +183,7 @@ def small_config(out, **kw):
 
 def test_interrupted_run_is_resumed_and_complete_ones_not_retrained(tmp_path, monkeypatch):
     data = learnable_data(n_train=64, n_test=32)
-    real_step, steps = Trainer.train_step, []
+    real_step, steps = Trainer.run_step, []
 
     def step_then_interrupt(self, *args):
         steps.append(1)
@@ -191,13 +191,13 @@ def test_interrupted_run_is_resumed_and_complete_ones_not_retrained(tmp_path, mo
         if len(steps) == 6:          # seed 0's exact run, epoch 2 (4 steps an epoch), after step 2
             os.kill(os.getpid(), signal.SIGINT)
         return out
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    monkeypatch.setattr(Trainer, "run_step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         parity.run(small_config(tmp_path / "p"), [0, 1], quiet=True, data=data)
     exact0 = tmp_path / "p" / "seed0" / "exact"
     assert len(json.load(open(exact0 / "history.json"))["epochs"]) == 1
     assert not os.path.exists(tmp_path / "p" / "seed0" / "reuse")
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    monkeypatch.setattr(Trainer, "run_step", real_step)
 
     calls = {"fit": 0, "resume": []}
     real_fit, real_resume = Trainer.fit, Trainer.resume
@@ -253,7 +253,7 @@ def test_settings_rule():
 def test_a_run_records_the_default_settings_it_ran(tmp_path):
     """reuse_layers null (the default) is saved as the ladder that ran, so a later default
     does not count as the same settings; an old checkpoint that saved null still resumes."""
-    from minireuse.reuse.adaptive import DEFAULT_LADDERS, resolved_layers
+    from minireuse.training.adaptive import DEFAULT_LADDERS, resolved_layers
     assert resolved_layers("adaptive", None) == json.loads(json.dumps(DEFAULT_LADDERS))
     assert resolved_layers("off", {"conv2": {"L": 8}}) is None
     assert resolved_layers("fixed", {"conv2": {"L": 8}}) == {"conv2": {"L": 8}}
@@ -384,7 +384,7 @@ def test_eval_every_targets_and_pytorch_reuse_the_runs_made_without_them(first_r
         assert set(seed0["curves"]) == {"exact", "reuse", "pytorch"} and set(seed1["curves"]) == {"exact", "reuse"}
         assert len(seed0["curves"]["pytorch"]) == 2                 # mid and end of its epoch
         assert saved["pytorch"] == {"seeds": [0]}
-    monkeypatch.setattr("minireuse.pytorch_run.torch_missing", lambda: "PyTorch does not import (test)")
+    monkeypatch.setattr("minireuse.tools.pytorch_run.torch_missing", lambda: "PyTorch does not import (test)")
     res = parity.run(dict(Trainer.DEFAULTS, data=str(fixture_dir / "data"), epochs=1, batch_size=20, device="cpu",
                           reuse="fixed", reuse_layers=REUSE["layers"], reuse_options={}, out=str(out)), [0, 1], quiet=True,
                      pytorch=True)

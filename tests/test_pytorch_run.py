@@ -4,19 +4,19 @@ import json
 import numpy as np
 import pytest
 
-from minireuse.train import Trainer
+from minireuse.training.trainer import Trainer
 
-from test_train import config, learnable_data
+from cli_helpers import config, learnable_data
 
 torch = pytest.importorskip("torch", reason="PyTorch is the optional .[compare] extra")
 
-from minireuse.pytorch_run import TorchRun, torch_weights  # noqa: E402
+from minireuse.tools.pytorch_run import TorchRun, torch_weights  # noqa: E402
 
 
 def test_converted_weights_give_minireuse_outputs():
     """NHWC -> NCHW, conv and dense layouts, fc3's input order: the same logits."""
     from minireuse.models import cifarnet
-    from minireuse.pytorch_run import build_network
+    from minireuse.tools.pytorch_run import build_network
     model = cifarnet(seed=3)
     net, _, _ = build_network(torch, model)
     net.eval()

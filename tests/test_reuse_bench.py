@@ -2,7 +2,7 @@
 import argparse
 import json
 
-from minireuse import bench
+from minireuse.tools import bench
 
 
 def test_bench_runs_a_tiny_grid_and_writes_json(tmp_path, capsys):

@@ -6,7 +6,7 @@ from gradcheck import numerical_directional
 from minireuse import backend
 from minireuse.reuse import (ReuseConfig, ReuseState, assign_clusters, dense_backward, dense_forward,
                              reuse_matmul_backward, reuse_matmul_forward, reuse_matmul_forward_assigned)
-from minireuse.reuse.matmul import hash_groups
+from minireuse.reuse.matmul import hash_groups, reuse_matmul_simple
 from minireuse.reuse.lsh import split_groups
 
 
@@ -37,6 +37,15 @@ def coarse_assignment(xp, X, L, H=3):
 
 def close(a, b, tol=1e-10):
     np.testing.assert_allclose(backend.asnumpy(a), backend.asnumpy(b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("L, H", [(4, 3), (3, 12), (16, 12)])
+def test_the_simple_product_is_the_full_forward_with_default_options(xp, L, H):
+    X, W, _ = operands(xp, n=200, k=10, m=7)
+    state = ReuseState()
+    y, _ = reuse_matmul_forward(X, W, None, ReuseConfig(L=L, H=H), state, train=False)
+    close(reuse_matmul_simple(X, W, L, H), y)
+    assert H > 3 or float(backend.asnumpy(state.last["r_c"])) < 0.1       # few bits: large clusters
 
 
 def test_duplicate_rows_share_a_cluster_and_give_the_exact_product(xp):

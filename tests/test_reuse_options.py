@@ -7,7 +7,8 @@ import types
 import numpy as np
 import pytest
 
-from minireuse import backend, bench
+from minireuse import backend
+from minireuse.tools import bench
 from minireuse.reuse import ReuseConfig, ReuseState, dense_forward, dispatch
 
 

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from minireuse import bench_step, fileio
+from minireuse.tools import bench_step
+from minireuse import fileio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,14 +173,15 @@ def test_package_data_is_declared_and_matches_the_files():
     cfg = setup_cfg()
     assert cfg["options"]["packages"].strip() == "find_namespace:"
     data = cfg["options.package_data"]
-    assert listed(data["minireuse"]) == ["host_runtime.h"]
+    assert sorted(listed(data["minireuse.kernels"])) == ["*.cu", "host_runtime.h"]
     kernel_globs = listed(data["minireuse.reuse.kernels"])
     assert sorted(kernel_globs) == ["*.cu", "*.cuh"]
     kdir = os.path.join(ROOT, "minireuse", "reuse", "kernels")
     on_disk = {os.path.basename(p) for p in glob.glob(os.path.join(kdir, "*")) if os.path.isfile(p)}
     matched = {os.path.basename(p) for g in kernel_globs for p in glob.glob(os.path.join(kdir, g))}
     assert on_disk and matched == on_disk             # every kernel source ships, nothing is left out
-    assert os.path.isfile(os.path.join(ROOT, "minireuse", "host_runtime.h"))
+    assert os.path.isfile(os.path.join(ROOT, "minireuse", "kernels", "host_runtime.h"))
+    assert os.path.isfile(os.path.join(ROOT, "minireuse", "kernels", "step_kernels.cu"))
 
 
 def test_package_discovery_lists_every_folder_of_the_package():

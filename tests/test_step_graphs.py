@@ -1,4 +1,4 @@
-"""CUDA-graph training steps (minireuse.step_graphs) and the sync-free host <-> device scalars.
+"""CUDA-graph training steps (minireuse.training.graphs) and the sync-free host <-> device scalars.
 
 On the CPU: mode resolution and its errors, what may be recorded, the graph keys,
 and the NumPy side of DeviceScalars/AsyncReader. On a GPU: a run replaying
@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from minireuse import backend
-from minireuse.step_graphs import (GraphError, prepare_replay, resolve_mode, reuse_capturable, settings_key,
-                                   uncapturable_layers)
+from minireuse.training.graphs import (GraphError, resolve_mode, reuse_capturable, settings_key,
+                                      uncapturable_layers)
+from minireuse.training.step import begin_step, end_step
 from minireuse.models import cifarnet
 from minireuse.reuse import ReuseConfig
-from minireuse.train import Trainer
+from minireuse.training.trainer import Trainer
 
-from test_train import config, learnable_data, params, run_cli
+from cli_helpers import config, learnable_data, params, run_cli
 
 needs_gpu = pytest.mark.skipif(not backend.gpu_available(), reason="no usable GPU/cupy on this machine")
 
@@ -44,9 +45,9 @@ def test_graph_on_without_gpu_is_a_clear_error(tmp_path):
 
 def test_auto_on_the_cpu_runs_eagerly(tmp_path):
     t = Trainer(config(tmp_path, epochs=1), data=learnable_data(), quiet=True)
-    assert t.graph_mode == "off"
+    assert t.step.graph_mode == "off"
     t.fit()
-    assert t._graphs is None
+    assert t.step.graphs is None
 
 
 def test_evaluation_statistics_stay_apart_from_training(tmp_path):
@@ -136,7 +137,7 @@ def test_replayed_steps_train_like_eager_steps(tmp_path, optimizer):
     # every step and Adam new bias corrections: a replay that froze any would drift
     eager, graphed = gpu_pair(tmp_path, epochs=2, optimizer=optimizer, lr=0.02 if optimizer == "sgd" else 1e-3,
                               schedule="cosine")
-    assert graphed._graphs.recordings == 1 and graphed._graphs.replays >= 6
+    assert graphed.step.graphs.recordings == 1 and graphed.step.graphs.replays >= 6
     a, b = params(eager.model), params(graphed.model)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -150,7 +151,7 @@ def test_replayed_reuse_steps_train_like_eager_steps(tmp_path):
     """Deep reuse on (the CUDA fast path): graphs replay it, and training matches the eager
     run up to the order of the float atomics (cluster sums), which differs between runs."""
     eager, graphed = gpu_pair(tmp_path, epochs=2, reuse="fixed", reuse_layers={"conv2": dict(L=16, H=12)})
-    assert graphed._graphs.replays >= 6 and len(graphed._graphs.graphs) <= graphed._graphs.max_graphs
+    assert graphed.step.graphs.replays >= 6 and len(graphed.step.graphs.graphs) <= graphed.step.graphs.max_graphs
     a, b = params(eager.model), params(graphed.model)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=2e-2, atol=2e-3, err_msg=k)
@@ -164,7 +165,7 @@ def test_exact_step_records_without_host_synchronisation(tmp_path):
     # graph 'on' raises if anything in the step (layers, loss, optimizer, sums) waits on the device
     t = Trainer(config(tmp_path, device="gpu", graph="on", epochs=1), data=learnable_data(), quiet=True)
     t.fit()
-    assert t._graphs.recordings == 1 and not t._graphs.failed
+    assert t.step.graphs.recordings == 1 and not t.step.graphs.failed
 
 
 @needs_gpu
@@ -208,11 +209,13 @@ def test_device_scalars_and_reader_on_the_gpu():
         backend._state["device"] = old
 
 
-def test_prepare_replay_runs_the_optimizer_and_every_layer_with_per_step_state():
+def test_begin_step_advances_the_optimizer_and_every_layer_with_per_step_state():
     calls = []
-    layer = lambda name, state: type(name, (), {"prepare_replay": (lambda self: calls.append(name))}
+    layer = lambda name, state: type(name, (), {"begin_step": (lambda self: calls.append(name)),
+                                                "end_step": (lambda self: calls.append("end " + name))}
                                      if state else {})()
     model = type("M", (), {"layers": [layer("dropout1", True), layer("relu", False), layer("dropout2", True)]})()
-    opt = type("O", (), {"prepare_step": lambda self: calls.append("opt")})()
-    prepare_replay(model, opt)
-    assert calls == ["opt", "dropout1", "dropout2"]
+    opt = type("O", (), {"begin_step": lambda self: calls.append("opt")})()
+    begin_step(model, opt)
+    end_step(model)
+    assert calls == ["opt", "dropout1", "dropout2", "end dropout1", "end dropout2"]

@@ -1,7 +1,7 @@
-"""Fused kernels (minireuse.step_kernels) against their twins, the layers' and optimizers' array code.
+"""Fused kernels (minireuse.kernels.step_kernels) against their twins, the layers' and optimizers' array code.
 
 Each test body runs twice: on the GPU (CuPy arrays, the real kernels), and on the
-kernels' host build (the same CUDA source run by minireuse.runtime's host runner:
+kernels' host build (the same CUDA source run by minireuse.kernels.runtime's host runner:
 blocks of real threads, fed NumPy arrays through the launch the GPU uses), so the
 kernels are checked on machines without a GPU too. Data is asymmetric and random, with ties
 where ties matter (pooling, argmax), and holds no float32 subnormals: CuPy compiles with
@@ -14,12 +14,13 @@ import subprocess
 import numpy as np
 import pytest
 
-from minireuse import backend, step_kernels, runtime
+from minireuse import backend
+from minireuse.kernels import step_kernels, runtime
 from minireuse.layers import Dense, Dropout, LocalResponseNorm, MaxPool2D, ReLU, col2im, im2col
 from minireuse.layers.simple import call_key
 from minireuse.models import Sequential
 from minireuse.optim import SGD, Adam
-from minireuse.train import StepTotals
+from minireuse.training.step import StepTotals
 
 
 def _runners():

@@ -2,43 +2,14 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from minireuse import backend
-from minireuse.train import Trainer, TrainingError, load_checkpoint
+from minireuse.training.trainer import Trainer, TrainingError, load_checkpoint
 
 from cifar_fixture import write_cifar_fixture
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def learnable_data(n_train=192, n_test=64, seed=0):
-    """Images whose class sets a colour tint and a bright quadrant: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-
-    def make(n):
-        y = rng.integers(0, 4, size=n)
-        x = rng.integers(0, 80, size=(n, 32, 32, 3))
-        for k in range(4):
-            r, c = divmod(k, 2)
-            x[y == k, 16 * r:16 * r + 16, 16 * c:16 * c + 16, k % 3] += 170
-        return x.astype(np.uint8), y.astype(np.int64)
-    return make(n_train) + make(n_test)
-
-
-def config(tmp_path, **kw):
-    cfg = dict(epochs=2, batch_size=32, lr=0.02, warmup_epochs=0.0, device="cpu", out=str(tmp_path / "run"),
-               augment=True, log_every=2)
-    cfg.update(kw)
-    return cfg
-
-
-def params(model):
-    return {k: backend.asnumpy(l.params[n]).copy() for k, l, n in model.named_parameters()}
+from cli_helpers import config, learnable_data, params, run_cli
 
 
 def test_short_run_lowers_the_loss(tmp_path):
@@ -76,7 +47,7 @@ def test_ctrl_c_saves_and_resume_is_exact(tmp_path, monkeypatch):
     full.fit()
 
     t = Trainer(config(tmp_path, out=str(tmp_path / "b")), data=data, quiet=True)
-    real_step, calls = t.train_step, []
+    real_step, calls = t.run_step, []
 
     def step_then_interrupt(*args):
         calls.append(1)
@@ -84,7 +55,7 @@ def test_ctrl_c_saves_and_resume_is_exact(tmp_path, monkeypatch):
         if len(calls) == 9:  # the 3rd step of epoch 2 (6 steps per epoch)
             os.kill(os.getpid(), signal.SIGINT)
         return out
-    monkeypatch.setattr(t, "train_step", step_then_interrupt)
+    monkeypatch.setattr(t, "run_step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt, match="after step 3"):
         t.fit()
     meta = load_checkpoint(str(tmp_path / "b" / "checkpoint.npz"), t.model, t.opt)
@@ -105,22 +76,22 @@ def test_mid_epoch_evaluations_change_nothing_trained_and_survive_a_ctrl_c(tmp_p
     """eval_every 0.5: the test set is evaluated after 3 of the 6 steps too, with the epoch's
     training seconds so far; a Ctrl-C during that evaluation in epoch 2 saves the run before
     it, the resumed run evaluates there again, and the parameters end as without evaluations."""
-    import minireuse.train
+    import minireuse.training.trainer
     data = learnable_data()
     plain = Trainer(config(tmp_path, out=str(tmp_path / "a")), data=data, quiet=True)
     plain.fit()
     t = Trainer(config(tmp_path, out=str(tmp_path / "b"), eval_every=0.5), data=data, quiet=True)
-    real_evaluate, calls = minireuse.train.evaluate, []
+    real_evaluate, calls = minireuse.training.trainer.evaluate, []
 
     def evaluate_interrupted(*args, **kw):
         calls.append(1)
         if len(calls) == 3:                       # epoch 2's evaluation after step 3
             os.kill(os.getpid(), signal.SIGINT)
         return real_evaluate(*args, **kw)
-    monkeypatch.setattr(minireuse.train, "evaluate", evaluate_interrupted)
+    monkeypatch.setattr(minireuse.training.trainer, "evaluate", evaluate_interrupted)
     with pytest.raises(KeyboardInterrupt, match="during an evaluation"):
         t.fit()
-    monkeypatch.setattr(minireuse.train, "evaluate", real_evaluate)
+    monkeypatch.setattr(minireuse.training.trainer, "evaluate", real_evaluate)
     resumed = Trainer(config(tmp_path, out=str(tmp_path / "b"), eval_every=0.5), data=data, quiet=True)
     assert resumed.resume(str(tmp_path / "b" / "checkpoint.npz"))["step"] == 3
     resumed.fit()
@@ -171,12 +142,6 @@ def test_bad_settings_are_refused(tmp_path):
         Trainer(config(tmp_path, epoch=3), data=learnable_data(), quiet=True)
     with pytest.raises(TrainingError, match="does not exist"):
         Trainer(config(tmp_path), data=learnable_data(), quiet=True).resume(str(tmp_path / "nope.npz"))
-
-
-def run_cli(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "minireuse", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
 
 
 def test_cli_trains_on_fixture_data(tmp_path):

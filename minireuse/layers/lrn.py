@@ -5,11 +5,12 @@
 
 (tf.nn.local_response_normalization; alpha is NOT divided by the window size.)
 
-On CuPy arrays, forward and backward are one fused kernel each (minireuse.step_kernels,
+On CuPy arrays, forward and backward are one fused kernel each (minireuse.kernels.step_kernels,
 looping over the 2r+1 window per element); on NumPy arrays the CPU fast path
 (minireuse.cpu.ops) runs them on every core. The array code below is their twin.
 """
-from .. import backend, cpu, step_kernels
+from .. import backend, cpu
+from ..kernels import step_kernels
 from ..cpu import ops as cpu_ops
 from .base import Layer
 

@@ -50,7 +50,7 @@ class BatchNorm(Layer):
         xhat = (x - mu) * inv
         n = x.size // self.channels
         m = self.momentum
-        # in place: a training step recorded as a CUDA graph (step_graphs.py) keeps writing the
+        # in place: a training step recorded as a CUDA graph (training/graphs.py) keeps writing the
         # arrays it saw while recording; evaluation and checkpoints must read those
         running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
         running_mean[...] = m * running_mean + (1 - m) * mu

@@ -1,13 +1,14 @@
 """Max pooling on NHWC inputs.
 
 On CuPy arrays with windows that do not overlap (stride >= pool size, CifarNet's
-2x2/2), forward and backward are one fused kernel each (minireuse.step_kernels): the
+2x2/2), forward and backward are one fused kernel each (minireuse.kernels.step_kernels): the
 forward keeps the position of each window's first maximum (one byte per output)
 and the backward is a gather from it. On NumPy arrays with windows that tile the
 input (CifarNet's 2x2/2), the CPU fast path (minireuse.cpu.ops) does the same on
 every core. The array code below is their twin.
 """
-from .. import backend, cpu, step_kernels
+from .. import backend, cpu
+from ..kernels import step_kernels
 from ..cpu import ops as cpu_ops
 from .base import Layer
 from ..conv_geometry import conv_padding

@@ -1,13 +1,14 @@
 """Parameter-free layers: ReLU, Flatten, Dropout.
 
 On CuPy arrays, ReLU's backward and Dropout's forward are one fused kernel each
-(minireuse.step_kernels); on NumPy arrays ReLU runs on every core (minireuse.cpu.ops).
+(minireuse.kernels.step_kernels); on NumPy arrays ReLU runs on every core (minireuse.cpu.ops).
 The array code below is their twin (Dropout's GPU masks come from a counter-based
 generator instead of NumPy's, see Dropout).
 """
 import numpy as np
 
-from .. import backend, cpu, step_kernels
+from .. import backend, cpu
+from ..kernels import step_kernels
 from ..cpu import ops as cpu_ops
 from .base import Layer
 
@@ -87,9 +88,10 @@ class Dropout(Layer):
     i of call k after ``reseed(s)`` keeps when SplitMix64(call_key(s, k) + i) says so.
     Reseeding is then a host integer (no generator to build per step), the mask of a
     step depends only on (seed, epoch, step), so resuming mid-epoch is exact on the
-    GPU too, and the key lives in device memory, so a step recorded in a CUDA graph
-    draws a fresh mask at every replay (the graph runner calls ``prepare_replay``,
-    which advances the key, before each replay). GPU masks differ from CPU masks.
+    GPU too. The key is per-step state in device memory: ``begin_step`` advances it
+    before a training step and ``end_step`` closes the step (the trainer's Step does
+    both, around every step); within a step the forward only reads the key, outside
+    one every forward advances it itself. GPU masks differ from CPU masks.
     """
 
     def __init__(self, rate=0.5, seed=0, name=None):
@@ -102,18 +104,25 @@ class Dropout(Layer):
 
     def reseed(self, seed):
         self.seed, self._calls = seed, 0
+        self._in_step = False       # between begin_step and end_step: the key is the step's
         # a cupy generator costs a kernel launch or more to build: the GPU path uses keys
         self.rng = backend.random_generator(seed) if backend.device() == "cpu" else None
 
-    def advance_key(self):
-        """Next call's key into device memory (asynchronous; never inside a capture)."""
+    def begin_step(self):
+        """The per-step state: on the GPU, the step's key into device memory (asynchronous)."""
+        if backend.device() == "gpu":
+            self._advance_key()
+            self._in_step = True
+
+    def end_step(self):
+        self._in_step = False
+
+    def _advance_key(self):
         self._calls += 1
         key = call_key(self.seed, self._calls)
         if self._device_key is None:
             self._device_key = backend.DeviceScalars(2, np.uint32, xp=backend.require_gpu())
         self._device_key.set((key & 0xFFFFFFFF, key >> 32))
-
-    prepare_replay = advance_key
 
     def forward(self, x, train=True):
         if not train or self.rate == 0.0:
@@ -121,10 +130,8 @@ class Dropout(Layer):
             return x
         keep = 1.0 - self.rate
         if step_kernels.supports(x):
-            if not backend.is_capturing():
-                self.advance_key()
-            elif self._device_key is None:
-                raise RuntimeError(f"{self.name}: a CUDA graph capture needs one eager step first")
+            if not self._in_step:          # a forward outside a training step draws its own key
+                self._advance_key()
             self._mask, y = step_kernels.dropout_forward(x, keep, self._device_key.array)
             return y
         if self.rng is None:

@@ -1,4 +1,6 @@
 """Sequential model: layers applied in order; backward in reverse order."""
+import contextlib
+
 import numpy as np
 
 from .. import backend
@@ -67,6 +69,24 @@ class Sequential:
 
     def reuse_layers(self):
         return [l for l in self.layers if isinstance(l, ReusableLayer)]
+
+    @contextlib.contextmanager
+    def reuse_settings(self, setting, names=None):
+        """Within the block, every conv/dense layer (those in ``names`` only, when given) runs
+        ``setting`` (None: exact); each gets its own setting back after the block, whatever happens.
+
+            with model.reuse_settings(None):      # the exact model, e.g. for a reference
+                y = model.forward(x, train=False)
+        """
+        layers = [l for l in self.reuse_layers() if names is None or l.name in names]
+        saved = [l.reuse for l in layers]
+        try:
+            for layer in layers:
+                layer.set_reuse(setting)
+            yield layers
+        finally:
+            for layer, reuse in zip(layers, saved):
+                layer.set_reuse(reuse)
 
     def layer(self, name):
         for l in self.layers:

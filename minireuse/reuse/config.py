@@ -203,6 +203,24 @@ class ReuseState:
         self.last = entry
         return entry
 
+    # the statistics' protocol of a step recorded once and replayed (training.graphs)
+    def stats_count(self):
+        """How many training calls are recorded (a mark for stats_since and forget_stats_since)."""
+        return len(self.stats)
+
+    def stats_since(self, mark):
+        """The training calls' entries recorded after ``mark``."""
+        return self.stats[mark:]
+
+    def forget_stats_since(self, mark):
+        """Drop the entries recorded after ``mark`` (those of a recording, which was no step)."""
+        del self.stats[mark:]
+
+    def add_replayed_stats(self, entry, times):
+        """``entry`` for each of ``times`` replayed training calls."""
+        self.stats.extend([entry] * times)
+        self.last = entry
+
     def pop_stats(self, train=True):
         """Means over the training (or, train=False, evaluation) calls since the last pop
         (host floats), then forget them.

@@ -154,7 +154,7 @@ def allot_cuts(std, H):
     cuts_j + 1 levels. Ties (equal spreads) go to the lower axis and the lower k: the sort
     is stable, so NumPy and CuPy allot the same cuts. No loop; no host wait on CuPy 14
     (CuPy 13's argsort synchronises with the host through Thrust, one reason 'pca'
-    steps are never recorded as graphs: step_graphs.host_bound_setting).
+    steps are never recorded as graphs: training.graphs.host_bound_setting).
     """
     xp = backend.get_array_module(std)
     gp, L = std.shape

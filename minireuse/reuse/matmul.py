@@ -1,6 +1,7 @@
 """The deep-reuse matrix product y = X @ W + b, forward and backward (reference path).
 
-Read top to bottom, this is the whole technique for one product X (N, K) @ W (K, M):
+Read top to bottom, this is the whole technique for one product X (N, K) @ W (K, M)
+(reuse_matmul_simple, first below, is these steps alone, without options):
 
 1. split the K columns into G groups of L (zero-pad the last): Xg (N, G, L)
 2. hash every neuron vector Xg[n, g] to an H-bit code, H <= 64   (lsh.py)
@@ -36,6 +37,24 @@ import numpy as np
 from .. import backend
 from . import lsh
 from .clustering import assign_clusters, assignment_matrix, centroids, cluster_sums, group_keys, reconstruct
+
+
+def reuse_matmul_simple(X, W, L=16, H=12, seed=0):
+    """The idea alone: X (N, K) @ W (K, M) with deep reuse, no options, no statistics.
+
+    Equal (up to float summation order) to reuse_matmul_forward with ReuseConfig(L=L, H=H,
+    seed=seed) and no bias: the default family ('offset' planes, shared by the groups)."""
+    xp = backend.get_array_module(X, W)
+    Xg = lsh.split_groups(X, L)                                    # 1. (N, G, L) neuron vectors
+    planes, unit_offsets = lsh.draw_hash_params(L, H, Xg.shape[1], seed, shared=True)
+    planes, unit_offsets = xp.asarray(planes, X.dtype), xp.asarray(unit_offsets, X.dtype)
+    codes = lsh.hash_codes(Xg, planes, unit_offsets * lsh.input_scale(X))    # 2. an H-bit code each
+    ids, n_clusters = assign_clusters(codes, H)                    # 3. equal codes: one cluster
+    C, _ = centroids(Xg, ids, n_clusters)                          #    its mean (G, Cmax, L)
+    P = C @ group_weights(W, L)                                    # 4. one small GEMM per group
+    groups = xp.arange(Xg.shape[1])
+    return P[groups, ids].sum(axis=1)                              # 5. y[n] = sum_g P[g, ids[n, g]]
+
 
 def impl_label(xp):
     """How the reference path is labelled in statistics and benchmarks."""

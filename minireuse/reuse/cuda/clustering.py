@@ -8,8 +8,9 @@ tests that check every kernel against the reference.
 import numpy as np
 
 from .lsh import Rows, launch_hash, launch_input_rms, small_arena
-from .runtime import (PROBE_LIMIT, ROW_BLOCK, RUN, Arena, check, check_index_range, device, grid_1d, i32,
-                      launch, row_grid, table_size)
+from .capacity import Arena
+from .runtime import (PROBE_LIMIT, ROW_BLOCK, RUN, check, check_index_range, device, grid_1d, i32, launch, row_grid,
+                      table_size)
 
 
 def _table(G, T, capacity, rows, small):

@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from ... import step_kernels
+from ...kernels import step_kernels
 from ...conv_geometry import pad_nhwc
 from .. import conv as reference
 from .. import matmul as reference_matmul
@@ -30,8 +30,8 @@ from ..matmul import DwCorrection
 from .clustering import cluster, cluster_means, dx_cluster_rows
 from .lsh import Rows, family_hash_params
 from .matmul import batched_gemm, cluster_D, matmul_backward_params, matmul_forward, record, take
-from .runtime import (ROW_BLOCK, Arena, as_f32, check, check_index_range, cuda_state, device, grid_1d, i32,
-                      launch, row_grid)
+from .capacity import Arena, cuda_state
+from .runtime import ROW_BLOCK, as_f32, check, check_index_range, device, grid_1d, i32, launch, row_grid
 
 
 @dataclasses.dataclass

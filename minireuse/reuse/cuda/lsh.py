@@ -9,9 +9,10 @@ import dataclasses
 import numpy as np
 
 from .. import lsh as reference
-from .runtime import (MAX_GRID_Y, RMS_BLOCKS, SMEM_LIMIT, Arena, STAT_COUNT, check, device, i32, launch,
-                      pad_hash_params, padded_hash_params, PROBE_LIMIT)
-from ... import runtime as kernel_runtime
+from .capacity import Arena
+from .runtime import (MAX_GRID_Y, RMS_BLOCKS, SMEM_LIMIT, STAT_COUNT, check, device, i32, launch, pad_hash_params,
+                      padded_hash_params, PROBE_LIMIT)
+from ...kernels import runtime as kernel_runtime
 
 
 @dataclasses.dataclass

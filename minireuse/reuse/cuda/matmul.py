@@ -18,7 +18,7 @@ measure_error the cosine to the exact dW (dw_cos).
 
 Nothing is copied to the host inside a call (after a call site's first,
 calibrating call), so a forward + backward can be captured in a CUDA graph
-(dw_sample's start is drawn on the host every call: step_graphs does not capture it).
+(dw_sample's start is drawn on the host every call: training.graphs does not capture it).
 """
 import dataclasses
 
@@ -29,7 +29,8 @@ from .. import matmul as reference
 from ..matmul import DwCorrection
 from .clustering import cluster, cluster_means, dx_cluster_rows, launch_cluster_sums_rows, reconstruct_rows
 from .lsh import Rows, family_hash_params
-from .runtime import STAT_OVERFLOW, Arena, as_f32, check, check_index_range, cuda_state, device
+from .capacity import Arena, cuda_state
+from .runtime import STAT_OVERFLOW, as_f32, check, check_index_range, device
 
 
 def batched_gemm(a, b, out=None, trans_a=False, trans_b=False, beta=0.0):

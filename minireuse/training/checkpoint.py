@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from .fileio import atomic_savez
+from ..fileio import atomic_savez
 
 
 class TrainingError(RuntimeError):

@@ -15,14 +15,14 @@ import time
 
 import numpy as np
 
-from . import backend
-from .checkpoint import load_weights
-from .losses import SoftmaxCrossEntropy
-from .models import MODELS
-from .reuse import ReuseConfig
-from .reuse.adaptive import load_settings, model_defaults, stage_label
-from .tables import align_rows
-from .timing import LayerTimer
+from .. import backend
+from ..training.checkpoint import load_weights
+from ..losses import SoftmaxCrossEntropy
+from ..models import MODELS
+from ..reuse import ReuseConfig
+from ..training.adaptive import load_settings, model_defaults, stage_label
+from ..tables import align_rows
+from ..timing import LayerTimer
 
 
 def reuse_settings(reuse, reuse_config, model="cifarnet"):
@@ -93,7 +93,7 @@ def evaluate_model(model, x_test, y_test, settings, batch_size=256, repeats=1, e
     batch with its own settings).
     The relative output error of each reuse layer comes from an untimed pass over the first
     ``error_batches`` batches with error measurement on (it computes the exact layer too)."""
-    from .data import CIFAR10_MEAN, CIFAR10_STD, BatchIterator
+    from ..data import CIFAR10_MEAN, CIFAR10_STD, BatchIterator
     it = BatchIterator(x_test, y_test, batch_size, shuffle=False, augment=False, drop_last=False,
                        mean=CIFAR10_MEAN, std=CIFAR10_STD)
     batches, labels = zip(*list(it))
@@ -149,9 +149,9 @@ def format_report(report):
 def run(a):
     """The evaluate command (see the module docstring)."""
     from .bench import git_commit
-    from .data import load_cifar10
-    from .fileio import atomic_write_json
-    from .outdir import check_output_file
+    from ..data import load_cifar10
+    from ..fileio import atomic_write_json
+    from ..training.outdir import check_output_file
     if a.json:
         check_output_file(a.json, "--json")
     settings = reuse_settings(a.reuse, a.reuse_config, a.model)

@@ -40,11 +40,11 @@ import time
 
 import numpy as np
 
-from . import backend, cpu
+from .. import backend, cpu
 from .bench import git_commit
-from .data.sample import sample_images
-from .tables import align_rows
-from .timing import Clock
+from ..data.sample import sample_images
+from ..tables import align_rows
+from ..timing import Clock
 
 EPOCH_IMAGES = 50_000
 # the fastest setting of the parity runs (docs/adaptive.md: conv2 2.12x over a run)
@@ -81,7 +81,7 @@ def add_arguments(parser):
 
 def device_batches(x, y, batch, count, seed):
     """``count`` augmented, normalised batches on the device, and the iterator that made them."""
-    from .data import CIFAR10_MEAN, CIFAR10_STD, BatchIterator
+    from ..data import CIFAR10_MEAN, CIFAR10_STD, BatchIterator
     it = BatchIterator(x, y, batch, shuffle=True, rng=np.random.default_rng(seed), augment=True,
                        drop_last=True, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     batches = []
@@ -104,18 +104,18 @@ class MinireuseRow:
     """A minireuse row: a Trainer whose run_step (Trainer.run_step) is timed, step by step."""
 
     def __init__(self, batches, cfg, gpu):
-        from .train import Trainer
+        from ..training.trainer import Trainer
         self.t = Trainer(cfg, data=(None, None, None, None), quiet=True)
         self.t.begin_run()
         self.batches, self.gpu = batches, gpu
         self.per_epoch = math.ceil(EPOCH_IMAGES / len(batches[0][1]))
-        self.clock = Clock(gpu, self.t.graphs.stream if self.t.graphs is not None else None)
+        self.clock = Clock(gpu, self.t.step.graphs.stream if self.t.step.graphs is not None else None)
 
     def step(self, i, timed):
         xb, yb = self.batches[i % len(self.batches)]
         # steps numbered from 1: step 0 of an epoch is the one timed per layer
         args = (xb, yb, 0, 1 + i % (self.per_epoch - 1), self.per_epoch)
-        with self.t.stream():
+        with self.t.step.stream():
             if timed:
                 self.clock.time(self.t.run_step, *args)
             else:
@@ -131,12 +131,12 @@ class MinireuseRow:
                               if l.reuse is not None and l.reuse_state is not None and l.reuse_state.last})
         if reuse_impls:
             impl += ", reuse " + "/".join(reuse_impls)
-        graphs = t.graphs
+        graphs = t.step.graphs
         out = dict(summary(times), implementation=impl,
                    graph_replays=graphs.replays if graphs is not None else 0,
                    graph_recordings=graphs.recordings if graphs is not None else 0)
         if graphs is not None and graphs.replays == 0:
-            from .step_graphs import uncapturable_layers
+            from ..training.graphs import uncapturable_layers
             blockers = uncapturable_layers(t.model) or list(graphs.failed.values())
             out["note"] = "not capturable: " + ("; ".join(blockers) or "no replay happened")
         return out
@@ -292,7 +292,7 @@ def reuse_label(layers):
 
 def reuse_rows(reuse_config):
     """[(row name, layers, options)]: the file's setting, or the default and the fast settings."""
-    from .reuse.adaptive import DEFAULT_FIXED, DEFAULT_LADDERS, load_settings
+    from ..training.adaptive import DEFAULT_FIXED, DEFAULT_LADDERS, load_settings
     if reuse_config:
         layers, options = load_settings(reuse_config)
         return [(f"minireuse reuse ({reuse_label(layers)})", layers, options)]

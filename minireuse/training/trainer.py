@@ -14,47 +14,34 @@ run resumed from a checkpoint continues exactly as the uninterrupted run would
 On the GPU a step never waits for the device (docs/speed.md): the loss and accuracy
 are summed on the device, and the progress bar and the non-finite-loss guard read
 those sums through an asynchronous copy that lands a few steps later (one wait per
-epoch, at its end). With ``graph`` 'auto' or 'on' (the default is 'off'), the step
-is recorded once as a CUDA graph and replayed (minireuse.step_graphs). Checkpoints are
-written and read by minireuse.checkpoint.
+epoch, at its end). How a step runs on the device, eagerly or as a CUDA graph (``graph``
+'auto' or 'on'; the default is 'off'), is the business of step.Step; the loop calls
+``step.run``, ``step.epoch_sums`` and ``step.layer_times``. Checkpoints are written and
+read by checkpoint.py, the run's files by outdir.py, its data and batches by batches.py.
 """
-import contextlib
-import functools
 import math
 import os
-import shlex
 import signal
-import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
-from . import backend, step_kernels
-from .layers.simple import reseed_layers
-from .losses import SoftmaxCrossEntropy
+from .. import backend
+from ..fileio import atomic_write_json
+from ..layers.simple import reseed_layers
+from ..losses import SoftmaxCrossEntropy
+from ..models import MODELS
+from ..optim import SGD, Adam, make_schedule
+from ..timing import LayerTimer
+from .adaptive import make_strategy, resolved_layers, stage_label
+from .batches import CIFAR_IMAGES, batches, check_memory, epoch_batches, load_data, mid_epoch_evaluations
 from .checkpoint import TrainingError, load_checkpoint, read_checkpoint, resume_conflicts, save_checkpoint
-from .fileio import atomic_write_json
-from .models import MODELS
-from .optim import SGD, Adam, make_schedule
-from .outdir import OutLock, OutputError, check_unlocked, check_writable
-from .reuse.adaptive import make_strategy, resolved_layers, stage_label
-from .strategy_steps import StrategySteps
-from .timing import LayerTimer
-
-# CIFAR-10's training and test images, for the memory estimate made before they are read
-CIFAR_IMAGES = (50000, 10000)
-CHECKPOINT = "checkpoint.npz"
-HISTORY = "history.json"
-MODEL = "model.npz"
-# what a finished or interrupted run leaves in its directory (--overwrite removes them)
-RUN_FILES = (CHECKPOINT, HISTORY, MODEL, "history.png")
-# set by `make cifar` to its own invocation: the interpreter it runs is the project's
-# environment, which a bare `python` on the PATH may not be
-MAKE_COMMAND_ENV = "MINIREUSE_MAKE_COMMAND"
-# with CUDA graphs, one step in this many runs eagerly with the per-layer timers
-# (a replayed graph cannot be timed per layer)
-GRAPH_TIMING_EVERY = 100
+from .graphs import resolve_mode
+from .outdir import (CHECKPOINT, HISTORY, MODEL, OutLock, check_unlocked, check_writable, checkpoint_position,
+                     resume_command)
+from .probes import StrategySteps
+from .step import Step, evaluate
 
 
 def check_number(name, value, low=None, high=None, open_low=False, open_high=False):
@@ -71,90 +58,6 @@ def check_number(name, value, low=None, high=None, open_low=False, open_high=Fal
         raise ValueError(f"{name} must be a finite number {rng}, got {value!r}")
 
 
-def resume_command(ckpt):
-    """The command that continues the run saved in ``ckpt``, for how this process was started."""
-    make = os.environ.get(MAKE_COMMAND_ENV)
-    if make:
-        return f"{make} RESUME=1"
-    return f"{shlex.quote(sys.executable)} -m minireuse train --resume {shlex.quote(ckpt)}"
-
-
-def checkpoint_position(ckpt):
-    """Where the run saved in ``ckpt`` stands, in words."""
-    try:
-        meta = read_checkpoint(ckpt, arrays=False)[0]
-    except TrainingError:
-        return "an unreadable state"
-    return f"epoch {meta['epoch'] + 1}, step {meta['step']}" if meta["step"] else f"the end of epoch {meta['epoch']}"
-
-
-def refuse_existing_run(out):
-    """Raise OutputError when ``out`` holds a run's files, with the ways on: resume it,
-    another output directory, or start over explicitly (nothing is replaced unasked)."""
-    present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if not present:
-        return
-    ckpt = os.path.join(out, CHECKPOINT)
-    where = f"its checkpoint is at {checkpoint_position(ckpt)}" if CHECKPOINT in present else \
-        f"{', '.join(present)}, no checkpoint"
-    make = os.environ.get(MAKE_COMMAND_ENV)
-    other, over = (("another OUT=DIR", f"{make} TRAIN_FLAGS=--overwrite") if make
-                   else ("another --out DIR", "--overwrite"))
-    resume = f"continue it with {resume_command(ckpt)}, " if CHECKPOINT in present else ""
-    raise OutputError(f"{os.path.abspath(out)} already holds a run ({where}): {resume}choose {other}, or "
-                      f"start over with {over} (discards it)")
-
-
-def clear_run(out):
-    """Remove the files of the run in ``out`` (--overwrite), so none of them outlives the new run."""
-    for name in RUN_FILES:
-        path = os.path.join(out, name)
-        if os.path.exists(path):
-            os.remove(path)
-
-
-def available_memory():
-    """Bytes of memory the system can give without swapping (MemAvailable of /proc/meminfo),
-    or None where that is not known (not Linux)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def step_memory_bytes(model, batch, images):
-    """A deliberately simple upper estimate of a CPU training run's peak memory, in bytes:
-    the ``images`` as uint8 (32x32x3 each), the parameters four times (weights, gradients,
-    two optimizer slots), and for one step every layer's output twice (kept for the
-    backward, then its gradient) plus the largest conv im2col matrix twice (the forward's
-    columns, the backward's column gradient), at the parameters' precision."""
-    itemsize = max((p.dtype.itemsize for l in model.layers for p in l.params.values()), default=4)
-    params = sum(int(np.prod(p.shape)) for l in model.layers for p in l.params.values())
-    shape, outputs, columns = (batch, 32, 32, 3), 0, 0
-    for layer in model.layers:
-        W = layer.params.get("W")
-        out = layer.output_shape(shape)
-        if W is not None and W.ndim == 4:              # a conv: one im2col row per output pixel
-            columns = max(columns, int(np.prod(out[:-1])) * int(np.prod(W.shape[:-1])))
-        outputs += int(np.prod(out))
-        shape = out
-    return images * 32 * 32 * 3 + itemsize * (4 * params + 2 * outputs + 2 * columns)
-
-
-def check_memory(model, batch, images):
-    """Refuse, before any data is read, a CPU run whose estimated peak (step_memory_bytes)
-    exceeds the memory available now (the GPU's memory is not estimated)."""
-    need, have = step_memory_bytes(model, batch, images), available_memory()
-    if have is not None and need > have:
-        raise ValueError(f"training {model.name} with batches of "
-                         f"{batch} needs about {need / 2**30:.1f} GiB of memory, but {have / 2**30:.1f} GiB are "
-                         "available: lower --batch-size")
-
-
 def build_optimizer(model, cfg):
     decay_layers = cfg.get("decay_layers")
     if cfg["optimizer"] == "sgd":
@@ -163,49 +66,6 @@ def build_optimizer(model, cfg):
     if cfg["optimizer"] == "adam":
         return Adam(model, lr=cfg["lr"], weight_decay=cfg["weight_decay"], decay_layers=decay_layers)
     raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; expected sgd or adam")
-
-
-class StepTotals:
-    """Device-resident sums over an epoch: [sum of loss * batch size, correct predictions].
-
-    On CuPy arrays ``add`` is one fused kernel; on NumPy it is the array code.
-    """
-
-    def __init__(self, xp):
-        self.sums = xp.zeros(2, dtype=np.float64)
-
-    def reset(self):
-        self.sums[...] = 0
-
-    def add(self, loss, logits, labels):
-        if step_kernels.supports(logits) and loss.dtype == logits.dtype:
-            step_kernels.accumulate_step(self.sums, loss, logits, labels)
-            return
-        self.sums[0] += loss * len(labels)
-        self.sums[1] += (logits.argmax(axis=1) == labels).sum()
-
-    def read(self):
-        """(loss sum, correct) as host floats; waits for the device."""
-        loss_sum, correct = backend.asnumpy(self.sums)
-        return float(loss_sum), float(correct)
-
-
-def evaluate(model, loss_fn, iterator, stop=None, progress=None):
-    """Mean loss and accuracy over an iterator; accumulates on the device, reads back once.
-
-    stop: checked before every batch; when it returns True, None is returned at once.
-    progress: the label of a progress bar over the batches (None: no bar)."""
-    totals, n = StepTotals(backend.xp()), 0
-    with tqdm(iterator, total=len(iterator), desc=progress, unit="batch", leave=False, dynamic_ncols=True,
-              disable=progress is None) as batches:
-        for xb, yb in batches:
-            if stop is not None and stop():
-                return None
-            logits = model.forward(xb, train=False)
-            totals.add(loss_fn.forward(logits, yb), logits, yb)
-            n += len(yb)
-    loss_sum, correct = totals.read()
-    return loss_sum / max(n, 1), correct / max(n, 1)
 
 
 class Trainer:
@@ -238,8 +98,7 @@ class Trainer:
         check_writable(c["out"])           # before any data is loaded or any step runs
         check_unlocked(c["out"])
         self.device = backend.set_device(c["device"])
-        from .step_graphs import resolve_mode
-        self.graph_mode = resolve_mode(c["graph"], self.device)
+        graph_mode = resolve_mode(c["graph"], self.device)
         backend.seed(c["seed"])
         self.model = model if model is not None else self._build_model()
         if c["decay_layers"] is not None:
@@ -263,13 +122,12 @@ class Trainer:
         self.history = []
         self.start_epoch, self.start_step = 0, 0
         self.timer = LayerTimer([l.name for l in self.model.reuse_layers()])
+        self.step = Step(self.model, self.opt, self.loss_fn, self.timer, graph_mode)
         self.strategy_steps = None if self.strategy is None else StrategySteps(
             self.strategy, self.model, self.loss_fn, self.timer, c["seed"], c["epochs"])
-        self._graphs = None
-        self._replays_before = 0    # graph replays before this epoch
         self._resume_totals = None  # the sums of the resumed epoch's steps before the checkpoint
         self._mid_evals = []        # this epoch's evaluations before its end
-        self.totals = self.reader = None
+        self.reader = None
 
     def _build_model(self):
         name = self.cfg["model"]
@@ -332,65 +190,22 @@ class Trainer:
     def _batches(self, x, y, train):
         return batches(self.cfg, x, y, train)
 
-    def train_step(self, xb, yb, lr):
-        """One eager step (forward, loss, backward, update) on a batch; returns (loss, logits).
-
-        Every step is timed per layer, those that sample the reuse error too: the exact
-        product they also compute is part of what reuse costs."""
-        self.opt.lr = lr
-        self.opt.prepare_step()
-        return self._step_body(xb, yb, self.timer)
-
-    def _step_body(self, xb, yb, timer=None):
-        """The device part of a step, the part a CUDA graph records."""
-        logits = self.model.forward(xb, train=True, timer=timer)
-        loss = self.loss_fn.forward(logits, yb)
-        self.model.backward(self.loss_fn.backward(), timer=timer)
-        self.opt.apply()
-        return loss, logits
-
-    def _graph_body(self, xb, yb):
-        loss, logits = self._step_body(xb, yb)
-        self.totals.add(loss, logits, yb)
-
     def begin_run(self):
-        """Set up what steps accumulate into and, on the GPU with graphs, the graph runner."""
-        xp = backend.xp()
-        self.totals = StepTotals(xp)
-        self.reader = backend.AsyncReader(2, xp=xp)
-        self._graphs = None
-        if self.graph_mode != "off":
-            from .step_graphs import StepGraphs, prepare_replay
-            self._graphs = StepGraphs(self._graph_body, self.model, functools.partial(prepare_replay, self.model,
-                                                                                      self.opt),
-                                      mode=self.graph_mode)
-
-    @property
-    def graphs(self):
-        """The run's recorded steps (step_graphs.StepGraphs) after begin_run(), or None without graphs."""
-        return self._graphs
-
-    def stream(self):
-        """The context every step, eager or replayed, runs in (the graphs' stream on the GPU)."""
-        return self._graphs.stream if self._graphs is not None else contextlib.nullcontext()
+        """Set up the step's sums and graphs, and the reader of the sums."""
+        self.step.begin_run()
+        self.reader = backend.AsyncReader(2, xp=backend.xp())
 
     def run_step(self, xb, yb, epoch, step, steps):
         """One training step as fit runs it: dropout seeds, learning rate and reuse settings
-        for (epoch, step), then a graph replay or an eager step, added to ``self.totals``.
-        Returns the learning rate used. Needs ``begin_run()`` and ``with self.stream():``."""
-        c = self.cfg
+        for (epoch, step), then the step itself (``self.step.run``). Returns the learning
+        rate used. Needs ``begin_run()`` and ``with self.step.stream():``."""
         lr = self.schedule(epoch + step / steps)
-        loss = None
         if self.strategy_steps is not None:
             # the strategy's probes run first: the step's dropout masks are drawn after them,
             # so a reuse run draws the same randomness as the exact run of the same seed
             self.strategy_steps.before_step(xb, yb, epoch, step, steps)
-        reseed_layers(self.model, (c["seed"], epoch, step))
-        self.opt.lr = lr
-        # eager steps are timed per layer; with graphs, one step in GRAPH_TIMING_EVERY runs eagerly
-        if self._graphs is None or step % GRAPH_TIMING_EVERY == 0 or not self._graphs.run(xb, yb):
-            loss, logits = self.train_step(xb, yb, lr)
-            self.totals.add(loss, logits, yb)
+        reseed_layers(self.model, (self.cfg["seed"], epoch, step))
+        loss = self.step.run(xb, yb, lr, step)
         if self.strategy_steps is not None:
             self.strategy_steps.after_step(loss)
         return lr
@@ -420,7 +235,7 @@ class Trainer:
         return "Nothing was saved yet (no checkpoint): start the run again."
 
     def _interrupt(self, ckpt, epoch, step, seen, t0, where):
-        loss_sum, correct = self.totals.read()
+        loss_sum, correct = self.step.epoch_sums()
         self._check_finite(loss_sum / max(seen, 1), epoch, step, ckpt)
         totals = dict(loss_sum=loss_sum, correct=correct, seen=seen, seconds=time.perf_counter() - t0,
                       mid_evals=self._mid_evals)
@@ -441,23 +256,22 @@ class Trainer:
         for epoch in range(self.start_epoch, c["epochs"]):
             start = self.start_step if epoch == self.start_epoch else 0
             it = epoch_batches(train_iter, c["seed"], epoch, start)
-            self.totals.reset()
             self.reader.clear()
             if self.strategy_steps is not None:
                 self.strategy_steps.begin_epoch()
-            self._replays_before = self._graphs.replays if self._graphs is not None else 0
-            seen, earlier_s, self._mid_evals = 0, 0.0, []
+            seen, earlier_s, self._mid_evals, earlier = 0, 0.0, [], None
             if start > 0 and self._resume_totals:        # the steps of this epoch before the checkpoint
                 r = self._resume_totals
-                self.totals.sums[...] = backend.xp().asarray([r["loss_sum"], r["correct"]], dtype=np.float64)
+                earlier = (r["loss_sum"], r["correct"])
                 seen, earlier_s = int(r["seen"]), float(r["seconds"])
                 self._mid_evals = list(r.get("mid_evals", []))
+            self.step.begin_epoch(earlier)
             self._resume_totals = None
             t0 = time.perf_counter() - earlier_s
             bar = tqdm(it, total=steps, initial=start, desc=f"epoch {epoch + 1}/{c['epochs']}", unit="batch",
                        disable=self.quiet, leave=True, dynamic_ncols=True)
             step = start - 1
-            with self.stream():
+            with self.step.stream():
                 for step, (xb, yb) in enumerate(bar, start=start):
                     # after `step` steps; a run resumed from an interrupted evaluation does it again
                     if step in mid and all(m["step"] != step for m in self._mid_evals):
@@ -466,7 +280,7 @@ class Trainer:
                     seen += len(yb)
                     if (step + 1) % c["log_every"] == 0 or step + 1 == steps:
                         # queue a copy of the sums; show the newest copy that has landed
-                        self.reader.request(self.totals.sums, tag=(seen, step))
+                        self.reader.request(self.step.totals.sums, tag=(seen, step))
                         self._show_progress(bar, epoch, lr, seen, t0, ckpt)
                         if epoch == self.start_epoch and step + 1 - start <= c["log_every"] and not self.quiet:
                             tqdm.write(self._run_estimate(time.perf_counter() - t0 - earlier_s, step + 1 - start,
@@ -475,7 +289,7 @@ class Trainer:
                         bar.close()
                         self._interrupt(ckpt, epoch, step, seen, t0, f"after step {step + 1}")
                 bar.close()
-                loss_sum, correct = self.totals.read()   # the one wait of the epoch
+                loss_sum, correct = self.step.epoch_sums()   # the one wait of the epoch
                 seconds = time.perf_counter() - t0
                 self._check_finite(loss_sum / max(seen, 1), epoch, step, ckpt)
                 lr = self.schedule(epoch + (steps - 1) / steps) if start >= steps else lr
@@ -491,7 +305,7 @@ class Trainer:
                           train_acc=correct / max(seen, 1), test_loss=test_loss, test_acc=test_acc,
                           lr=lr, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0,
                           mid_evals=self._mid_evals)
-            record["layers"] = self._layer_records(step + 1 - start)
+            record["layers"] = self.step.layer_times(step + 1 - start)
             if self.strategy is not None:
                 self.strategy_steps.add_exact_times(record["layers"])
                 record["reuse_harm"] = self.strategy_steps.epoch_harm()
@@ -559,35 +373,6 @@ class Trainer:
         total = sum(xp.sum(layer.params[name], dtype=np.float64) for _, layer, name in self.model.named_parameters())
         return float(backend.asnumpy(total))
 
-    def _layer_records(self, steps_run):
-        """Per conv/dense layer: time per step, and reuse settings and statistics.
-
-        Replayed CUDA-graph steps are not timed per layer: in an epoch with replays,
-        forward_s and backward_s are the means of the eager (timed) calls times the
-        steps run; timed_calls says how many calls were measured."""
-        times = self.timer.collect()
-        sampled = self._graphs is not None and self._graphs.replays > self._replays_before
-        if self._graphs is not None:
-            self._graphs.flush_stats()
-        out = {}
-        for layer in self.model.reuse_layers():
-            f, nf = times.get((layer.name, "forward"), (0.0, 0))
-            b, nb = times.get((layer.name, "backward"), (0.0, 0))
-            if sampled:
-                f, b = f / max(nf, 1) * steps_run, b / max(nb, 1) * steps_run
-                nf = nb = steps_run
-            rec = dict(forward_s=f, backward_s=b, forward_ms=1e3 * f / max(nf, 1),
-                       backward_ms=1e3 * b / max(nb, 1), step_ms=1e3 * (f + b) / max(nb, 1),
-                       timed_calls=times.get((layer.name, "forward"), (0.0, 0))[1],
-                       reuse=None if layer.reuse is None else layer.reuse.replace(measure_error=False).as_dict())
-            if layer.reuse_state is not None:
-                rec.update({k: v for k, v in layer.reuse_state.pop_stats().items()})
-                evaluation = layer.reuse_state.pop_stats(train=False)
-                if evaluation:                 # the test-set forwards, kept apart from training
-                    rec["eval"] = evaluation
-            out[layer.name] = rec
-        return out
-
     @staticmethod
     def _check_finite(mean_loss, epoch, step, ckpt, what="training loss"):
         if not math.isfinite(mean_loss):
@@ -603,40 +388,6 @@ class Trainer:
         settings = {k: v for k, v in self.cfg.items()}
         atomic_write_json(os.path.join(self.out, HISTORY),
                           {"settings": settings, "device": backend.describe_device(), "epochs": self.history})
-
-
-def load_data(cfg, progress=True):
-    """(train images, labels, test images, labels) of a run's settings (limit_train, limit_test)."""
-    from .data import load_cifar10
-    xtr, ytr, xte, yte = load_cifar10(cfg["data"], download=cfg["download"], progress=progress)
-    if cfg["limit_train"]:
-        xtr, ytr = xtr[:cfg["limit_train"]], ytr[:cfg["limit_train"]]
-    if cfg["limit_test"]:
-        xte, yte = xte[:cfg["limit_test"]], yte[:cfg["limit_test"]]
-    return xtr, ytr, xte, yte
-
-
-def batches(cfg, x, y, train):
-    """The batch iterator of a run's training or test images (it moves the uint8 images to the
-    device once); epoch_batches gives a training epoch's batches."""
-    from .data import CIFAR10_MEAN, CIFAR10_STD, BatchIterator
-    return BatchIterator(x, y, cfg["batch_size"], shuffle=train,
-                         rng=np.random.default_rng(cfg["seed"]) if train else None,
-                         augment=train and cfg["augment"], drop_last=False, mean=CIFAR10_MEAN, std=CIFAR10_STD)
-
-
-def epoch_batches(train_iter, seed, epoch, start=0):
-    """The batches of training epoch ``epoch`` from step ``start`` on: every epoch's shuffle and
-    augmentation come from (seed, epoch) alone, so a resumed run sees the same batches."""
-    train_iter.rng = np.random.default_rng([seed, epoch])
-    return train_iter.epoch(start)
-
-
-def mid_epoch_evaluations(steps, eval_every):
-    """The step counts within an epoch of ``steps`` steps after which the test set is evaluated
-    before the epoch's end, every ``eval_every`` of an epoch (none for 1)."""
-    points = {round(k * eval_every * steps) for k in range(1, math.ceil(1 / eval_every - 1e-9))}
-    return sorted(p for p in points if 0 < p < steps)
 
 
 def format_duration(seconds):

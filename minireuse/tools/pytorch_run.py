@@ -28,15 +28,17 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from . import backend, cpu
-from .checkpoint import TrainingError, read_checkpoint, resume_conflicts
-from .fileio import atomic_savez, atomic_write_json
-from .layers import Conv2D, Dense, Dropout, Flatten
-from .layers.simple import reseed_dropout
-from .models import MODELS
-from .optim import make_schedule
-from .outdir import OutLock, check_writable
-from .train import CHECKPOINT, HISTORY, Trainer, batches, epoch_batches, load_data, mid_epoch_evaluations
+from .. import backend, cpu
+from ..training.checkpoint import TrainingError, read_checkpoint, resume_conflicts
+from ..fileio import atomic_savez, atomic_write_json
+from ..layers import Conv2D, Dense, Dropout, Flatten
+from ..layers.simple import reseed_dropout
+from ..models import MODELS
+from ..optim import make_schedule
+from ..training.outdir import OutLock, check_writable
+from ..training.batches import batches, epoch_batches, load_data, mid_epoch_evaluations
+from ..training.outdir import CHECKPOINT, HISTORY
+from ..training.trainer import Trainer
 
 FRAMEWORK = "pytorch"
 # how to get this run: the optional extra of setup.cfg, or torch itself

@@ -48,7 +48,7 @@ import inspect
 import json
 import math
 
-from .config import ReuseConfig
+from ..reuse.config import ReuseConfig
 
 STRATEGIES = ("off", "fixed", "schedule", "adaptive")
 
@@ -395,28 +395,6 @@ class AdaptiveStrategy(ReuseStrategy):
         for layer, stages in d.get("ladders", {}).items():
             if layer in self.ladders:
                 self.ladders[layer] = _configs(stages, layer)
-
-
-def stage_errors(model, x, layer_name, configs):
-    """Relative output error of layer ``layer_name`` under each config, on the input that the
-    exact model gives it for the batch x (train=False: no dropout drawn, nothing cached).
-    A fresh ReuseState is used so the layer's statistics are not touched."""
-    from .config import ReuseState
-    from .matmul import relative_error
-    layer = model.layer(layer_name)
-    x = model.input_of(layer_name, x)
-    saved_cfg, saved_state = layer.reuse, layer.reuse_state
-    try:
-        layer.set_reuse(None)
-        y_exact = layer.forward(x, train=False)
-        errors = []
-        for cfg in configs:
-            layer.set_reuse(cfg.replace(measure_error=False))
-            layer.reuse_state = ReuseState()
-            errors.append(float(relative_error(layer.forward(x, train=False), y_exact)))
-    finally:
-        layer.reuse, layer.reuse_state = saved_cfg, saved_state
-    return errors
 
 
 def model_defaults(model):

@@ -1,5 +1,5 @@
 // CUDA's execution model on the host, for the host build of minireuse's kernels
-// (minireuse/runtime.py). The kernel sources compile unchanged after this header:
+// (minireuse/kernels/runtime.py). The kernel sources compile unchanged after this header:
 //
 //   - a launch runs every block of its grid, one block after another, in the
 //     order the caller asks (forward or reverse);

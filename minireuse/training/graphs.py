@@ -12,9 +12,9 @@ What keeps a replay correct:
   device-to-device copy each); a batch of another shape (the last, smaller batch
   of an epoch) has its own graph, or runs eagerly during its warm-up;
 - per-step values are read from device memory, never frozen launch arguments: the
-  caller's ``prepare`` (optimizer.prepare_step and every layer's
-  ``prepare_replay``) uploads the learning rate, Adam's bias corrections and the
-  dropout key asynchronously before each replay;
+  caller (step.Step, through the optimizer's and the layers' ``begin_step``) uploads
+  the learning rate, Adam's bias corrections and the dropout key asynchronously
+  before every step, replayed or not;
 - memory: everything allocated while recording comes from a memory pool of that
   graph alone, kept as long as the graph, so later eager work never reuses the
   addresses the graph writes; parameters and optimizer state exist before
@@ -46,7 +46,7 @@ import warnings
 
 import numpy as np
 
-from . import backend
+from .. import backend
 
 MODES = ("auto", "on", "off")
 
@@ -144,37 +144,25 @@ class _Recorded:
                 dst[...] = src
 
 
-def prepare_replay(model, optimizer):
-    """The host work before a replay of a recorded step: the optimizer's per-step device
-    scalars (``prepare_step``: the step count, the learning rate, Adam's corrections) and the
-    per-step device state of every layer that has some (the protocol: a ``prepare_replay()``
-    method, e.g. Dropout's mask key). Layers without per-step state need nothing."""
-    optimizer.prepare_step()
-    for layer in model.layers:
-        prepare = getattr(layer, "prepare_replay", None)
-        if prepare is not None:
-            prepare()
-
-
 class StepGraphs:
     """Recorded training steps of one run, keyed by batch shapes and layer settings.
 
     body(x, y): the step on static inputs (no host synchronisation; it must leave
-    its results in persistent device arrays). prepare(): the host-side work before
-    each replay. All steps of the run, eager ones included, must be issued on
-    ``self.stream`` (``with graphs.stream:``).
+    its results in persistent device arrays). The caller advances the step's per-step
+    device state before ``run``. All steps of the run, eager ones included, must be
+    issued on ``self.stream`` (``with graphs.stream:``).
     """
 
     MAX_GRAPHS = 4
 
-    def __init__(self, body, model, prepare, mode="auto", warmup=1, max_graphs=MAX_GRAPHS):
+    def __init__(self, body, model, mode="auto", warmup=1, max_graphs=MAX_GRAPHS):
         if mode not in ("auto", "on"):
             raise ValueError(f"StepGraphs mode must be 'auto' or 'on', got {mode!r}")
         if max_graphs < 1:
             raise ValueError(f"StepGraphs max_graphs must be at least 1, got {max_graphs}")
         self.max_graphs = max_graphs
         self.cp = backend.require_gpu()
-        self.body, self.model, self.prepare = body, model, prepare
+        self.body, self.model = body, model
         self.mode, self.warmup = mode, warmup
         # a blocking stream: capture is not allowed on the legacy default stream, and
         # a blocking stream stays ordered with work issued there (data set-up, copies)
@@ -211,7 +199,6 @@ class StepGraphs:
             self.graphs[key] = self.graphs.pop(key)      # most recently used last
         with self.stream:
             rec.copy_in(xb, yb, self.stream)
-            self.prepare()
             rec.graph.launch(self.stream)
             for layer in self.model.reuse_layers():      # statistics the replay copies back
                 if layer.reuse_state is not None:
@@ -235,7 +222,7 @@ class StepGraphs:
         self._evict()
         rec = _Recorded(cp, xb, yb)
         states = [l.reuse_state for l in self.model.reuse_layers() if l.reuse_state is not None]
-        before = [len(s.stats) for s in states]
+        before = [s.stats_count() for s in states]
         pool = cp.cuda.MemoryPool()
         error, graph = None, None
         with self.stream:
@@ -252,7 +239,7 @@ class StepGraphs:
                     except Exception as e:
                         error = error or e
             for s, n in zip(states, before):   # what capturing recorded was no step
-                del s.stats[n:]
+                s.forget_stats_since(n)
             if error is not None:
                 reason = f"{type(error).__name__}: {error}"
                 if self.mode == "on":
@@ -277,7 +264,7 @@ class StepGraphs:
         cp = self.cp
         out = []
         for state, n in zip(states, before):
-            for entry in state.stats[n:]:
+            for entry in state.stats_since(n):
                 sums = {}
                 for field, value in entry.items():
                     if backend.is_cupy_array(value):
@@ -298,5 +285,4 @@ class StepGraphs:
                 for field, s in sums.items():
                     entry[field] = backend.asnumpy(s) / n
                     s.fill(0)
-                state.stats.extend([entry] * n)
-                state.last = entry
+                state.add_replayed_stats(entry, n)

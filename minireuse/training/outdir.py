@@ -1,4 +1,5 @@
-"""A run's output directory: checked writable before any work, and locked while a run writes it.
+"""A run's output directory: checked writable before any work, locked while a run writes it,
+and the files a run leaves there (found, named, removed on request, resumed from).
 
 The lock is the file OUT/.lock holding the process id of the run. A second run on
 the same directory is refused while that process lives; a lock left by a process
@@ -6,8 +7,20 @@ that died (killed, power loss) is taken over.
 """
 import errno
 import os
+import shlex
+import sys
+
+from .checkpoint import TrainingError, read_checkpoint
 
 LOCK = ".lock"
+CHECKPOINT = "checkpoint.npz"
+HISTORY = "history.json"
+MODEL = "model.npz"
+# what a finished or interrupted run leaves in its directory (--overwrite removes them)
+RUN_FILES = (CHECKPOINT, HISTORY, MODEL, "history.png")
+# set by `make cifar` to its own invocation: the interpreter it runs is the project's
+# environment, which a bare `python` on the PATH may not be
+MAKE_COMMAND_ENV = "MINIREUSE_MAKE_COMMAND"
 _held = set()          # lock files this process holds
 
 
@@ -119,3 +132,45 @@ class OutLock:
             except FileNotFoundError:
                 pass
         return False
+
+
+def resume_command(ckpt):
+    """The command that continues the run saved in ``ckpt``, for how this process was started."""
+    make = os.environ.get(MAKE_COMMAND_ENV)
+    if make:
+        return f"{make} RESUME=1"
+    return f"{shlex.quote(sys.executable)} -m minireuse train --resume {shlex.quote(ckpt)}"
+
+
+def checkpoint_position(ckpt):
+    """Where the run saved in ``ckpt`` stands, in words."""
+    try:
+        meta = read_checkpoint(ckpt, arrays=False)[0]
+    except TrainingError:
+        return "an unreadable state"
+    return f"epoch {meta['epoch'] + 1}, step {meta['step']}" if meta["step"] else f"the end of epoch {meta['epoch']}"
+
+
+def refuse_existing_run(out):
+    """Raise OutputError when ``out`` holds a run's files, with the ways on: resume it,
+    another output directory, or start over explicitly (nothing is replaced unasked)."""
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if not present:
+        return
+    ckpt = os.path.join(out, CHECKPOINT)
+    where = f"its checkpoint is at {checkpoint_position(ckpt)}" if CHECKPOINT in present else \
+        f"{', '.join(present)}, no checkpoint"
+    make = os.environ.get(MAKE_COMMAND_ENV)
+    other, over = (("another OUT=DIR", f"{make} TRAIN_FLAGS=--overwrite") if make
+                   else ("another --out DIR", "--overwrite"))
+    resume = f"continue it with {resume_command(ckpt)}, " if CHECKPOINT in present else ""
+    raise OutputError(f"{os.path.abspath(out)} already holds a run ({where}): {resume}choose {other}, or "
+                      f"start over with {over} (discards it)")
+
+
+def clear_run(out):
+    """Remove the files of the run in ``out`` (--overwrite), so none of them outlives the new run."""
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            os.remove(path)

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend
-from .checkpoint import load_weights
-from .data.sample import sample_images
-from .tables import align_rows
-from .timing import timed
+from .. import backend
+from ..training.checkpoint import load_weights
+from ..data.sample import sample_images
+from ..tables import align_rows
+from ..timing import timed
 
 LAYERS = ("conv1", "conv2", "fc3")   # CifarNet's layers benchmarked by default
 
@@ -91,7 +91,7 @@ def load_images(data_dir, batch, seed):
 
 
 def build_model(name, seed):
-    from .models import MODELS
+    from ..models import MODELS
     return MODELS[name](seed=seed)
 
 
@@ -104,7 +104,7 @@ def default_layers(model_name, model):
 
 def layer_inputs(images, layers, seed, model=None):
     """{name: (layer, its input)} for a randomly initialised model (CifarNet by default)."""
-    from .data import CIFAR10_MEAN, CIFAR10_STD, normalize
+    from ..data import CIFAR10_MEAN, CIFAR10_STD, normalize
     model = model if model is not None else build_model("cifarnet", seed)
     x = normalize(backend.to_device(images), CIFAR10_MEAN, CIFAR10_STD)
     return {name: (model.layer(name), model.input_of(name, x)) for name in layers}
@@ -112,7 +112,7 @@ def layer_inputs(images, layers, seed, model=None):
 
 def modes(name, layer, args):
     """[(label, reuse config dict or None)] for one layer: exact first, then the grid."""
-    from .reuse import ReuseConfig
+    from ..reuse import ReuseConfig
     c_in = getattr(layer, "c_in", None)
     grid = [("exact", None)]
     for L in args.L or default_L(c_in):
@@ -256,7 +256,7 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minireuse.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m minireuse.tools.bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -12,7 +12,7 @@ here, with the non-interactive Agg backend (works without a display).
 import json
 import os
 
-from .outdir import check_output_file
+from ..training.outdir import check_output_file
 
 INSTALL = "pip install -e '.[plot]' (or pip install matplotlib)"
 

@@ -9,9 +9,10 @@ side-by-side table.
 import os
 
 from . import plot
-from .fileio import atomic_write_json
-from .tables import align_rows
-from .train import Trainer, clear_run, refuse_existing_run
+from ..fileio import atomic_write_json
+from ..tables import align_rows
+from ..training.outdir import clear_run, refuse_existing_run
+from ..training.trainer import Trainer
 
 
 def summarise(history):

@@ -11,10 +11,31 @@ same randomness as the exact run of the same seed.
 """
 import numpy as np
 
-from . import backend
-from .layers.simple import reseed_dropout
-from .reuse.adaptive import stage_errors
-from .timing import LayerTimer
+from .. import backend
+from ..layers.simple import reseed_dropout
+from ..reuse.config import ReuseState
+from ..reuse.matmul import relative_error
+from ..timing import LayerTimer
+
+
+def stage_errors(model, x, layer_name, configs):
+    """Relative output error of layer ``layer_name`` under each config, on the input that the
+    exact model gives it for the batch x (train=False: no dropout drawn, nothing cached).
+    A fresh ReuseState is used so the layer's statistics are not touched."""
+    layer = model.layer(layer_name)
+    x = model.input_of(layer_name, x)
+    saved_cfg, saved_state = layer.reuse, layer.reuse_state
+    try:
+        layer.set_reuse(None)
+        y_exact = layer.forward(x, train=False)
+        errors = []
+        for cfg in configs:
+            layer.set_reuse(cfg.replace(measure_error=False))
+            layer.reuse_state = ReuseState()
+            errors.append(float(relative_error(layer.forward(x, train=False), y_exact)))
+    finally:
+        layer.reuse, layer.reuse_state = saved_cfg, saved_state
+    return errors
 
 
 class StrategySteps:
@@ -91,25 +112,22 @@ class StrategySteps:
     def exact_loss(self, xb, yb, dropout_seed):
         """Training-mode loss (a device scalar) of the exact forward on a batch, with the
         dropout masks of ``dropout_seed``; parameters are not changed. Timed per layer."""
-        layers = [l for l in self.model.reuse_layers() if l.reuse is not None]
-        saved = [l.reuse for l in layers]
-        for l in layers:
-            l.set_reuse(None)
-        reseed_dropout(self.model, dropout_seed)
-        loss = self.loss_fn.forward(self.model.forward(xb, train=True, timer=self.timer), yb)
-        for l, r in zip(layers, saved):
-            l.set_reuse(r)
-        return loss
+        with self.model.reuse_settings(None):
+            reseed_dropout(self.model, dropout_seed)
+            return self.loss_fn.forward(self.model.forward(xb, train=True, timer=self.timer), yb)
 
     def time_exact_layers(self, xb, names, repeats=1):
         """Time the exact forward+backward of the layers ``names`` on the inputs the exact model
         gives them for this batch, ``repeats`` passes each, into ``probe_timer``. Nothing the
         step uses changes: the reuse settings and gradients are put back, no randomness is
         drawn (the layers before run in evaluation mode), no parameter moves."""
-        layers = self.model.reuse_layers()
-        saved = [(l, l.reuse, dict(l.grads)) for l in layers]
-        for l in layers:
-            l.set_reuse(None)
+        saved = [(l, dict(l.grads)) for l in self.model.reuse_layers()]
+        with self.model.reuse_settings(None):
+            self._time_exact_passes(xb, names, repeats)
+        for l, grads in saved:
+            l.grads.update(grads)
+
+    def _time_exact_passes(self, xb, names, repeats):
         last = max(i for i, l in enumerate(self.model.layers) if l.name in names)
         x = xb
         for layer in self.model.layers[:last + 1]:
@@ -124,6 +142,3 @@ class StrategySteps:
                 layer.backward(y)          # its output as dY: real data, any values serve for timing
                 self.probe_timer.stop(layer.name)
             x = y
-        for l, reuse, grads in saved:
-            l.set_reuse(reuse)
-            l.grads.update(grads)

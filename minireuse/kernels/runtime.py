@@ -34,7 +34,7 @@ import threading
 
 import numpy as np
 
-from . import backend
+from .. import backend
 
 HOST_HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "host_runtime.h")
 
