@@ -12,10 +12,12 @@ from ..cpu import ops as cpu_ops
 from .base import Layer
 
 _MASK64 = (1 << 64) - 1
+# the dropout kernel's counter step: element i of a call mixes key + (i + 1) * KEY_STRIDE
+KEY_STRIDE = 0x9E3779B97F4A7C15
 
 
 def _splitmix64(z):
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = (z + KEY_STRIDE) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
@@ -90,6 +92,11 @@ class Dropout(Layer):
     GPU too, and the key lives in device memory, so a step recorded in a CUDA graph
     draws a fresh mask at every replay (the graph runner calls ``prepare_replay``,
     which advances the key, before each replay). GPU masks differ from CPU masks.
+
+    ``batch_shard`` = (first row, rows of the whole batch), set by data-parallel training
+    (minireuse.distributed): the input is those rows of a larger batch, and the mask is
+    the same rows of the mask drawn for the whole batch (on the GPU, the key moves on by
+    the elements before the first row), so every process draws what one process would.
     """
 
     def __init__(self, rate=0.5, seed=0, name=None):
@@ -98,6 +105,7 @@ class Dropout(Layer):
             raise ValueError(f"{self.name}: rate must be in [0, 1), got {rate}")
         self.rate = rate
         self._device_key = None
+        self.batch_shard = None
         self.reseed(seed)
 
     def reseed(self, seed):
@@ -105,10 +113,11 @@ class Dropout(Layer):
         # a cupy generator costs a kernel launch or more to build: the GPU path uses keys
         self.rng = backend.random_generator(seed) if backend.device() == "cpu" else None
 
-    def advance_key(self):
-        """Next call's key into device memory (asynchronous; never inside a capture)."""
+    def advance_key(self, first=0):
+        """Next call's key into device memory (asynchronous; never inside a capture); ``first``:
+        the index in the whole batch's mask of the input's first element."""
         self._calls += 1
-        key = call_key(self.seed, self._calls)
+        key = (call_key(self.seed, self._calls) + first * KEY_STRIDE) & _MASK64
         if self._device_key is None:
             self._device_key = backend.DeviceScalars(2, np.uint32, xp=backend.require_gpu())
         self._device_key.set((key & 0xFFFFFFFF, key >> 32))
@@ -122,14 +131,19 @@ class Dropout(Layer):
         keep = 1.0 - self.rate
         if step_kernels.supports(x):
             if not backend.is_capturing():
-                self.advance_key()
+                self.advance_key(0 if self.batch_shard is None else self.batch_shard[0] * (x.size // len(x)))
             elif self._device_key is None:
                 raise RuntimeError(f"{self.name}: a CUDA graph capture needs one eager step first")
             self._mask, y = step_kernels.dropout_forward(x, keep, self._device_key.array)
             return y
         if self.rng is None:
             self.rng = np.random.default_rng(self.seed)
-        self._mask = (self.rng.random(x.shape, dtype=np.float32) < keep).astype(x.dtype) / keep
+        if self.batch_shard is None:
+            u = self.rng.random(x.shape, dtype=np.float32)
+        else:
+            first, rows = self.batch_shard
+            u = self.rng.random((rows,) + x.shape[1:], dtype=np.float32)[first:first + len(x)]
+        self._mask = (u < keep).astype(x.dtype) / keep
         return x * self._mask
 
     def backward(self, dy):
