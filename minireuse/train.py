@@ -34,6 +34,7 @@ from . import backend, step_kernels
 from .layers.simple import reseed_layers
 from .losses import SoftmaxCrossEntropy
 from .checkpoint import TrainingError, load_checkpoint, read_checkpoint, resume_conflicts, save_checkpoint
+from .distributed import DataParallel, SingleProcess
 from .fileio import atomic_write_json
 from .models import MODELS
 from .optim import SGD, Adam, make_schedule
@@ -190,21 +191,28 @@ class StepTotals:
         return float(loss_sum), float(correct)
 
 
-def evaluate(model, loss_fn, iterator, stop=None, progress=None):
+def evaluate(model, loss_fn, iterator, stop=None, progress=None, parallel=None):
     """Mean loss and accuracy over an iterator; accumulates on the device, reads back once.
 
     stop: checked before every batch; when it returns True, None is returned at once.
-    progress: the label of a progress bar over the batches (None: no bar)."""
+    progress: the label of a progress bar over the batches (None: no bar).
+    parallel: a distributed.DataParallel: each process evaluates its share of every batch."""
     totals, n = StepTotals(backend.xp()), 0
     with tqdm(iterator, total=len(iterator), desc=progress, unit="batch", leave=False, dynamic_ncols=True,
               disable=progress is None) as batches:
         for xb, yb in batches:
             if stop is not None and stop():
                 return None
+            if parallel is not None:
+                xb, yb = parallel.shard(xb, yb)
+                if len(yb) == 0:
+                    continue
             logits = model.forward(xb, train=False)
             totals.add(loss_fn.forward(logits, yb), logits, yb)
             n += len(yb)
     loss_sum, correct = totals.read()
+    if parallel is not None:
+        loss_sum, correct, n = parallel.sum_floats(loss_sum, correct, n)
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
@@ -221,7 +229,8 @@ class Trainer:
     SAFE_TO_CHANGE = ("epochs", "data", "device", "graph", "download", "out", "limit_test", "log_every",
                       "eval_every")
 
-    def __init__(self, cfg, data=None, model=None, quiet=False):
+    def __init__(self, cfg, data=None, model=None, quiet=False, comm=None):
+        """comm: the communicator of a data-parallel run (minireuse.distributed); None: one process."""
         unknown = set(cfg) - set(self.DEFAULTS)
         if unknown:
             raise ValueError(f"unknown training settings {sorted(unknown)}")
@@ -234,12 +243,13 @@ class Trainer:
                                ("warmup_epochs", 0, None)):
             check_number(key, c[key], low, high, open_low=key == "lr", open_high=key == "momentum")
         check_number("eval_every", c["eval_every"], 0, 1, open_low=True)
-        self.quiet = quiet
         check_writable(c["out"])           # before any data is loaded or any step runs
         check_unlocked(c["out"])
         self.device = backend.set_device(c["device"])
+        self.parallel = DataParallel(comm or SingleProcess(), self.device, c)
+        self.quiet = quiet or not self.parallel.writes
         from .step_graphs import resolve_mode
-        self.graph_mode = resolve_mode(c["graph"], self.device)
+        self.graph_mode = resolve_mode(c["graph"] if self.parallel.size == 1 else "off", self.device)
         backend.seed(c["seed"])
         self.model = model if model is not None else self._build_model()
         if c["decay_layers"] is not None:
@@ -264,7 +274,7 @@ class Trainer:
         self.start_epoch, self.start_step = 0, 0
         self.timer = LayerTimer([l.name for l in self.model.reuse_layers()])
         self.strategy_steps = None if self.strategy is None else StrategySteps(
-            self.strategy, self.model, self.loss_fn, self.timer, c["seed"], c["epochs"])
+            self.strategy, self.model, self.loss_fn, self.timer, c["seed"], c["epochs"], agree=self.parallel.agree)
         self._graphs = None
         self._replays_before = 0    # graph replays before this epoch
         self._resume_totals = None  # the sums of the resumed epoch's steps before the checkpoint
@@ -346,6 +356,7 @@ class Trainer:
         logits = self.model.forward(xb, train=True, timer=timer)
         loss = self.loss_fn.forward(logits, yb)
         self.model.backward(self.loss_fn.backward(), timer=timer)
+        self.parallel.allreduce_gradients(self.model, loss, logits, yb)
         self.opt.apply()
         return loss, logits
 
@@ -356,7 +367,7 @@ class Trainer:
     def begin_run(self):
         """Set up what steps accumulate into and, on the GPU with graphs, the graph runner."""
         xp = backend.xp()
-        self.totals = StepTotals(xp)
+        self.totals = self.parallel.totals(StepTotals(xp))
         self.reader = backend.AsyncReader(2, xp=xp)
         self._graphs = None
         if self.graph_mode != "off":
@@ -381,6 +392,7 @@ class Trainer:
         c = self.cfg
         lr = self.schedule(epoch + step / steps)
         loss = None
+        xb, yb = self.parallel.shard(xb, yb, self.model)
         if self.strategy_steps is not None:
             # the strategy's probes run first: the step's dropout masks are drawn after them,
             # so a reuse run draws the same randomness as the exact run of the same seed
@@ -403,7 +415,10 @@ class Trainer:
         naming it; a second one stops at once and says what the last checkpoint is. A write
         that fails (disk full) stops with TrainingError; the last good checkpoint stays."""
         ckpt = os.path.join(self.out, CHECKPOINT)
-        with OutLock(self.out), InterruptFlag(lambda: self._resume_hint(ckpt)) as interrupted:
+        self.parallel.check_start(self.cfg, len(self.data[0]), self.model, self.opt)
+        lock = OutLock(self.out) if self.parallel.writes else contextlib.nullcontext()
+        with lock, InterruptFlag(lambda: self._resume_hint(ckpt)) as flag:
+            interrupted = self.parallel.watch(flag)
             try:
                 # overflow on the way to a non-finite loss is reported once, as its TrainingError
                 with np.errstate(all="ignore"):
@@ -424,8 +439,10 @@ class Trainer:
         self._check_finite(loss_sum / max(seen, 1), epoch, step, ckpt)
         totals = dict(loss_sum=loss_sum, correct=correct, seen=seen, seconds=time.perf_counter() - t0,
                       mid_evals=self._mid_evals)
-        save_checkpoint(ckpt, self.model, self.opt, epoch, step + 1, self.history, self.cfg, self.strategy,
-                        epoch_totals=totals)
+        if self.parallel.writes:
+            save_checkpoint(ckpt, self.model, self.opt, epoch, step + 1, self.history, self.cfg, self.strategy,
+                            epoch_totals=totals)
+        self.parallel.barrier()
         raise KeyboardInterrupt(
             f"interrupted in epoch {epoch + 1} {where}; state saved to {os.path.abspath(ckpt)} "
             f"(continue with {resume_command(ckpt)})")
@@ -480,7 +497,8 @@ class Trainer:
                 self._check_finite(loss_sum / max(seen, 1), epoch, step, ckpt)
                 lr = self.schedule(epoch + (steps - 1) / steps) if start >= steps else lr
                 evaluated = evaluate(self.model, self.loss_fn, test_iter, stop=lambda: bool(interrupted),
-                                     progress=None if self.quiet else f"epoch {epoch + 1}: evaluating")
+                                     progress=None if self.quiet else f"epoch {epoch + 1}: evaluating",
+                                     parallel=self.parallel)
                 if evaluated is None:    # Ctrl-C during the evaluation: the epoch's steps are kept
                     self._interrupt(ckpt, epoch, steps - 1, seen, t0, "during its evaluation")
                 test_loss, test_acc = evaluated
@@ -494,7 +512,8 @@ class Trainer:
             record["layers"] = self._layer_records(step + 1 - start)
             if self.strategy is not None:
                 self.strategy_steps.add_exact_times(record["layers"])
-                record["reuse_harm"] = self.strategy_steps.epoch_harm()
+                record["layers"] = self.parallel.agree(record["layers"])
+                record["reuse_harm"] = self.parallel.agree(self.strategy_steps.epoch_harm())
                 self.strategy.on_epoch_end((epoch + 1) / c["epochs"], record["train_loss"], record["layers"],
                                            harm=record["reuse_harm"])
                 new_events = [e for e in self.strategy.events if "epoch" not in e]
@@ -502,17 +521,21 @@ class Trainer:
                     e["epoch"] = epoch + 1
                 record["reuse_strategy"] = self.strategy.name
                 record["reuse_events"] = new_events   # stage changes during or at the end of this epoch
+                self.parallel.check_strategy(self.strategy)
             self.history.append(record)
-            save_checkpoint(ckpt, self.model, self.opt, epoch + 1, 0, self.history, c, self.strategy)
-            self.write_history()
+            if self.parallel.writes:
+                save_checkpoint(ckpt, self.model, self.opt, epoch + 1, 0, self.history, c, self.strategy)
+                self.write_history()
             if not self.quiet:
                 tqdm.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
                            f"test loss {test_loss:.4f} acc {test_acc:.4f} | {seconds:.1f} s, "
                            f"{record['images_per_s']:.0f} img/s" + reuse_summary(record))
             if interrupted and epoch + 1 < c["epochs"]:
+                self.parallel.barrier()
                 raise KeyboardInterrupt(f"interrupted after epoch {epoch + 1}; state saved to "
                                         f"{os.path.abspath(ckpt)} (continue with {resume_command(ckpt)})")
-        self.model.save(os.path.join(self.out, MODEL))
+        if self.parallel.writes:
+            self.model.save(os.path.join(self.out, MODEL))
         return self.history
 
     def _evaluate_mid_epoch(self, test_iter, epoch, step, steps, seen, t0, ckpt, interrupted):
@@ -521,7 +544,8 @@ class Trainer:
         saves the run before this evaluation, which the resumed run then does."""
         began = time.perf_counter()
         evaluated = evaluate(self.model, self.loss_fn, test_iter, stop=lambda: bool(interrupted),
-                             progress=None if self.quiet else f"epoch {epoch + 1}: evaluating at step {step}")
+                             progress=None if self.quiet else f"epoch {epoch + 1}: evaluating at step {step}",
+                             parallel=self.parallel)
         took = time.perf_counter() - began
         if evaluated is None:
             self._interrupt(ckpt, epoch, step - 1, seen, t0 + took, "during an evaluation")
