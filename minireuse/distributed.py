@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -47,7 +48,12 @@ INSTALL = "pip install -e '.[distributed]' (mpi4py and the mpich wheel, which br
 # the process count that a launcher gives its processes (MPICH/Hydra, Open MPI)
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 MODES = ("auto", "on", "off")
+NO_NCCL = ("CuPy finds no NCCL, which data-parallel training on GPUs needs: install it (pip install "
+           "nvidia-nccl-cu12, or python -m cupyx.tools.install_library --library nccl --cuda 12.x) or train on "
+           "the CPU (--device cpu)")
 _world = {"comm": None}
+# how long a process waiting in an all-reduce sleeps between polls
+POLL_S = 2e-4
 
 
 class DistributedError(RuntimeError):
@@ -88,7 +94,14 @@ class MPICommunicator:
         self.local_rank = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
 
     def allreduce(self, buf):
-        """Sum ``buf`` over the processes, in place."""
+        """Sum ``buf`` over the processes, in place. The processes first meet in a barrier that
+        a waiting process polls with sleeps in between, instead of spinning as MPI's blocking
+        calls do (on a machine with as many processes as cores, or shared with other work, a
+        spinning wait takes the core that a slower process needs); the all-reduce itself then
+        runs blocking, with every process there (a nonblocking one advances only when polled)."""
+        request = self.comm.Ibarrier()
+        while not request.Test():
+            time.sleep(POLL_S)
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         return buf
 
@@ -113,11 +126,12 @@ class NCCLCommunicator:
 
     def __init__(self, host):
         cupy = backend.require_gpu()
-        from cupy.cuda import nccl
-        if not nccl.available:
-            raise DistributedError("CuPy was built without NCCL, which data-parallel training on GPUs needs: "
-                                   "install NCCL (e.g. python -m cupyx.tools.install_library --library nccl "
-                                   "--cuda 12.x) or train on the CPU with MPI")
+        try:
+            from cupy.cuda import nccl
+        except ImportError:
+            nccl = None
+        if nccl is None or not getattr(nccl, "available", True):
+            raise DistributedError(NO_NCCL)
         self.cupy, self.nccl, self.host = cupy, nccl, host
         self.rank, self.size, self.local_rank = host.rank, host.size, host.local_rank
         uid = host.allgather_object(nccl.get_unique_id() if host.rank == 0 else None)[0]
@@ -179,7 +193,9 @@ def world(mode="auto"):
                                        f"needs mpi4py to join them: {INSTALL}") from None
         comm = MPICommunicator()
         if comm.size > 1:
-            sys.excepthook = lambda *exc: fail_all(comm, "".join(traceback.format_exception(*exc)), 1)
+            sys.excepthook = lambda *exc: fail_all(
+                comm, f"process {comm.rank} of {comm.size} failed, stopping every process:\n"
+                + "".join(traceback.format_exception(*exc)), 1)
     _world["comm"] = comm
     return comm
 
@@ -219,8 +235,8 @@ def check_same(comm, what, obj):
         groups = {}
         for rank, d in enumerate(digests):
             groups.setdefault(d, []).append(rank)
-        listed = "; ".join(f"processes {ranks}" for ranks in groups.values())
-        raise DistributedError(f"{what} differ between processes ({listed} agree among themselves): "
+        listed = ", ".join(str(ranks) for ranks in groups.values())
+        raise DistributedError(f"{what} differ between processes (groups that agree: {listed}): "
                                "start every process with the same command and files")
 
 
@@ -254,20 +270,22 @@ def share(n, rank, size):
 
 
 class DataParallel:
-    """The hooks of one training run in ``comm.size`` processes; with one process every
-    hook leaves the trainer's one-process behaviour as it is."""
+    """The hooks of one training run in ``comm.size`` processes. With SingleProcess every hook
+    leaves the trainer's one-process behaviour as it is; any other communicator, even of
+    one process (``--distributed on``), runs the whole data-parallel path."""
 
     def __init__(self, comm, device, cfg):
         self.size, self.rank = comm.size, comm.rank
+        self.active = not isinstance(comm, SingleProcess)
         batch_size = cfg["batch_size"]
         if self.size > 1 and batch_size % self.size:
             raise ValueError(f"--batch-size {batch_size} does not divide among the {self.size} processes: each "
                              f"takes an equal share of every batch; give a multiple of {self.size} (the batch "
                              "size is the global one, as in one process)")
-        if self.size > 1 and cfg.get("graph") == "on":
+        if self.active and cfg.get("graph") == "on":
             raise ValueError("--graph on: CUDA graphs are not recorded in data-parallel training (the all-reduce "
                              "runs between the backward and the update); use --graph auto or off")
-        if device == "gpu" and not isinstance(comm, SingleProcess):
+        if device == "gpu" and isinstance(comm, MPICommunicator):
             backend.require_gpu().cuda.Device(comm.local_rank % backend.require_gpu().cuda.runtime
                                               .getDeviceCount()).use()
             comm = NCCLCommunicator(comm)
@@ -282,7 +300,7 @@ class DataParallel:
         """Before the first step: the settings must be equal on every process, the last batch of
         an epoch must give every process a row, and process 0's parameters (and buffers and
         optimizer state) are broadcast so that every process starts from the same model."""
-        if self.size == 1:
+        if not self.active:
             return
         check_same(self.comm, "the training settings", cfg)
         last = n_train % cfg["batch_size"]
@@ -295,7 +313,7 @@ class DataParallel:
 
     def _broadcast(self, arrays):
         xp = backend.get_array_module(*arrays)
-        dtype = np.result_type(*arrays)
+        dtype = np.result_type(*[a.dtype for a in arrays])
         flat = xp.concatenate([a.ravel().astype(dtype) for a in arrays])
         self.comm.broadcast(flat)
         offset = 0
@@ -311,7 +329,7 @@ class DataParallel:
     def shard(self, xb, yb, model=None):
         """This process's rows of a global batch; the Dropout layers of ``model`` learn where
         they lie in the batch, so that they draw those rows of the whole batch's mask."""
-        if self.size == 1:
+        if not self.active:
             return xb, yb
         lo, hi = share(len(yb), self.rank, self.size)
         if model is not None:
@@ -328,7 +346,7 @@ class DataParallel:
     def watch(self, flag):
         """The Ctrl-C flag the training loop reads: with several processes, true once any
         process's own ``flag`` was set at a step (all of them see it after the same step)."""
-        if self.size == 1:
+        if not self.active:
             return flag
         self._flag = flag
         return AgreedFlag(self)
@@ -337,7 +355,7 @@ class DataParallel:
         """After the backward: every gradient becomes the whole batch's (the share-weighted sum
         over processes), BatchNorm running statistics the share-weighted mean, and step_sums
         the whole batch's [loss sum, correct], by one all-reduce of one flat buffer."""
-        if self.size == 1:
+        if not self.active:
             return
         grads = [(layer.grads, name) for _, layer, name in model.named_parameters()]
         buffers = [(layer.buffers, name) for _, layer, name in model.named_buffers()]
@@ -345,7 +363,7 @@ class DataParallel:
         xp = backend.get_array_module(*arrays)
         n_values = sum(a.size for a in arrays)
         if self._bucket is None or self._bucket.size != n_values + 3:
-            self._bucket = xp.empty(n_values + 3, dtype=np.result_type(*arrays))
+            self._bucket = xp.empty(n_values + 3, dtype=np.result_type(*[a.dtype for a in arrays]))
         bucket, offset = self._bucket, 0
         for a in arrays:
             bucket[offset:offset + a.size] = a.ravel()
@@ -366,11 +384,11 @@ class DataParallel:
     def totals(self, totals):
         """The trainer's epoch sums: with several processes, each step adds the whole batch's
         sums (step_sums), so every process holds the same totals."""
-        return totals if self.size == 1 else GlobalTotals(totals, self)
+        return GlobalTotals(totals, self) if self.active else totals
 
     def sum_floats(self, *values):
         """Host numbers summed over the processes (evaluation sums)."""
-        if self.size == 1:
+        if not self.active:
             return values
         xp = backend.xp()
         buf = self.comm.allreduce(xp.asarray(values, dtype=np.float64))
@@ -378,11 +396,11 @@ class DataParallel:
 
     def agree(self, obj):
         """The mean over processes of a record (mean_of); the same on every process."""
-        return obj if self.size == 1 else mean_of(self.comm.allgather_object(obj))
+        return mean_of(self.comm.allgather_object(obj)) if self.active else obj
 
     def check_strategy(self, strategy):
         """Raise unless the reuse strategy took the same decisions on every process."""
-        if self.size > 1 and strategy is not None:
+        if self.active and strategy is not None:
             check_same(self.comm, "the deep-reuse strategy's states", strategy.state_dict())
 
 

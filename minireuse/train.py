@@ -249,7 +249,7 @@ class Trainer:
         self.parallel = DataParallel(comm or SingleProcess(), self.device, c)
         self.quiet = quiet or not self.parallel.writes
         from .step_graphs import resolve_mode
-        self.graph_mode = resolve_mode(c["graph"] if self.parallel.size == 1 else "off", self.device)
+        self.graph_mode = resolve_mode("off" if self.parallel.active else c["graph"], self.device)
         backend.seed(c["seed"])
         self.model = model if model is not None else self._build_model()
         if c["decay_layers"] is not None:
