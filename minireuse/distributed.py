@@ -61,9 +61,11 @@ class DistributedError(RuntimeError):
 
 
 class SingleProcess:
-    """The communicator of a run in one process: every collective is the identity."""
+    """The communicator of a run in one process: every collective is the identity, and the
+    trainer keeps its one-process path (``data_parallel`` False)."""
 
     rank, size, local_rank = 0, 1, 0
+    data_parallel = False
 
     def allreduce(self, buf):
         return buf
@@ -83,6 +85,8 @@ class SingleProcess:
 
 class MPICommunicator:
     """mpi4py's COMM_WORLD; allreduce and broadcast work in place on NumPy arrays."""
+
+    data_parallel = True
 
     def __init__(self):
         try:
@@ -123,6 +127,8 @@ class NCCLCommunicator:
     """NCCL over the processes of ``host`` (an MPICommunicator, or SingleProcess for one
     process): allreduce and broadcast work in place on CuPy arrays, on the current stream;
     host objects, the barrier and abort go through ``host``."""
+
+    data_parallel = True
 
     def __init__(self, host):
         cupy = backend.require_gpu()
@@ -271,12 +277,13 @@ def share(n, rank, size):
 
 class DataParallel:
     """The hooks of one training run in ``comm.size`` processes. With SingleProcess every hook
-    leaves the trainer's one-process behaviour as it is; any other communicator, even of
-    one process (``--distributed on``), runs the whole data-parallel path."""
+    leaves the trainer's one-process behaviour as it is; a communicator whose
+    ``data_parallel`` is true, even of one process (``--distributed on``), runs the whole
+    data-parallel path."""
 
     def __init__(self, comm, device, cfg):
         self.size, self.rank = comm.size, comm.rank
-        self.active = not isinstance(comm, SingleProcess)
+        self.active = comm.data_parallel
         batch_size = cfg["batch_size"]
         if self.size > 1 and batch_size % self.size:
             raise ValueError(f"--batch-size {batch_size} does not divide among the {self.size} processes: each "

@@ -39,23 +39,11 @@ MPIEXEC, NO_MPI = _mpiexec()
 needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason=str(NO_MPI))
 
 
-class Loopback:
-    """A communicator of one process that is not SingleProcess: the trainer runs the whole
-    data-parallel path (shards, the flat buffer, its all-reduce) through it."""
+class Loopback(SingleProcess):
+    """A communicator of one process through which the trainer runs the whole data-parallel
+    path (shards, the flat buffer, its all-reduce)."""
 
-    rank, size, local_rank = 0, 1, 0
-
-    def allreduce(self, buf):
-        return buf
-
-    def broadcast(self, buf, root=0):
-        return buf
-
-    def barrier(self):
-        pass
-
-    def allgather_object(self, obj):
-        return [obj]
+    data_parallel = True
 
 
 class FakeComm(Loopback):
