@@ -158,6 +158,17 @@ def test_the_data_parallel_path_of_one_process_trains_as_the_plain_trainer(tmp_p
     assert parallel.history[0]["test_acc"] == plain.history[0]["test_acc"]
 
 
+def test_the_distributed_extra_brings_mpi_with_mpiexec_and_ci_installs_it():
+    import configparser
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    extra = cfg["options.extras_require"]["distributed"].split()
+    assert any(r.startswith("mpi4py") for r in extra) and "mpich" in extra
+    assert "'.[distributed]'" in distributed.INSTALL
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        assert "pip install -q -e '.[test,distributed]'" in f.read()
+
+
 def _env():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
