@@ -205,8 +205,10 @@ def resumed_config(a, argv):
 
 
 def cmd_train(a):
+    from .training.distributed import world
     from .training.outdir import clear_run, refuse_existing_run
     from .training.trainer import Trainer
+    comm = world(a.distributed)
     if a.resume and a.overwrite:
         raise ValueError("--resume continues a run and --overwrite discards one: give one of them")
     cfg = resumed_config(a, a.argv) if a.resume else train_config(a)
@@ -217,18 +219,22 @@ def cmd_train(a):
                          "add --reuse fixed, schedule or adaptive")
     if not a.resume and not a.overwrite:
         refuse_existing_run(cfg["out"])
-    trainer = Trainer(cfg, quiet=a.quiet)
-    if a.overwrite:
+    trainer = Trainer(cfg, quiet=a.quiet, comm=comm)
+    if a.overwrite and comm.rank == 0:
         clear_run(trainer.out)        # only once every setting and the data were accepted
     if a.resume:
         meta = trainer.resume(a.resume)
-        print(f"resuming from {a.resume}: epoch {meta['epoch'] + 1}, step {meta['step']}", file=sys.stderr)
-    if not a.quiet:
+        if comm.rank == 0:
+            print(f"resuming from {a.resume}: epoch {meta['epoch'] + 1}, step {meta['step']}", file=sys.stderr)
+    if not trainer.quiet:
+        if comm.size > 1:
+            print(f"data-parallel: {comm.size} processes, {cfg['batch_size'] // comm.size} images of each batch "
+                  "of " f"{cfg['batch_size']} per process", file=sys.stderr)
         print(trainer.model.summary((32, 32, 3)), file=sys.stderr)
         print(f"device: {trainer.device}; training images: {len(trainer.data[0])}, "
               f"test images: {len(trainer.data[2])}", file=sys.stderr)
     history = trainer.fit()
-    if history:
+    if history and comm.rank == 0:
         last = history[-1]
         print(f"done: {len(history)} epochs, test accuracy {last['test_acc']:.4f}; "
               f"outputs in {trainer.out}")
@@ -268,6 +274,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model on CIFAR-10", formatter_class=Formatter)
     add_train_arguments(p)
+    p.add_argument("--distributed", choices=["auto", "on", "off"], default="auto",
+                   help="data-parallel training over the processes of `mpiexec -n N` (docs/distributed.md; "
+                        "needs the .[distributed] extra): auto when mpiexec started several, on even for one")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("compare", help="train exact and with reuse from the same seed; print a table",
                        formatter_class=Formatter)
@@ -343,15 +352,16 @@ def main(argv=None):
     from .training.checkpoint import TrainingError
     from .training.outdir import OutputError
     from .tools.plot import PlotError
-    user_errors = (DataNotFoundError, CorruptDataError, GraphError, OutputError, PlotError)
+    from .training.distributed import DistributedError, finish, where
+    user_errors = (DataNotFoundError, CorruptDataError, GraphError, OutputError, PlotError, DistributedError)
     try:
         return a.func(a)
     except KeyboardInterrupt as e:
         print(f"\n{e or 'interrupted before training started: nothing was saved'}", file=sys.stderr)
-        return 130
+        return finish(130, agreed=True)     # every process saw the Ctrl-C and stopped at the same step
     except user_errors + (DeviceError, TrainingError, BackendMismatchError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error{where()}: {e}", file=sys.stderr)
+        return finish(2)
 
 
 if __name__ == "__main__":

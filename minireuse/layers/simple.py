@@ -13,10 +13,12 @@ from ..cpu import ops as cpu_ops
 from .base import Layer
 
 _MASK64 = (1 << 64) - 1
+# the dropout kernel's counter step: element i of a call mixes key + (i + 1) * KEY_STRIDE
+KEY_STRIDE = 0x9E3779B97F4A7C15
 
 
 def _splitmix64(z):
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = (z + KEY_STRIDE) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
@@ -92,6 +94,13 @@ class Dropout(Layer):
     before a training step and ``end_step`` closes the step (the trainer's Step does
     both, around every step); within a step the forward only reads the key, outside
     one every forward advances it itself. GPU masks differ from CPU masks.
+
+    ``batch_shard`` = (first row, rows of the whole batch), set by data-parallel training
+    (minireuse.training.distributed): the input is those rows of a larger batch, and the mask
+    is the same rows of the mask drawn for the whole batch (on the GPU, the key moves on by
+    the elements before the first row), so every process draws what one process would. The
+    offset is known only once the input is, so with a shard the forward advances the key
+    itself and ``begin_step`` leaves it alone.
     """
 
     def __init__(self, rate=0.5, seed=0, name=None):
@@ -100,6 +109,7 @@ class Dropout(Layer):
             raise ValueError(f"{self.name}: rate must be in [0, 1), got {rate}")
         self.rate = rate
         self._device_key = None
+        self.batch_shard = None
         self.reseed(seed)
 
     def reseed(self, seed):
@@ -109,17 +119,19 @@ class Dropout(Layer):
         self.rng = backend.random_generator(seed) if backend.device() == "cpu" else None
 
     def begin_step(self):
-        """The per-step state: on the GPU, the step's key into device memory (asynchronous)."""
-        if backend.device() == "gpu":
+        """The per-step state: on the GPU, the step's key into device memory (asynchronous).
+        A layer given a batch shard advances its key in the forward, where the offset is known."""
+        if backend.device() == "gpu" and self.batch_shard is None:
             self._advance_key()
             self._in_step = True
 
     def end_step(self):
         self._in_step = False
 
-    def _advance_key(self):
+    def _advance_key(self, first=0):
+        """``first``: the index in the whole batch's mask of the input's first element."""
         self._calls += 1
-        key = call_key(self.seed, self._calls)
+        key = (call_key(self.seed, self._calls) + first * KEY_STRIDE) & _MASK64
         if self._device_key is None:
             self._device_key = backend.DeviceScalars(2, np.uint32, xp=backend.require_gpu())
         self._device_key.set((key & 0xFFFFFFFF, key >> 32))
@@ -131,12 +143,17 @@ class Dropout(Layer):
         keep = 1.0 - self.rate
         if step_kernels.supports(x):
             if not self._in_step:          # a forward outside a training step draws its own key
-                self._advance_key()
+                self._advance_key(0 if self.batch_shard is None else self.batch_shard[0] * (x.size // len(x)))
             self._mask, y = step_kernels.dropout_forward(x, keep, self._device_key.array)
             return y
         if self.rng is None:
             self.rng = np.random.default_rng(self.seed)
-        self._mask = (self.rng.random(x.shape, dtype=np.float32) < keep).astype(x.dtype) / keep
+        if self.batch_shard is None:
+            u = self.rng.random(x.shape, dtype=np.float32)
+        else:
+            first, rows = self.batch_shard
+            u = self.rng.random((rows,) + x.shape[1:], dtype=np.float32)[first:first + len(x)]
+        self._mask = (u < keep).astype(x.dtype) / keep
         return x * self._mask
 
     def backward(self, dy):

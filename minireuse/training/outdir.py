@@ -1,5 +1,6 @@
 """A run's output directory: checked writable before any work, locked while a run writes it,
-and the files a run leaves there (found, named, removed on request, resumed from).
+and the files a run leaves there (found, named, removed on request, resumed from); and
+InterruptFlag, which turns a first Ctrl-C into a stop with those files saved.
 
 The lock is the file OUT/.lock holding the process id of the run. A second run on
 the same directory is refused while that process lives; a lock left by a process
@@ -8,6 +9,7 @@ that died (killed, power loss) is taken over.
 import errno
 import os
 import shlex
+import signal
 import sys
 
 from .checkpoint import TrainingError, read_checkpoint
@@ -174,3 +176,34 @@ def clear_run(out):
         path = os.path.join(out, name)
         if os.path.exists(path):
             os.remove(path)
+
+
+class InterruptFlag:
+    """Within the block, a first Ctrl-C only sets the flag (the loop saves and stops
+    at the next safe point); a second one interrupts at once, with ``hint()`` (what is
+    left to resume from) as its message."""
+
+    def __init__(self, hint=None):
+        self.set = False
+        self.hint = hint
+
+    def __bool__(self):
+        return self.set
+
+    def _handler(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt("interrupted again: stopped at once without saving. "
+                                    + (self.hint() if self.hint else ""))
+        self.set = True
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False

@@ -41,8 +41,11 @@ def stage_errors(model, x, layer_name, configs):
 class StrategySteps:
     """The per-step hooks of one strategy on one model (see the module docstring)."""
 
-    def __init__(self, strategy, model, loss_fn, timer, seed, epochs):
+    def __init__(self, strategy, model, loss_fn, timer, seed, epochs, agree=None):
+        """agree: in data-parallel training, what makes a measurement the same on every process
+        (distributed.DataParallel.agree: the mean over processes)."""
         self.strategy, self.model, self.loss_fn, self.timer = strategy, model, loss_fn, timer
+        self.agree = agree or (lambda measured: measured)
         self.seed, self.epochs = seed, epochs
         self._measuring = False
         self._exact_loss = None
@@ -56,7 +59,8 @@ class StrategySteps:
         st.on_step((epoch + step / steps) / self.epochs)
         wanted = st.wants_ladder_order()
         if wanted:
-            st.set_ladder_order({name: stage_errors(self.model, xb, name, st.ladders[name]) for name in wanted})
+            st.set_ladder_order(self.agree({name: stage_errors(self.model, xb, name, st.ladders[name])
+                                            for name in wanted}))
             st.apply()
         probed = st.probe_now(step, steps)
         if probed:

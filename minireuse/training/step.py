@@ -72,13 +72,15 @@ class Step:
     """One training step of ``model`` on the device, eager or replayed (module docstring).
 
     timer: the per-layer timer of eager steps (timing.LayerTimer). graph_mode: 'off',
-    'auto' or 'on' (graphs.resolve_mode). ``begin_run()`` sets up the sums and the graph
+    'auto' or 'on' (graphs.resolve_mode). parallel: a distributed.DataParallel, whose
+    processes sum their gradients before the update and their sums (None: one process). ``begin_run()`` sets up the sums and the graph
     runner; every step runs inside ``with step.stream():``.
     """
 
-    def __init__(self, model, optimizer, loss_fn, timer, graph_mode="off"):
+    def __init__(self, model, optimizer, loss_fn, timer, graph_mode="off", parallel=None):
         self.model, self.opt, self.loss_fn, self.timer = model, optimizer, loss_fn, timer
         self.graph_mode = graph_mode
+        self.parallel = parallel
         self.graphs = None
         self.totals = None
         self._replays_before = 0    # graph replays before this epoch
@@ -86,6 +88,8 @@ class Step:
     def begin_run(self):
         """Set up what steps accumulate into and, on the GPU with graphs, the graph runner."""
         self.totals = StepTotals(backend.xp())
+        if self.parallel is not None:
+            self.totals = self.parallel.totals(self.totals)
         self.graphs = None
         if self.graph_mode != "off":
             from .graphs import StepGraphs
@@ -125,6 +129,8 @@ class Step:
         logits = self.model.forward(xb, train=True, timer=timer)
         loss = self.loss_fn.forward(logits, yb)
         self.model.backward(self.loss_fn.backward(), timer=timer)
+        if self.parallel is not None:
+            self.parallel.allreduce_gradients(self.model, loss, logits, yb)
         self.opt.apply()
         return loss, logits
 
@@ -166,19 +172,26 @@ class Step:
         return out
 
 
-def evaluate(model, loss_fn, iterator, stop=None, progress=None):
+def evaluate(model, loss_fn, iterator, stop=None, progress=None, parallel=None):
     """Mean loss and accuracy over an iterator; accumulates on the device, reads back once.
 
     stop: checked before every batch; when it returns True, None is returned at once.
-    progress: the label of a progress bar over the batches (None: no bar)."""
+    progress: the label of a progress bar over the batches (None: no bar).
+    parallel: a distributed.DataParallel: each process evaluates its share of every batch."""
     totals, n = StepTotals(backend.xp()), 0
     with tqdm(iterator, total=len(iterator), desc=progress, unit="batch", leave=False, dynamic_ncols=True,
               disable=progress is None) as batches:
         for xb, yb in batches:
             if stop is not None and stop():
                 return None
+            if parallel is not None:
+                xb, yb = parallel.shard(xb, yb)
+                if len(yb) == 0:
+                    continue
             logits = model.forward(xb, train=False)
             totals.add(loss_fn.forward(logits, yb), logits, yb)
             n += len(yb)
     loss_sum, correct = totals.read()
+    if parallel is not None:
+        loss_sum, correct, n = parallel.sum_floats(loss_sum, correct, n)
     return loss_sum / max(n, 1), correct / max(n, 1)

@@ -19,9 +19,9 @@ epoch, at its end). How a step runs on the device, eagerly or as a CUDA graph (`
 ``step.run``, ``step.epoch_sums`` and ``step.layer_times``. Checkpoints are written and
 read by checkpoint.py, the run's files by outdir.py, its data and batches by batches.py.
 """
+import contextlib
 import math
 import os
-import signal
 import time
 
 import numpy as np
@@ -37,9 +37,10 @@ from ..timing import LayerTimer
 from .adaptive import make_strategy, resolved_layers, stage_label
 from .batches import CIFAR_IMAGES, batches, check_memory, epoch_batches, load_data, mid_epoch_evaluations
 from .checkpoint import TrainingError, load_checkpoint, read_checkpoint, resume_conflicts, save_checkpoint
+from .distributed import DataParallel, SingleProcess
 from .graphs import resolve_mode
-from .outdir import (CHECKPOINT, HISTORY, MODEL, OutLock, check_unlocked, check_writable, checkpoint_position,
-                     resume_command)
+from .outdir import (CHECKPOINT, HISTORY, MODEL, InterruptFlag, OutLock, check_unlocked, check_writable,
+                     checkpoint_position, resume_command)
 from .probes import StrategySteps
 from .step import Step, evaluate
 
@@ -81,7 +82,8 @@ class Trainer:
     SAFE_TO_CHANGE = ("epochs", "data", "device", "graph", "download", "out", "limit_test", "log_every",
                       "eval_every")
 
-    def __init__(self, cfg, data=None, model=None, quiet=False):
+    def __init__(self, cfg, data=None, model=None, quiet=False, comm=None):
+        """comm: the communicator of a data-parallel run (training.distributed); None: one process."""
         unknown = set(cfg) - set(self.DEFAULTS)
         if unknown:
             raise ValueError(f"unknown training settings {sorted(unknown)}")
@@ -94,11 +96,12 @@ class Trainer:
                                ("warmup_epochs", 0, None)):
             check_number(key, c[key], low, high, open_low=key == "lr", open_high=key == "momentum")
         check_number("eval_every", c["eval_every"], 0, 1, open_low=True)
-        self.quiet = quiet
         check_writable(c["out"])           # before any data is loaded or any step runs
         check_unlocked(c["out"])
         self.device = backend.set_device(c["device"])
-        graph_mode = resolve_mode(c["graph"], self.device)
+        self.parallel = DataParallel(comm or SingleProcess(), self.device, c)
+        self.quiet = quiet or not self.parallel.writes
+        graph_mode = resolve_mode("off" if self.parallel.active else c["graph"], self.device)
         backend.seed(c["seed"])
         self.model = model if model is not None else self._build_model()
         if c["decay_layers"] is not None:
@@ -122,9 +125,9 @@ class Trainer:
         self.history = []
         self.start_epoch, self.start_step = 0, 0
         self.timer = LayerTimer([l.name for l in self.model.reuse_layers()])
-        self.step = Step(self.model, self.opt, self.loss_fn, self.timer, graph_mode)
+        self.step = Step(self.model, self.opt, self.loss_fn, self.timer, graph_mode, self.parallel)
         self.strategy_steps = None if self.strategy is None else StrategySteps(
-            self.strategy, self.model, self.loss_fn, self.timer, c["seed"], c["epochs"])
+            self.strategy, self.model, self.loss_fn, self.timer, c["seed"], c["epochs"], agree=self.parallel.agree)
         self._resume_totals = None  # the sums of the resumed epoch's steps before the checkpoint
         self._mid_evals = []        # this epoch's evaluations before its end
         self.reader = None
@@ -200,6 +203,7 @@ class Trainer:
         for (epoch, step), then the step itself (``self.step.run``). Returns the learning
         rate used. Needs ``begin_run()`` and ``with self.step.stream():``."""
         lr = self.schedule(epoch + step / steps)
+        xb, yb = self.parallel.shard(xb, yb, self.model)
         if self.strategy_steps is not None:
             # the strategy's probes run first: the step's dropout masks are drawn after them,
             # so a reuse run draws the same randomness as the exact run of the same seed
@@ -218,7 +222,10 @@ class Trainer:
         naming it; a second one stops at once and says what the last checkpoint is. A write
         that fails (disk full) stops with TrainingError; the last good checkpoint stays."""
         ckpt = os.path.join(self.out, CHECKPOINT)
-        with OutLock(self.out), InterruptFlag(lambda: self._resume_hint(ckpt)) as interrupted:
+        self.parallel.check_start(self.cfg, len(self.data[0]), self.model, self.opt)
+        lock = OutLock(self.out) if self.parallel.writes else contextlib.nullcontext()
+        with lock, InterruptFlag(lambda: self._resume_hint(ckpt)) as flag:
+            interrupted = self.parallel.watch(flag)
             try:
                 # overflow on the way to a non-finite loss is reported once, as its TrainingError
                 with np.errstate(all="ignore"):
@@ -239,8 +246,10 @@ class Trainer:
         self._check_finite(loss_sum / max(seen, 1), epoch, step, ckpt)
         totals = dict(loss_sum=loss_sum, correct=correct, seen=seen, seconds=time.perf_counter() - t0,
                       mid_evals=self._mid_evals)
-        save_checkpoint(ckpt, self.model, self.opt, epoch, step + 1, self.history, self.cfg, self.strategy,
-                        epoch_totals=totals)
+        if self.parallel.writes:
+            save_checkpoint(ckpt, self.model, self.opt, epoch, step + 1, self.history, self.cfg, self.strategy,
+                            epoch_totals=totals)
+        self.parallel.barrier()
         raise KeyboardInterrupt(
             f"interrupted in epoch {epoch + 1} {where}; state saved to {os.path.abspath(ckpt)} "
             f"(continue with {resume_command(ckpt)})")
@@ -294,7 +303,8 @@ class Trainer:
                 self._check_finite(loss_sum / max(seen, 1), epoch, step, ckpt)
                 lr = self.schedule(epoch + (steps - 1) / steps) if start >= steps else lr
                 evaluated = evaluate(self.model, self.loss_fn, test_iter, stop=lambda: bool(interrupted),
-                                     progress=None if self.quiet else f"epoch {epoch + 1}: evaluating")
+                                     progress=None if self.quiet else f"epoch {epoch + 1}: evaluating",
+                                     parallel=self.parallel)
                 if evaluated is None:    # Ctrl-C during the evaluation: the epoch's steps are kept
                     self._interrupt(ckpt, epoch, steps - 1, seen, t0, "during its evaluation")
                 test_loss, test_acc = evaluated
@@ -308,7 +318,8 @@ class Trainer:
             record["layers"] = self.step.layer_times(step + 1 - start)
             if self.strategy is not None:
                 self.strategy_steps.add_exact_times(record["layers"])
-                record["reuse_harm"] = self.strategy_steps.epoch_harm()
+                record["layers"] = self.parallel.agree(record["layers"])
+                record["reuse_harm"] = self.parallel.agree(self.strategy_steps.epoch_harm())
                 self.strategy.on_epoch_end((epoch + 1) / c["epochs"], record["train_loss"], record["layers"],
                                            harm=record["reuse_harm"])
                 new_events = [e for e in self.strategy.events if "epoch" not in e]
@@ -316,17 +327,21 @@ class Trainer:
                     e["epoch"] = epoch + 1
                 record["reuse_strategy"] = self.strategy.name
                 record["reuse_events"] = new_events   # stage changes during or at the end of this epoch
+                self.parallel.check_strategy(self.strategy)
             self.history.append(record)
-            save_checkpoint(ckpt, self.model, self.opt, epoch + 1, 0, self.history, c, self.strategy)
-            self.write_history()
+            if self.parallel.writes:
+                save_checkpoint(ckpt, self.model, self.opt, epoch + 1, 0, self.history, c, self.strategy)
+                self.write_history()
             if not self.quiet:
                 tqdm.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
                            f"test loss {test_loss:.4f} acc {test_acc:.4f} | {seconds:.1f} s, "
                            f"{record['images_per_s']:.0f} img/s" + reuse_summary(record))
             if interrupted and epoch + 1 < c["epochs"]:
+                self.parallel.barrier()
                 raise KeyboardInterrupt(f"interrupted after epoch {epoch + 1}; state saved to "
                                         f"{os.path.abspath(ckpt)} (continue with {resume_command(ckpt)})")
-        self.model.save(os.path.join(self.out, MODEL))
+        if self.parallel.writes:
+            self.model.save(os.path.join(self.out, MODEL))
         return self.history
 
     def _evaluate_mid_epoch(self, test_iter, epoch, step, steps, seen, t0, ckpt, interrupted):
@@ -335,7 +350,8 @@ class Trainer:
         saves the run before this evaluation, which the resumed run then does."""
         began = time.perf_counter()
         evaluated = evaluate(self.model, self.loss_fn, test_iter, stop=lambda: bool(interrupted),
-                             progress=None if self.quiet else f"epoch {epoch + 1}: evaluating at step {step}")
+                             progress=None if self.quiet else f"epoch {epoch + 1}: evaluating at step {step}",
+                             parallel=self.parallel)
         took = time.perf_counter() - began
         if evaluated is None:
             self._interrupt(ckpt, epoch, step - 1, seen, t0 + took, "during an evaluation")
@@ -409,33 +425,3 @@ def reuse_summary(record):
             if rec.get("reuse") is not None and rec.get("r_c") is not None]
     return " | reuse: " + (", ".join(used) if used else "none this epoch (every layer exact)")
 
-
-class InterruptFlag:
-    """Within the block, a first Ctrl-C only sets the flag (the loop saves and stops
-    at the next safe point); a second one interrupts at once, with ``hint()`` (what is
-    left to resume from) as its message."""
-
-    def __init__(self, hint=None):
-        self.set = False
-        self.hint = hint
-
-    def __bool__(self):
-        return self.set
-
-    def _handler(self, signum, frame):
-        if self.set:
-            raise KeyboardInterrupt("interrupted again: stopped at once without saving. "
-                                    + (self.hint() if self.hint else ""))
-        self.set = True
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._old = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-        return False
