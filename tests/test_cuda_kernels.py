@@ -271,7 +271,7 @@ def test_centroids(xp):
     X = rng.standard_normal((513, 27)).astype(np.float32)
     ids, n_clusters = clustering.assign_clusters(_codes(rng, 513, 4, 30), 32)
     want_C, want_counts = clustering.centroids(lsh.split_groups(X, 7), ids, n_clusters)
-    C, counts = cuda.centroid_sums(dev(xp, X), dev(xp, ids), 7, capacity=40)
+    C, counts = cuda.centroid_rows(dev(xp, X), dev(xp, ids), 7, capacity=40)
     cm = want_C.shape[1]
     close(C[:, :cm], want_C, "centroids", atol=1e-5)
     assert C.dtype == np.float32                          # int32 counts must not promote the means

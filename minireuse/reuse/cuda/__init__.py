@@ -31,7 +31,7 @@ GEMM (matmul.overflow_rows, conv.overflow_pixels) instead of per-element atomics
 Importing this package needs no GPU; cupy is imported through
 minireuse.backend.require_gpu() on first use of the GPU device layer.
 """
-from .clustering import (assign_codes, centroid_pixels, centroid_sums, cluster_sums_rows, dx_cluster_rows,
+from .clustering import (assign_codes, centroid_pixels, centroid_rows, cluster_sums_rows, dx_cluster_rows,
                          reconstruct_rows)
 from .conv import ConvGeometry, CudaConvCache, cuda_reuse_conv_backward, cuda_reuse_conv_forward
 from .lsh import hash_pixels, hash_rows, input_scale

@@ -129,7 +129,7 @@ def cluster_means(sums, counts):
     return sums / device().xp.maximum(counts, 1)[:, :, None].astype(sums.dtype)
 
 
-def centroid_sums(X, ids, L, capacity):
+def centroid_rows(X, ids, L, capacity):
     """(centroids (G, capacity, L), counts (G, capacity)) of rows X (N, K) under ids (N, G)
     (kernel centroid_sums; the means are taken here). ids -1 (overflow) belong to no cluster."""
     check("X", X, np.float32, (None, None))
