@@ -255,7 +255,13 @@ def test_parity_says_when_reuse_never_ran_and_gives_no_ratio(tmp_path, data, cap
     assert "reuse never ran in seed 0" in table
     seed_row = next(line for line in table.splitlines() if line.startswith("0 "))
     assert not any(cell.endswith("x") for cell in seed_row.split())
-    assert json.load(open(tmp_path / "par" / "parity.json"))["aggregate"]["train_seconds"]["ratio"] is None
+    result = json.load(open(tmp_path / "par" / "parity.json"))
+    assert result["aggregate"]["train_seconds"]["ratio"] is None
+    # the time-to-accuracy rows give the reuse run's seconds but no ratio either
+    targets = [line.split() for line in table.split("time to accuracy")[1].splitlines()[2:] if line.strip()]
+    assert targets and not any(cell.endswith("x)") for row in targets for cell in row)
+    for t in result["per_seed"][0]["time_to_targets"] + result["aggregate"]["time_to_targets"]:
+        assert t["ratio_vs_exact"]["reuse"] is None
 
 
 # ---------------------------------------------------------------- D8: the evaluation shows progress

@@ -295,7 +295,7 @@ def run(cfg, seeds, exact_from=None, quiet=False, data=None, control=False, targ
             entry.update(pytorch_entry(entry["exact"], *got["pytorch"]))
         curves = {kind: accuracy_curve(h) for kind, (h, _) in got.items()}
         entry.update(curves=curves, time_to_targets=time_to_targets(
-            curves, seed_targets(entry["exact"]["final_test_acc"], targets)))
+            curves, seed_targets(entry["exact"]["final_test_acc"], targets), reuse_ran=entry["reuse_ran"]))
         per_seed.append(entry)
 
     n_test = len(data[2]) if data is not None else _count_test_images(base)

@@ -211,15 +211,19 @@ def seed_targets(exact_final, levels=()):
             + [(f"{v:g} %", v / 100) for v in levels])
 
 
-def time_to_targets(curves, targets):
+def time_to_targets(curves, targets, reuse_ran=True):
     """Per target: its accuracy, each run's training seconds to reach it (None: not reached),
-    and the ratios exact / run and pytorch / run (> 1: the run got there faster)."""
+    and the ratios exact / run and pytorch / run (> 1: the run got there faster). A reuse
+    run that never reused (reuse_ran False) trained exact: no ratio is given for it."""
+    def ratio(base, run, secs):
+        if None in (secs[base], secs[run]) or (not reuse_ran and "reuse" in (base, run)):
+            return None
+        return _ratio(secs[base], secs[run])
     out = []
     for label, acc in targets:
         secs = {run: time_to(c, acc) for run, c in curves.items()}
         out.append(dict(label=label, accuracy=acc, seconds=secs,
-                        **{f"ratio_vs_{base}": {run: _ratio(secs[base], t) if None not in (secs[base], t) else None
-                                                for run, t in secs.items()}
+                        **{f"ratio_vs_{base}": {run: ratio(base, run, secs) for run in secs}
                            for base in ("exact", "pytorch") if base in secs}))
     return out
 
@@ -228,14 +232,19 @@ def aggregate_targets(per_seed):
     """Per target label (in order): per run, the seeds that reached it, the summed seconds when
     every seed did, and the ratios of those sums against exact and PyTorch."""
     labels = [t["label"] for t in per_seed[0]["time_to_targets"]] if per_seed else []
+    reused = all(p.get("reuse_ran", True) for p in per_seed)
+
+    def ratio(base, run, sums):
+        if None in (sums[base], sums[run]) or (not reused and "reuse" in (base, run)):
+            return None
+        return _ratio(sums[base], sums[run])
     out = []
     for i, label in enumerate(labels):
         rows = [p["time_to_targets"][i]["seconds"] for p in per_seed]
         runs = [r for r in RUNS if all(r in row for row in rows)]
         sums = {r: sum(row[r] for row in rows) if all(row[r] is not None for row in rows) else None for r in runs}
         out.append(dict(label=label, reached={r: sum(row[r] is not None for row in rows) for r in runs},
-                        seconds=sums, **{f"ratio_vs_{base}": {r: _ratio(sums[base], t) if None not in (sums[base], t)
-                                                              else None for r, t in sums.items()}
+                        seconds=sums, **{f"ratio_vs_{base}": {r: ratio(base, r, sums) for r in sums}
                                          for base in ("exact", "pytorch") if base in sums}))
     return out
 
