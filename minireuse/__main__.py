@@ -5,12 +5,12 @@ line starting with 'error:' and exit with status 2; Ctrl-C during training saves
 a checkpoint and exits with status 130.
 """
 import argparse
-import math
 import os
 import re
 import sys
 
 from . import __version__
+from .checks import describe_range, in_range
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -32,45 +32,24 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def number(low=None, high=None, open_low=False, open_high=False, kind=float):
-    """An argparse type: a finite number in a range (low/high None: unbounded)."""
-    lo = "" if low is None else ("(" if open_low else "[") + f"{low}"
-    hi = "" if high is None else f"{high}" + (")" if open_high else "]")
-    what = f"a finite number in {lo or '(-inf'}, {hi or 'inf)'}" if kind is float else "an integer >= 0"
+    """An argparse type: a finite number (an integer where kind is int) in a range (low/high
+    None: unbounded), checked and described as everywhere else (checks.py)."""
+    integer = kind is int
+    what = describe_range(low, high, open_low, open_high, integer)
 
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
-        ok = math.isfinite(v)
-        if ok and low is not None:
-            ok = v > low if open_low else v >= low
-        if ok and high is not None:
-            ok = v < high if open_high else v <= high
-        if not ok:
+        if not in_range(v, low, high, open_low, open_high, integer):
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
         return v
     return parse
 
 
-def positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def positive_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s!r}")
-    return v
+positive_int = number(1, kind=int)
+positive_float = number(0, open_low=True)
 
 
 def add_train_arguments(p, resume=True, reuse_default="off", overwrite=True, seed=True):

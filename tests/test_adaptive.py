@@ -148,7 +148,7 @@ def test_speed_guard_needs_slow_epochs_in_a_row_beyond_the_margin():
     _, strict = started(speed_patience=1, speed_margin=0.0)
     strict.on_epoch_end(0.1, 2.0, {"conv2": {"step_ms": 10.1, "exact_probe_ms": 10.0}})
     assert "slower than exact" in strict.events[-1]["reason"]
-    with pytest.raises(ValueError, match="speed_patience: got 0, expected an int >= 1"):
+    with pytest.raises(ValueError, match="adaptive option speed_patience must be a positive integer, got 0"):
         AdaptiveStrategy(LADDER, speed_patience=0)
     with pytest.raises(ValueError, match="speed_margin: got -0.1"):
         AdaptiveStrategy(LADDER, speed_margin=-0.1)
@@ -323,7 +323,7 @@ def test_rise_patience_waits_for_rising_epochs_in_a_row():
     s.on_epoch_end(0.6, 1.5, {})                        # the second rise in a row
     assert s.stage["conv2"] == 1 and "2 epochs in a row" in s.events[-1]["reason"]
     assert s.rising_epochs == 0
-    with pytest.raises(ValueError, match="rise_patience: got 0, expected an int >= 1"):
+    with pytest.raises(ValueError, match="adaptive option rise_patience must be a positive integer, got 0"):
         AdaptiveStrategy(LADDER, rise_patience=0)
 
 

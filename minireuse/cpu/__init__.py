@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..checks import describe_range, in_range
+
 # MINIREUSE_NUMBA=0 keeps the numba kernels off (numba's runtime holds about 130 MB)
 _state = {"fast": True, "threads": None, "pool": None, "kernels": None, "tried": False,
           "compiled": os.environ.get("MINIREUSE_NUMBA", "1") != "0"}
@@ -58,8 +60,8 @@ def set_threads(n):
 
     Returns the number now in use.
     """
-    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
-        raise ValueError(f"threads must be a positive integer (or None for every core), got {n!r}")
+    if n is not None and not in_range(n, 1, integer=True):
+        raise ValueError(f"threads must be {describe_range(1, integer=True)} (or None for every core), got {n!r}")
     _state["threads"] = None if n is None else int(n)
     if _state["pool"] is not None:
         _state["pool"].shutdown()

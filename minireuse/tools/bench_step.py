@@ -41,6 +41,7 @@ import time
 import numpy as np
 
 from .. import backend, cpu
+from ..checks import check_range
 from .bench import git_commit
 from ..data.sample import sample_images
 from ..tables import align_rows
@@ -337,8 +338,7 @@ def run_step_bench(args):
         raise backend.DeviceError("--graph on times CUDA graphs, which need a GPU; this run is on the CPU "
                                   "(use --graph auto or off)")
     for name in ("batch", "batches"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+        check_range(f"--{name}", getattr(args, name), 1, integer=True)
     steps = args.steps if args.steps is not None else (30 if gpu else 5)
     graph_rows = gpu and args.graph != "off"
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)

@@ -46,8 +46,8 @@ the checkpoint).
 import dataclasses
 import inspect
 import json
-import math
 
+from ..checks import check_range
 from ..reuse.config import ReuseConfig
 
 STRATEGIES = ("off", "fixed", "schedule", "adaptive")
@@ -128,8 +128,7 @@ class ReuseStrategy:
 
     def __init__(self, ladders, exact_tail=0.0):
         self.ladders = {layer: _configs(stages, layer) for layer, stages in ladders.items()}
-        if not 0.0 <= exact_tail < 1.0:
-            raise ValueError(f"exact_tail must be in [0, 1), got {exact_tail}")
+        check_range("exact_tail", exact_tail, 0, 1, open_high=True)
         self.exact_tail = exact_tail
         self.stage = {layer: 0 for layer in self.ladders}
         self.events = []
@@ -255,18 +254,15 @@ class AdaptiveStrategy(ReuseStrategy):
                  exact_tail=0.1, sample_every=20, probe_steps=1, probe_every=50, speed_guard=True,
                  order_ladders=True, speed_margin=0.05, speed_patience=2, rise_patience=1):
         super().__init__(ladders, exact_tail)
-        for name, v, lo, hi in (("start_after", start_after, 0.0, 1.0), ("steady_drop", steady_drop, 0.0, 1.0),
-                                ("harm_bound", harm_bound, 0.0, None), ("error_bound", error_bound, 0.0, None),
-                                ("speed_margin", speed_margin, 0.0, None)):
-            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= lo
-                                      and (hi is None or v < hi)):
-                raise ValueError(f"adaptive option {name}: got {v!r}, expected a number >= {lo}"
-                                 + (f" and < {hi}" if hi is not None else "") + " (or null)")
+        for name, v, lo, hi in (("start_after", start_after, 0, 1), ("steady_drop", steady_drop, 0, 1),
+                                ("harm_bound", harm_bound, 0, None), ("error_bound", error_bound, 0, None),
+                                ("speed_margin", speed_margin, 0, None)):
+            if v is not None:           # null: the rule is off
+                check_range(f"adaptive option {name}", v, lo, hi, open_high=True)
         for name, v in (("sample_every", sample_every), ("speed_patience", speed_patience),
                         ("rise_patience", rise_patience), ("probe_steps", probe_steps),
                         ("probe_every", probe_every)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"adaptive option {name}: got {v!r}, expected an int >= 1")
+            check_range(f"adaptive option {name}", v, 1, integer=True)
         self.start_after, self.steady_drop = start_after, steady_drop
         self.harm_bound, self.error_bound = harm_bound, error_bound
         self.sample_every, self.probe_steps, self.probe_every = sample_every, probe_steps, probe_every

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import backend
+from ..checks import check_range
 from ..fileio import atomic_write_json
 from ..layers.simple import reseed_layers
 from ..losses import SoftmaxCrossEntropy
@@ -43,20 +44,6 @@ from .outdir import (CHECKPOINT, HISTORY, MODEL, InterruptFlag, OutLock, check_u
                      checkpoint_position, resume_command)
 from .probes import StrategySteps
 from .step import Step, evaluate
-
-
-def check_number(name, value, low=None, high=None, open_low=False, open_high=False):
-    """Raise ValueError unless value is a finite number in its range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if open_low else value >= low
-    if ok and high is not None:
-        ok = value < high if open_high else value <= high
-    if not ok:
-        lo = "" if low is None else ("(" if open_low else "[") + str(low)
-        hi = "" if high is None else str(high) + (")" if open_high else "]")
-        rng = f"in {lo}, {hi}" if lo and hi else (f"{'>' if open_low else '>='} {low}" if lo else f"<= {high}")
-        raise ValueError(f"{name} must be a finite number {rng}, got {value!r}")
 
 
 def build_optimizer(model, cfg):
@@ -90,12 +77,11 @@ class Trainer:
         self.cfg = {**self.DEFAULTS, **cfg}
         c = self.cfg
         for key in ("epochs", "batch_size"):
-            if not isinstance(c[key], int) or c[key] < 1:
-                raise ValueError(f"{key} must be a positive integer, got {c[key]!r}")
+            check_range(key, c[key], 1, integer=True)
         for key, low, high in (("lr", 0, None), ("momentum", 0, 1), ("weight_decay", 0, None),
                                ("warmup_epochs", 0, None)):
-            check_number(key, c[key], low, high, open_low=key == "lr", open_high=key == "momentum")
-        check_number("eval_every", c["eval_every"], 0, 1, open_low=True)
+            check_range(key, c[key], low, high, open_low=key == "lr", open_high=key == "momentum")
+        check_range("eval_every", c["eval_every"], 0, 1, open_low=True)
         check_writable(c["out"])           # before any data is loaded or any step runs
         check_unlocked(c["out"])
         self.device = backend.set_device(c["device"])
