@@ -55,8 +55,8 @@ positive_float = number(0, open_low=True)
 def add_train_arguments(p, resume=True, reuse_default="off", overwrite=True, seed=True):
     """The training flags; compare and parity (reuse_default not 'off') need a reuse strategy,
     parity takes its seeds from --seeds (seed=False)."""
-    from .training.trainer import Trainer
-    d = Trainer.DEFAULTS
+    from .training.config import TrainConfig
+    d = TrainConfig.defaults()
     p.add_argument("--model", default=d["model"], choices=["alexnet", "cifarnet", "vgg19"])
     p.add_argument("--data", default=d["data"], help="directory holding cifar-10-batches-py/ or "
                    "cifar-10-python.tar.gz (downloaded there when missing and the network allows)")
@@ -169,11 +169,11 @@ def _subparser(parser, name):
 
 def resumed_config(a, argv):
     """The checkpoint's settings, with the flags given explicitly on top (Trainer.resume
-    refuses those that contradict it, except Trainer.SAFE_TO_CHANGE); the output directory is
-    the checkpoint's own unless --out is given."""
+    refuses those that contradict it, except the settings TrainConfig lets a resume change);
+    the output directory is the checkpoint's own unless --out is given."""
     from .training.checkpoint import checkpoint_config
-    from .training.trainer import Trainer
-    saved = {k: v for k, v in checkpoint_config(a.resume).items() if k in Trainer.DEFAULTS}
+    from .training.config import TrainConfig
+    saved = {k: v for k, v in checkpoint_config(a.resume).items() if k in TrainConfig.defaults()}
     # a run continues where its checkpoint is (a copied run in the copy), not where it was saved
     saved["out"] = os.path.dirname(os.path.abspath(a.resume))
     cfg = train_config(a)

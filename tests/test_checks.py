@@ -50,3 +50,24 @@ def test_the_command_line_the_trainer_and_the_strategy_refuse_alike(tmp_path, ca
     with pytest.raises(ValueError) as option:
         AdaptiveStrategy(LADDER, probe_every=0)
     assert str(option.value) == "adaptive option probe_every must be a positive integer, got 0"
+
+
+def test_one_settings_schema_behind_the_command_line_the_trainer_and_parity():
+    from minireuse.__main__ import train_config
+    from minireuse.tools.parity import IGNORED_SETTINGS
+    from minireuse.training.config import TrainConfig
+    defaults = TrainConfig.defaults()
+    assert Trainer.DEFAULTS == defaults
+    cli = train_config(build_parser().parse_args(["train"]))
+    # what the command line sets without flags is the schema's default (paths are made absolute)
+    assert {k: v for k, v in cli.items() if k not in ("out", "data")} == \
+        {k: defaults[k] for k in cli if k not in ("out", "data")}
+    assert set(defaults) - set(cli) <= {"log_every", "reuse_layers", "reuse_options"}
+    assert Trainer.SAFE_TO_CHANGE == TrainConfig.names("resume")
+    assert set(TrainConfig.names("run_only")) <= set(TrainConfig.names("resume"))
+    assert IGNORED_SETTINGS == set(TrainConfig.names("run_only")) | {"quiet"}
+    assert "epochs" in Trainer.SAFE_TO_CHANGE and "epochs" not in IGNORED_SETTINGS
+    TrainConfig.defaults()["decay_layers"].append("conv1")     # a copy: the defaults stay
+    assert TrainConfig.defaults()["decay_layers"] == ["fc3", "fc4"]
+    with pytest.raises(ValueError, match=r"unknown training settings \['lr_max'\]"):
+        TrainConfig.check({**defaults, "lr_max": 1})

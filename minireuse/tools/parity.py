@@ -63,6 +63,7 @@ from ..fileio import atomic_write_json
 from ..training.adaptive import resolved_layers, stage_label
 from ..training.batches import load_data
 from ..training.checkpoint import TrainingError, read_checkpoint
+from ..training.config import TrainConfig
 from ..training.outdir import CHECKPOINT, HISTORY
 from ..training.trainer import Trainer
 from .parity_results import (accuracy_curve, aggregate, aggregate_targets, format_pytorch, format_table,
@@ -71,8 +72,9 @@ from .parity_results import (accuracy_curve, aggregate, aggregate_targets, forma
 
 RESULT = "parity.json"
 FIGURE = "time_to_accuracy.png"
-# where and how a run ran, or when it was evaluated: not what it computed
-IGNORED_SETTINGS = frozenset({"out", "data", "download", "device", "graph", "log_every", "quiet", "eval_every"})
+# where and how a run ran, or when it was evaluated: not what it computed (TrainConfig's run_only
+# settings; "quiet" was stored by older runs)
+IGNORED_SETTINGS = frozenset(TrainConfig.names("run_only")) | {"quiet"}
 # what an exact run may hold from a reuse config it did not use (its "reuse" must still be "off")
 REUSE_OPTION_SETTINGS = frozenset({"reuse_layers", "reuse_options"})
 

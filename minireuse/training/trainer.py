@@ -28,7 +28,6 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import backend
-from ..checks import check_range
 from ..fileio import atomic_write_json
 from ..layers.simple import reseed_layers
 from ..losses import SoftmaxCrossEntropy
@@ -38,6 +37,7 @@ from ..timing import LayerTimer
 from .adaptive import make_strategy, resolved_layers, stage_label
 from .batches import CIFAR_IMAGES, batches, check_memory, epoch_batches, load_data, mid_epoch_evaluations
 from .checkpoint import TrainingError, load_checkpoint, read_checkpoint, resume_conflicts, save_checkpoint
+from .config import TrainConfig
 from .distributed import DataParallel, SingleProcess
 from .graphs import resolve_mode
 from .outdir import (CHECKPOINT, HISTORY, MODEL, InterruptFlag, OutLock, check_unlocked, check_writable,
@@ -57,31 +57,18 @@ def build_optimizer(model, cfg):
 
 
 class Trainer:
-    """Runs the epochs of one training job described by a config dict (see DEFAULTS)."""
+    """Runs the epochs of one training job described by a settings dict (config.TrainConfig:
+    the settings, their defaults, what a resume may change)."""
 
-    DEFAULTS = dict(model="cifarnet", data="data", epochs=30, batch_size=128, lr=0.05,
-                    optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=0.004,
-                    decay_layers=["fc3", "fc4"], schedule="cosine", warmup_epochs=1.0,
-                    augment=True, seed=0, out="runs/cifarnet", limit_train=None, limit_test=None,
-                    device="auto", log_every=25, download=True,
-                    reuse="off", reuse_layers=None, reuse_options=None, graph="off", eval_every=1.0)
+    DEFAULTS = TrainConfig.defaults()
     # what a resumed run may change: where things are, how long it goes on, how it executes
-    SAFE_TO_CHANGE = ("epochs", "data", "device", "graph", "download", "out", "limit_test", "log_every",
-                      "eval_every")
+    SAFE_TO_CHANGE = TrainConfig.names("resume")
 
     def __init__(self, cfg, data=None, model=None, quiet=False, comm=None):
         """comm: the communicator of a data-parallel run (training.distributed); None: one process."""
-        unknown = set(cfg) - set(self.DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}")
-        self.cfg = {**self.DEFAULTS, **cfg}
+        TrainConfig.check({**self.DEFAULTS, **cfg})
+        self.cfg = {**TrainConfig.defaults(), **cfg}
         c = self.cfg
-        for key in ("epochs", "batch_size"):
-            check_range(key, c[key], 1, integer=True)
-        for key, low, high in (("lr", 0, None), ("momentum", 0, 1), ("weight_decay", 0, None),
-                               ("warmup_epochs", 0, None)):
-            check_range(key, c[key], low, high, open_low=key == "lr", open_high=key == "momentum")
-        check_range("eval_every", c["eval_every"], 0, 1, open_low=True)
         check_writable(c["out"])           # before any data is loaded or any step runs
         check_unlocked(c["out"])
         self.device = backend.set_device(c["device"])
