@@ -24,6 +24,7 @@ from minireuse.layers.conv import im2col as ref_im2col
 from minireuse.reuse import ReuseConfig, ReuseState, clustering, conv2d_backward, conv2d_forward, lsh
 from minireuse.reuse import conv as ref_conv
 from minireuse.reuse import cuda
+from minireuse.reuse.common import use_pixel_aligned
 from minireuse.reuse import matmul as ref_matmul
 
 RUNNERS = [pytest.param("host", marks=pytest.mark.skipif(runtime.host_compiler() is None,
@@ -457,7 +458,7 @@ def test_dense_extremes(xp, kind):
 
 
 def _conv_data(config, b=3, h=9, w=7, c=8, m=13, kh=3, kw=3, stride=1, pads=(1, 1, 2, 0), bias=True):
-    pixel = ref_conv.use_pixel_aligned(config, c)
+    pixel = use_pixel_aligned(config, c)
 
     def make(rng):
         x = image(rng, b, h, w, c)

@@ -13,9 +13,10 @@ The layers call ``conv2d_forward/backward`` and ``dense_forward/backward``
 beside its twin here) when it imports and ``config.impl`` allows.
 """
 from .clustering import assign_clusters, centroids, cluster_sums
+from .common import use_pixel_aligned
 from .config import ReuseConfig, ReuseState
 from .conv import (general_conv_backward, general_conv_forward, general_conv_forward_assigned,
-                   pixel_conv_backward, pixel_conv_forward, pixel_conv_forward_assigned, use_pixel_aligned)
+                   pixel_conv_backward, pixel_conv_forward, pixel_conv_forward_assigned)
 from .dispatch import conv2d_backward, conv2d_forward, dense_backward, dense_forward, resolve_impl
 from .lsh import draw_hash_params, hash_codes
 from .matmul import reuse_matmul_backward, reuse_matmul_forward, reuse_matmul_forward_assigned

@@ -45,18 +45,9 @@ from .. import backend, cpu
 from ..conv_geometry import col2im, im2col, pad_nhwc
 from ..cpu import conv as cpu_conv
 from .clustering import assign_clusters, assignment_matrix, centroids, group_keys, product, transposed_product
-from .matmul import (DwCorrection, cosine, dw_sample_draw, hash_groups, impl_label, relative_error,
-                     reuse_matmul_backward, reuse_matmul_forward, reuse_matmul_forward_assigned)
-
-
-def use_pixel_aligned(config, c_in):
-    """Whether config asks for the pixel-aligned path on an input with c_in channels."""
-    if config.pixel_aligned == "auto":
-        return c_in % config.L == 0 and config.shared_planes
-    if config.pixel_aligned and c_in % config.L:
-        raise ValueError(f"ReuseConfig.pixel_aligned: got True with L={config.L}, expected L to divide "
-                         f"the {c_in} input channels (or pixel_aligned 'auto'/False)")
-    return bool(config.pixel_aligned)
+from .common import DwCorrection, cosine, dw_sample_draw, pixel_index, pixel_residuals, relative_error
+from .matmul import (hash_groups, impl_label, reuse_matmul_backward, reuse_matmul_forward,
+                     reuse_matmul_forward_assigned)
 
 
 def exact_conv(x, W, b, stride, pads):
@@ -141,19 +132,6 @@ def offset_weights(W, L):
     return W.reshape(kh * kw, q, L, m).transpose(1, 2, 0, 3).reshape(q, L, kh * kw * m)
 
 
-def pixel_index(batch, hp, wp, kh, kw, stride, xp):
-    """(N, kh*kw) int32: the padded pixel read by kernel offset t = (i, j) of output n.
-
-    Output n = (image, oy, ox) starts its window at pixel (image, oy*stride, ox*stride)
-    of the padded input; offset (i, j) moves it by i rows and j columns.
-    """
-    oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
-    window_start = (xp.arange(batch)[:, None, None] * (hp * wp) + xp.arange(oh)[None, :, None] * (stride * wp)
-                    + xp.arange(ow)[None, None, :] * stride).reshape(-1, 1)
-    shift = (xp.arange(kh)[:, None] * wp + xp.arange(kw)[None, :]).reshape(1, -1)
-    return (window_start + shift).astype(xp.int32)
-
-
 def pixel_keys(pixel_ids, cmax, padded_shape, kh, kw, stride):
     """(N, T*Q): the row of P, read as (q, cluster, t), that group (t, q) of output n uses.
 
@@ -167,19 +145,6 @@ def pixel_keys(pixel_ids, cmax, padded_shape, kh, kw, stride):
     keys = xp.take(first_row, pixel_index(b_, hp, wp, kh, kw, stride, xp), axis=0)     # (N, T, Q)
     keys += xp.arange(t, dtype=xp.int32)[:, None]
     return keys.reshape(-1, t * q)
-
-
-def pixel_residuals(pixels, C, pixel_ids, where):
-    """(m, kh*kw*c_in): the im2col rows of m outputs minus their centroid rows.
-
-    where (m, T): the padded pixel each output reads per kernel offset (pixel_index rows).
-    """
-    xp = backend.get_array_module(pixels, C)
-    q, cmax, L = C.shape
-    m, t = where.shape
-    keys = xp.take(pixel_ids, where, axis=0) + xp.arange(q, dtype=pixel_ids.dtype) * cmax      # (m, T, Q)
-    near = xp.take(C.reshape(q * cmax, L), keys, axis=0)                                       # (m, T, Q, L)
-    return (xp.take(pixels, where, axis=0) - near).reshape(m, t * q * L)
 
 
 def pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L, dx_mode="exact",

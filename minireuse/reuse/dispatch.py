@@ -10,8 +10,8 @@ import warnings
 import numpy as np
 
 from .. import backend
-from .conv import general_conv_backward, general_conv_forward, pixel_conv_backward, pixel_conv_forward, \
-    use_pixel_aligned
+from .common import use_pixel_aligned
+from .conv import general_conv_backward, general_conv_forward, pixel_conv_backward, pixel_conv_forward
 from .matmul import reuse_matmul_backward, reuse_matmul_forward
 
 _cuda_import = {}

@@ -37,6 +37,7 @@ import numpy as np
 from .. import backend
 from . import lsh
 from .clustering import assign_clusters, assignment_matrix, centroids, cluster_sums, group_keys, reconstruct
+from .common import DwCorrection, cosine, dw_sample_draw, relative_error, row_residuals
 
 
 def reuse_matmul_simple(X, W, L=16, H=12, seed=0):
@@ -59,18 +60,6 @@ def reuse_matmul_simple(X, W, L=16, H=12, seed=0):
 def impl_label(xp):
     """How the reference path is labelled in statistics and benchmarks."""
     return "numpy-reference" if xp is np else "cupy-reference"
-
-
-def relative_error(y, y_exact):
-    """||y - y_exact|| / ||y_exact|| as a 0-d device array."""
-    xp = backend.get_array_module(y, y_exact)
-    return xp.linalg.norm(y - y_exact) / xp.linalg.norm(y_exact)
-
-
-def cosine(a, b):
-    """Cosine similarity of two arrays of one shape, as a 0-d device array."""
-    xp = backend.get_array_module(a, b)
-    return (a * b).sum() / (xp.linalg.norm(a) * xp.linalg.norm(b))
 
 
 def group_weights(W, L):
@@ -118,35 +107,6 @@ class MatmulCache:
     correction: object = None   # dw_sample: DwCorrection of the sampled rows
 
 
-@dataclasses.dataclass
-class DwCorrection:
-    """dw_sample's unbiased correction of the centroid dW: scale * residual^T @ dY[rows]."""
-
-    rows: object         # (m,) sampled row indices: start, start + step, ...
-    residual: object     # (m, K) x - its centroids, for the sampled rows
-    scale: float         # the sampling step
-
-    @classmethod
-    def drawn(cls, draw, n, xp, residuals):
-        """The correction of a systematic sample of n rows: draw(n) -> (start, step)
-        (ReuseState.sample_rows), residuals(rows) -> (m, K) for those rows."""
-        start, step = draw(n)
-        rows = xp.arange(start, n, step)
-        return cls(rows, residuals(rows), step)
-
-    def dW(self, dy):
-        return self.scale * (self.residual.T @ dy[self.rows])
-
-
-def row_residuals(X, C, ids, rows):
-    """(m, K): X[rows] minus the centroids that stand for them (C (G, Cmax, L), ids (N, G))."""
-    xp = backend.get_array_module(X, C)
-    g, cmax, L = C.shape
-    k = X.shape[1]
-    near = xp.take(C.reshape(g * cmax, L), group_keys(ids[rows], cmax), axis=0)   # (m, G, L)
-    return X[rows] - near.reshape(len(rows), g * L)[:, :k]
-
-
 def reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, L, dx_mode="exact", forward="reuse",
                                   sample=None):
     """y = X @ W + b with deep reuse under a given assignment (ids, n_clusters) of groups of L.
@@ -175,13 +135,6 @@ def reuse_matmul_forward_assigned(X, W, b, ids, n_clusters, L, dx_mode="exact", 
         cache.correction = DwCorrection.drawn(sample, X.shape[0], backend.get_array_module(X),
                                               lambda rows: row_residuals(X, C, ids, rows))
     return y, cache
-
-
-def dw_sample_draw(config, state, train):
-    """draw(n) -> (start, step) of this call's dw_sample rows, or None (off, or evaluation)."""
-    if not train or config.dw_sample <= 0:
-        return None
-    return lambda n: state.sample_rows(n, config.dw_sample)
 
 
 def reuse_matmul_forward(X, W, b, config, state, train=True, scale_source=None):

@@ -14,7 +14,7 @@ import numpy as np
 from .. import backend
 from ..layers.simple import reseed_dropout
 from ..reuse.config import ReuseState
-from ..reuse.matmul import relative_error
+from ..reuse.common import relative_error
 from ..timing import LayerTimer
 
 

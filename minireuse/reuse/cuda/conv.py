@@ -15,7 +15,7 @@ backward:
 
 Options as in matmul.py: 'centred' thresholds and 'pca' planes from the real (unpadded) pixels; forward
 'exact' is im2col + one GEMM; dw_sample's residuals are gathered for the sampled
-output pixels (as reference.pixel_residuals, with exactly computed pixels standing for
+output pixels (as common.pixel_residuals, with exactly computed pixels standing for
 themselves).
 """
 import dataclasses
@@ -25,8 +25,8 @@ import numpy as np
 from ...kernels import step_kernels
 from ...conv_geometry import pad_nhwc
 from .. import conv as reference
-from .. import matmul as reference_matmul
-from ..matmul import DwCorrection
+from ..common import DwCorrection, cosine, dw_sample_draw, pixel_index, pixel_residuals, relative_error, \
+    use_pixel_aligned
 from .clustering import cluster, cluster_means, dx_cluster_rows
 from .lsh import Rows, family_hash_params
 from .matmul import batched_gemm, cluster_D, matmul_backward_params, matmul_forward, record, take
@@ -141,7 +141,7 @@ def cuda_reuse_conv_forward(x, W, b, stride, pads, config, state, train=True):
     check("W", W, np.float32, (None, None, x.shape[3], None))
     if b is not None:
         check("b", b, np.float32, (W.shape[3],))
-    pixel = reference.use_pixel_aligned(config, x.shape[3])
+    pixel = use_pixel_aligned(config, x.shape[3])
     geo = ConvGeometry.of(x.shape, W.shape, stride, pads)
     if pixel:
         y, cache, run = _pixel_forward(x, W, b, geo, config, state, train)
@@ -154,7 +154,7 @@ def cuda_reuse_conv_forward(x, W, b, stride, pads, config, state, train=True):
     if config.measure_error:
         # forward 'exact': y is the exact conv, its own reference (rel_error 0)
         exact = y if config.forward == "exact" else reference.exact_conv(x, W, b, stride, pads)
-        rel_error = reference_matmul.relative_error(y, exact)
+        rel_error = relative_error(y, exact)
     entry = record(state, run, {"pixel_aligned": pixel}, rel_error, train)
     if cache is not None and config.measure_error:
         if pixel:
@@ -173,14 +173,14 @@ def exact_conv_rows(x, W, b, geo):
 
 
 def residual_pixels(x, sums, counts, ids, rows, geo, L):
-    """(m, kh*kw*C): the reference's pixel_residuals of the outputs ``rows`` (sums (Q, cap, L)
+    """(m, kh*kw*C): common.pixel_residuals of the outputs ``rows`` (sums (Q, cap, L)
     unnormalised); a pixel slice computed exactly (id -1) stands for itself (residual 0)."""
     xp = device().xp
     means = cluster_means(sums, counts)
-    where = reference.pixel_index(geo.B, geo.hp, geo.wp, geo.kh, geo.kw, geo.stride, xp)[rows]   # (m, T)
+    where = pixel_index(geo.B, geo.hp, geo.wp, geo.kh, geo.kw, geo.stride, xp)[rows]   # (m, T)
     exact = xp.repeat(xp.take(ids, where, axis=0) < 0, L, axis=2).reshape(len(rows), -1)     # (m, T*Q*L)
     pixels = pad_nhwc(x, geo.pads).reshape(-1, geo.C // L, L)
-    return reference.pixel_residuals(pixels, means, xp.maximum(ids, 0), where) * ~exact
+    return pixel_residuals(pixels, means, xp.maximum(ids, 0), where) * ~exact
 
 
 def _pixel_forward(x, W, b, geo, config, state, train):
@@ -213,7 +213,7 @@ def _pixel_forward(x, W, b, geo, config, state, train):
         cache = CudaConvCache("pixel", x, W, geo, Wq=Wq, ids=run["ids"], counts=run["counts"], sums=run["sums"],
                               has_bias=b is not None, L=L, dx_mode=config.dx_mode,
                               overflow_gemm=run["overflow_gemm"])
-        draw = reference_matmul.dw_sample_draw(config, state, train)
+        draw = dw_sample_draw(config, state, train)
         if draw is not None:
             cache.correction = DwCorrection.drawn(draw, geo.outputs, device().xp, lambda rows: residual_pixels(
                 x, run["sums"], run["counts"], run["ids"], rows, geo, L))
@@ -257,7 +257,7 @@ def cuda_reuse_conv_backward(dy, cache, input_grad=True):
     if c.correction is not None:
         dW += c.correction.dW(dy2).reshape(c.W.shape)
     if c.stats is not None:
-        c.stats["dw_cos"] = reference_matmul.cosine(dW.reshape(-1, geo.M), im2col(c.x, geo).T @ dy2)
+        c.stats["dw_cos"] = cosine(dW.reshape(-1, geo.M), im2col(c.x, geo).T @ dy2)
     if not input_grad:
         return None, dW, ws.get("db")
     if c.dx_mode == "exact":

@@ -13,7 +13,7 @@ Options as on the reference path: family 'centred' computes its thresholds on th
 device first (lsh.centred_thresholds), family 'pca' its planes and thresholds
 (lsh.pca_hash_params); forward 'exact' replaces the centroid GEMM
 and the reconstruct by X @ W + b, the clustering staying for the backward;
-dw_sample adds the sampled residuals' dW (the reference's DwCorrection) and
+dw_sample adds the sampled residuals' dW (common.DwCorrection, as the reference) and
 measure_error the cosine to the exact dW (dw_cos).
 
 Nothing is copied to the host inside a call (after a call site's first,
@@ -25,8 +25,7 @@ import dataclasses
 import numpy as np
 
 from .. import lsh as reference_lsh
-from .. import matmul as reference
-from ..matmul import DwCorrection
+from ..common import DwCorrection, cosine, dw_sample_draw, relative_error, row_residuals
 from .clustering import cluster, cluster_means, dx_cluster_rows, launch_cluster_sums_rows, reconstruct_rows
 from .lsh import Rows, family_hash_params
 from .capacity import Arena, cuda_state
@@ -124,7 +123,7 @@ def matmul_forward(X, W, b, config, state, train, scale_source, batch):
     if train:
         cache = CudaMatmulCache(X, W, Wg, run["ids"], run["counts"], run["sums"], b is not None, L,
                                 config.dx_mode, run["overflow_gemm"])
-        draw = reference.dw_sample_draw(config, state, train)
+        draw = dw_sample_draw(config, state, train)
         if draw is not None:
             cache.correction = DwCorrection.drawn(draw, N, device().xp, lambda rows: residual_rows(
                 X, run["sums"], run["counts"], run["ids"], rows, L))
@@ -132,12 +131,12 @@ def matmul_forward(X, W, b, config, state, train, scale_source, batch):
 
 
 def residual_rows(X, sums, counts, ids, rows, L):
-    """(m, K): the reference's row_residuals of X[rows] against the centroids (sums (G, cap, L)
+    """(m, K): common.row_residuals of X[rows] against the centroids (sums (G, cap, L)
     unnormalised); a (row, group) computed exactly (id -1) stands for itself (residual 0)."""
     xp = device().xp
     means = cluster_means(sums, counts)
     exact = xp.repeat(ids[rows] < 0, L, axis=1)[:, :X.shape[1]]
-    return reference.row_residuals(X, means, xp.maximum(ids, 0), rows) * ~exact
+    return row_residuals(X, means, xp.maximum(ids, 0), rows) * ~exact
 
 
 def matmul_backward_params(dy, c):
@@ -161,7 +160,7 @@ def matmul_backward_params(dy, c):
     if c.correction is not None:
         dW += c.correction.dW(dy)
     if c.stats is not None:
-        c.stats["dw_cos"] = reference.cosine(dW, c.X.T @ dy)
+        c.stats["dw_cos"] = cosine(dW, c.X.T @ dy)
     return dW, ws.get("db"), ws["S"]
 
 
@@ -195,7 +194,7 @@ def cuda_reuse_matmul_forward(X, W, b, config, state, train=True):
     if config.measure_error:
         # forward 'exact': y is the exact product, its own reference (rel_error 0)
         exact = y if config.forward == "exact" else (X @ W if b is None else X @ W + b)
-        rel_error = reference.relative_error(y, exact)
+        rel_error = relative_error(y, exact)
     entry = record(state, run, {}, rel_error, train)
     if cache is not None and config.measure_error:
         cache.stats = entry
