@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from cli_helpers import base, history
+from cli_helpers import base, history, learnable_data
 from conftest import NO_GPU
 from minireuse import backend
 from minireuse.kernels import runtime, step_kernels
@@ -145,7 +145,6 @@ def tiny_cfg(tmp_path, name, device):
 def test_the_data_parallel_path_of_one_process_trains_as_the_plain_trainer(tmp_path, device):
     """On the GPU through NCCL (one process, no MPI needed): shards of a whole batch, the flat
     buffer, its all-reduce and the summed epoch totals give the plain trainer's run."""
-    from test_train import learnable_data
     data = learnable_data(n_train=64, n_test=32)
     plain = Trainer(tiny_cfg(tmp_path, "plain", device), data=data, quiet=True)
     plain.fit()

@@ -313,3 +313,21 @@ def test_make_gpu_check_installs_into_its_own_venv_and_takes_a_given_python_as_i
 def test_dot_venv_is_ignored_by_git():
     lines = open(os.path.join(ROOT, ".gitignore")).read().split()
     assert ".venv/" in lines or ".venv" in lines or "/.venv/" in lines
+
+
+def test_test_modules_share_helpers_through_helper_modules_only():
+    """A test file imports helpers (conftest, cli_helpers, gradcheck, ...), never another
+    test file: a test module imported elsewhere runs its own tests' imports twice and ties
+    unrelated files together."""
+    import ast
+    tests = os.path.join(ROOT, "tests")
+    offenders = []
+    for name in sorted(os.listdir(tests)):
+        if not (name.startswith("test_") and name.endswith(".py")):
+            continue
+        tree = ast.parse(open(os.path.join(tests, name)).read())
+        for node in ast.walk(tree):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{name} imports {m}" for m in mods if m.split(".")[0].startswith("test_")]
+    assert not offenders, offenders
