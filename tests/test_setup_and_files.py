@@ -208,106 +208,79 @@ def test_package_discovery_lists_every_folder_of_the_package():
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 
 
+# A fake interpreter: it logs how it was called (its own path first) and does what make
+# relies on: `-m venv DIR` creates DIR/bin/python (another fake), `-m pip install -e` leaves
+# the install's dist-info in that environment. Everything else only logs.
+FAKE_PYTHON = """#!/bin/sh
+echo "$0 $*" >> "$MAKE_LOG"
+if [ "$1 $2" = "-m venv" ]; then
+    mkdir -p "$3/bin" && cp "$0" "$3/bin/python"
+fi
+case "$*" in
+    "-m pip install -q -e"*) mkdir -p "$(dirname "$0")/../lib/python3.x/site-packages/minireuse-0.1.0.dist-info" ;;
+esac
+"""
+
+
 @pytest.fixture
 def project(tmp_path):
-    """A directory with the project's Makefile, setup.cfg and pyproject.toml: enough for make -n."""
+    """The project's Makefile, setup.cfg and pyproject.toml, a logging scripts/gpu_check.sh,
+    and a fake python3 first on the PATH."""
+    root = tmp_path / "project"
+    (root / "scripts").mkdir(parents=True)
     for name in ("Makefile", "setup.cfg", "pyproject.toml"):
-        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
-    return tmp_path
+        shutil.copy(os.path.join(ROOT, name), root / name)
+    (root / "scripts" / "gpu_check.sh").write_text('echo "gpu_check PYTHON=$PYTHON" >> "$MAKE_LOG"\n')
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name in ("python3", "python3.x"):
+        (bindir / name).write_text(FAKE_PYTHON)
+        (bindir / name).chmod(0o755)
+    return root
 
 
-def make_n(project, target, *args, virtual_env=None):
-    # a clean environment: nothing of a calling make (MAKEFLAGS, MAKELEVEL, its
-    # command-line variables) or of an active virtual environment leaks in
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+def run_make(project, *args, virtual_env=None):
+    """The commands the fake interpreters ran for `make ARGS`, with the project's path cut."""
+    log = project / "make.log"
+    log.write_text("")
+    # a clean environment: nothing of a calling make or an active virtual environment leaks in
+    env = {k: os.environ[k] for k in ("HOME", "LANG", "TMPDIR") if k in os.environ}
+    env.update(PATH=f"{project.parent / 'bin'}:{os.environ['PATH']}", MAKE_LOG=str(log))
     if virtual_env:
         env["VIRTUAL_ENV"] = virtual_env
-    r = subprocess.run(["make", "-n", "--no-print-directory", target, "DATA=nodata",
-                        "SHARED_CIFAR=/nonexistent/make_cifar10.py", *args],
-                       cwd=str(project), env=env, capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["make", "--no-print-directory", *args, "DATA=nodata", "SHARED_CIFAR=/nonexistent"],
+                       cwd=str(project), env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
-
-
-def fake_venv(project, stamp_age=0.0, installed=True):
-    """A .venv as `make` leaves it: its python, the install stamp and the install's dist-info."""
-    bindir = project / ".venv" / "bin"
-    bindir.mkdir(parents=True)
-    (bindir / "python").write_text("")
-    if installed:
-        (project / ".venv" / "lib" / "python3.x" / "site-packages" / "minireuse-0.1.0.dist-info").mkdir(parents=True)
-    stamp = project / ".venv" / ".installed"
-    stamp.write_text("")
-    cfg_time = os.stat(project / "setup.cfg").st_mtime
-    for name in ("setup.cfg", "pyproject.toml"):
-        os.utime(project / name, (cfg_time - 100, cfg_time - 100))
-    t = cfg_time - 100 + 50 - stamp_age      # stamp_age > 50: older than setup.cfg
-    os.utime(stamp, (t, t))
+    bin_dir = str(project.parent / "bin") + "/"
+    return [line.replace(bin_dir, "").replace(str(project) + "/", "") for line in log.read_text().splitlines()]
 
 
 @needs_make
-def test_make_without_a_virtual_environment_creates_and_uses_dot_venv(project):
-    out = make_n(project, "test")
-    assert "python3 -m venv .venv" in out
-    assert ".venv/bin/python -m pip install -q -e '.[test]'" in out
-    assert out.strip().splitlines()[-1] == ".venv/bin/python -m pytest -q tests"
-    cifar = make_n(project, "cifar")
-    assert "python3 -m venv .venv" in cifar and ".venv/bin/python -m pip install -q -e '.[test]'" in cifar
-    assert ".venv/bin/python -m minireuse train --model cifarnet --data nodata" in cifar
-    assert not any(line.startswith("python3 -m pip") for line in cifar.splitlines())
-
-
-@needs_make
-def test_make_installs_only_when_missing_or_setup_cfg_is_newer(project):
-    fake_venv(project)
-    assert make_n(project, "test").strip() == ".venv/bin/python -m pytest -q tests"
-    cifar = make_n(project, "cifar")
-    assert "pip install -q -e" not in cifar and "-m venv" not in cifar
-    assert ".venv/bin/python -m minireuse train" in cifar
-
-
-@needs_make
-def test_make_reinstalls_after_setup_cfg_changes(project):
-    fake_venv(project, stamp_age=100)          # setup.cfg newer than the last install
-    out = make_n(project, "test")
-    assert "-m venv" not in out
-    assert ".venv/bin/python -m pip install -q -e '.[test]'" in out
-
-
-@needs_make
-def test_make_reinstalls_an_uninstalled_package(project):
-    fake_venv(project, installed=False)        # stamp fresh, but the install is gone
-    out = make_n(project, "cifar")
-    assert "-m venv" not in out and ".venv/bin/python -m pip install -q -e '.[test]'" in out
-
-
-@needs_make
-def test_make_in_an_active_virtual_environment_uses_it_as_before(project, tmp_path_factory):
-    venv = str(tmp_path_factory.mktemp("active-venv"))
-    assert make_n(project, "test", virtual_env=venv).strip() == "python3 -m pytest -q tests"
-    cifar = make_n(project, "cifar", virtual_env=venv)
-    assert "python3 -m pip install -q -e '.[test]'" in cifar and ".venv" not in cifar
-    # .ci/run: its own environment activated, then `make test PYTHON=python`
-    assert make_n(project, "test", "PYTHON=python", virtual_env=venv).strip() == "python -m pytest -q tests"
-
-
-@needs_make
-def test_make_with_an_explicit_python_uses_it_and_no_dot_venv(project):
-    out = make_n(project, "test", "PYTHON=/usr/bin/python3.x")
-    assert out.strip() == "/usr/bin/python3.x -m pytest -q tests"
-    cifar = make_n(project, "cifar", "PYTHON=/usr/bin/python3.x")
-    assert "/usr/bin/python3.x -m pip install -q -e '.[test]'" in cifar and ".venv" not in cifar
-
-
-@needs_make
-def test_make_gpu_check_installs_into_its_own_venv_and_takes_a_given_python_as_it_is(project):
-    out = make_n(project, "gpu-check")
-    assert ".venv/bin/python -m pip install -q -e '.[test]'" in out
-    assert out.strip().splitlines()[-1] == ("PYTHON='.venv/bin/python' DATA='nodata' OUT_DIR='gpu_results' "
-                                            "bash scripts/gpu_check.sh")
-    # a GPU machine's python3, run from the source tree with no install step
-    assert make_n(project, "gpu-check", "PYTHON=python3").strip() == \
-        "PYTHON='python3' DATA='nodata' OUT_DIR='gpu_results' bash scripts/gpu_check.sh"
+def test_make_runs_the_interpreter_it_should_and_installs_only_when_needed(project, tmp_path):
+    venv, install = ".venv/bin/python", "-m pip install -q -e .[test]"
+    # a fresh clone: .venv is created, pip upgraded, the project installed, then the tests run
+    assert run_make(project, "test") == ["python3 -m venv .venv", f"{venv} -m pip install -q --upgrade pip",
+                                         f"{venv} {install}", f"{venv} -m pytest -q tests"]
+    # installed and nothing changed: no install step
+    assert run_make(project, "test") == [f"{venv} -m pytest -q tests"]
+    assert run_make(project, "cifar")[-1].startswith(f"{venv} -m minireuse train --model cifarnet --data nodata")
+    # setup.cfg newer than the install: installed again, into the same .venv
+    earlier = os.stat(project / "setup.cfg").st_mtime - 10
+    os.utime(project / ".venv" / ".installed", (earlier, earlier))
+    assert run_make(project, "test") == [f"{venv} {install}", f"{venv} -m pytest -q tests"]
+    # the install removed (pip uninstall) although the stamp is fresh: installed again
+    shutil.rmtree(project / ".venv" / "lib")
+    assert run_make(project, "test") == [f"{venv} {install}", f"{venv} -m pytest -q tests"]
+    # gpu-check installs into make's own .venv first and hands the script that interpreter
+    assert run_make(project, "gpu-check") == [f"gpu_check PYTHON={venv}"]
+    # an active virtual environment: its python3 as it is (`make test` installs nothing there)
+    active = str(tmp_path / "active")
+    assert run_make(project, "test", virtual_env=active) == ["python3 -m pytest -q tests"]
+    assert run_make(project, "cifar", virtual_env=active)[0] == f"python3 {install}"
+    # PYTHON given: that interpreter, no .venv, no install for the tests or the GPU check
+    assert run_make(project, "test", "PYTHON=python3.x") == ["python3.x -m pytest -q tests"]
+    assert run_make(project, "gpu-check", "PYTHON=python3.x") == ["gpu_check PYTHON=python3.x"]
+    assert run_make(project, "cifar", "PYTHON=python3.x")[0] == f"python3.x {install}"
 
 
 def test_dot_venv_is_ignored_by_git():
