@@ -12,6 +12,7 @@ import numpy as np
 from . import backend, cpu
 from .kernels import step_kernels
 from .cpu import conv as cpu_conv
+from .geometry import ConvGeometry
 
 
 def conv_padding(padding, size, k, stride):
@@ -56,10 +57,9 @@ def im2col(x, kh, kw, stride, pads):
     if cpu.supports(x):
         return cpu_conv.im2col(x, kh, kw, stride, pads)
     xp = backend.get_array_module(x)
-    b, h, w, c = x.shape
+    g = ConvGeometry.of(x.shape, kh, kw, stride, pads)
+    b, c, oh, ow = g.B, g.C, g.oh, g.ow
     xpad = xp.ascontiguousarray(pad_nhwc(x, pads))
-    oh = (h + pads[0] + pads[1] - kh) // stride + 1
-    ow = (w + pads[2] + pads[3] - kw) // stride + 1
     sb, sh, sw, sc = xpad.strides
     windows = xp.lib.stride_tricks.as_strided(
         xpad, shape=(b, oh, ow, kh, kw, c), strides=(sb, stride * sh, stride * sw, sh, sw, sc))
@@ -73,10 +73,8 @@ def col2im(cols, x_shape, kh, kw, stride, pads):
     if cpu.supports(cols):
         return cpu_conv.col2im(cols, x_shape, kh, kw, stride, pads)
     xp = backend.get_array_module(cols)
-    b, h, w, c = x_shape
-    hp, wp = h + pads[0] + pads[1], w + pads[2] + pads[3]
-    oh = (hp - kh) // stride + 1
-    ow = (wp - kw) // stride + 1
+    g = ConvGeometry.of(x_shape, kh, kw, stride, pads)
+    b, h, w, c, hp, wp, oh, ow = g.B, g.h, g.w, g.C, g.hp, g.wp, g.oh, g.ow
     cols = cols.reshape(b, oh, ow, kh, kw, c)
     dxpad = xp.zeros((b, hp, wp, c), dtype=cols.dtype)
     for i in range(kh):

@@ -1,6 +1,6 @@
 """The package's import graph has no cycle: every module of minireuse imports (at module
 level or inside a function) only modules below it, and the package's wings stand on one
-another in one order: the ground (backend, checks, fileio, tables, timing, cpu/, kernels/), the
+another in one order: the ground (backend, checks, fileio, geometry, tables, timing, cpu/, kernels/), the
 network's maths (conv_geometry, optim, losses, reuse/, layers/, models/, data/), training/,
 tools/, the command line."""
 import ast
@@ -89,7 +89,7 @@ def test_no_import_cycle():
 
 # the wings from the ground up: a module imports nothing of a wing above its own
 WINGS = (
-    ("ground", ("backend", "checks", "fileio", "tables", "timing", "cpu", "kernels")),
+    ("ground", ("backend", "checks", "fileio", "geometry", "tables", "timing", "cpu", "kernels")),
     ("maths", ("conv_geometry", "optim", "losses", "reuse", "layers", "models", "data")),
     ("training", ("training",)),
     ("tools", ("tools",)),

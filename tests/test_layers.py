@@ -66,6 +66,17 @@ def test_im2col_col2im_against_loops(device, rng):
     np.testing.assert_allclose((cols * c).sum(), (x * back).sum(), rtol=1e-12)
 
 
+def test_conv_geometry_gives_the_sizes_im2col_makes(rng):
+    from minireuse.geometry import ConvGeometry
+    x = rng.standard_normal((2, 7, 6, 3))
+    for kh, kw, stride, pads in ((3, 2, 2, (1, 2, 0, 1)), (5, 5, 1, (2, 2, 2, 2)), (2, 3, 3, (0, 1, 2, 0))):
+        geo = ConvGeometry.of(x.shape, kh, kw, stride, pads, M=4)
+        cols, (oh, ow) = im2col(x, kh, kw, stride, pads)
+        assert (geo.oh, geo.ow) == (oh, ow) and cols.shape == (geo.outputs, geo.K)
+        assert (geo.hp, geo.wp) == (7 + pads[0] + pads[1], 6 + pads[2] + pads[3])
+        assert (geo.top, geo.left, geo.pads, geo.M) == (pads[0], pads[2], pads, 4)
+
+
 @pytest.mark.parametrize("stride,padding", [(1, "same"), (2, "same"), (1, "valid"), (2, 1)])
 def test_conv_gradients(device, rng, stride, padding):
     conv = Conv2D(3, 4, 3, stride=stride, padding=padding, dtype=np.float64, rng=rng)

@@ -20,6 +20,7 @@ with the work split over shards of images on every core:
 """
 import numpy as np
 
+from ..geometry import ConvGeometry
 from . import parallel
 
 # images padded and copied together inside a shard: a few fit in a core's cache
@@ -31,9 +32,8 @@ WIDTH_MULTIPLE = 16
 
 
 def _geometry(x_shape, kh, kw, stride, pads):
-    b, h, w, c = x_shape
-    hp, wp = h + pads[0] + pads[1], w + pads[2] + pads[3]
-    return b, h, w, c, hp, wp, (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    g = ConvGeometry.of(x_shape, kh, kw, stride, pads)
+    return g.B, g.h, g.w, g.C, g.hp, g.wp, g.oh, g.ow
 
 
 def pad(x, pads):

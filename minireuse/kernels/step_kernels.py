@@ -39,6 +39,7 @@ import os
 import numpy as np
 
 from .. import backend
+from ..geometry import ConvGeometry
 from . import runtime
 
 # the kernels' CUDA source (the entry points below are generated from _ENTRIES)
@@ -228,10 +229,8 @@ def accumulate_step(sums, loss, logits, labels):
 
 
 def _conv_geometry(x_shape, kh, kw, stride, pads):
-    b, h, w, c = x_shape
-    oh = (h + pads[0] + pads[1] - kh) // stride + 1
-    ow = (w + pads[2] + pads[3] - kw) // stride + 1
-    return _ints(h, w, c, kh, kw, stride, pads[0], pads[2], oh, ow), (oh, ow)
+    g = ConvGeometry.of(x_shape, kh, kw, stride, pads)
+    return _ints(g.h, g.w, g.C, kh, kw, stride, g.top, g.left, g.oh, g.ow), (g.oh, g.ow)
 
 
 def im2col(x, kh, kw, stride, pads):

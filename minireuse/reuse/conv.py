@@ -44,6 +44,7 @@ import dataclasses
 from .. import backend, cpu
 from ..conv_geometry import col2im, im2col, pad_nhwc
 from ..cpu import conv as cpu_conv
+from ..geometry import ConvGeometry
 from .clustering import assign_clusters, assignment_matrix, centroids, group_keys, product, transposed_product
 from .common import DwCorrection, cosine, dw_sample_draw, pixel_index, pixel_residuals, relative_error
 from .matmul import (hash_groups, impl_label, reuse_matmul_backward, reuse_matmul_forward,
@@ -160,7 +161,8 @@ def pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L,
     b_, h, w, c_in = x.shape
     kh, kw, _, m = W.shape
     t, q = kh * kw, c_in // L
-    hp, wp = h + pads[0] + pads[1], w + pads[2] + pads[3]
+    geo = ConvGeometry.of(x.shape, kh, kw, stride, pads, M=m)
+    hp, wp = geo.hp, geo.wp
     if pixels is None:
         pixels = pixel_vectors(x, pads, L)
     C, counts = centroids(pixels, pixel_ids, n_clusters)                         # (Q, Cmax, L)
@@ -178,8 +180,7 @@ def pixel_conv_forward_assigned(x, W, b, stride, pads, pixel_ids, n_clusters, L,
     y = product(R, P.reshape(q * cmax * t, m))         # rows of P read as (q, cluster, t)
     if b is not None:
         y += b
-    oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
-    return y.reshape(b_, oh, ow, m), cache
+    return y.reshape(b_, geo.oh, geo.ow, m), cache
 
 
 def pixel_conv_forward(x, W, b, stride, pads, config, state, train=True):

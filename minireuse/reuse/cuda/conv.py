@@ -24,6 +24,7 @@ import numpy as np
 
 from ...kernels import step_kernels
 from ...conv_geometry import pad_nhwc
+from ...geometry import ConvGeometry
 from .. import conv as reference
 from ..common import DwCorrection, cosine, dw_sample_draw, pixel_index, pixel_residuals, relative_error, \
     use_pixel_aligned
@@ -34,44 +35,10 @@ from .capacity import Arena, cuda_state
 from .runtime import ROW_BLOCK, as_f32, check, check_index_range, device, grid_1d, i32, launch, row_grid
 
 
-@dataclasses.dataclass
-class ConvGeometry:
-    """Sizes of one convolution, as the pixel kernels take them."""
-
-    B: int
-    h: int
-    w: int
-    C: int
-    kh: int
-    kw: int
-    stride: int
-    top: int
-    left: int
-    hp: int
-    wp: int
-    oh: int
-    ow: int
-    M: int
-
-    @classmethod
-    def of(cls, x_shape, w_shape, stride, pads):
-        B, h, w, C = x_shape
-        kh, kw, _, M = w_shape
-        hp, wp = h + pads[0] + pads[1], w + pads[2] + pads[3]
-        return cls(B, h, w, C, kh, kw, stride, pads[0], pads[2], hp, wp,
-                   (hp - kh) // stride + 1, (wp - kw) // stride + 1, M)
-
-    @property
-    def outputs(self):
-        return self.B * self.oh * self.ow
-
-    @property
-    def pads(self):
-        return (self.top, self.hp - self.h - self.top, self.left, self.wp - self.w - self.left)
-
-    def pixel_args(self, L, Q):
-        return tuple(i32(v) for v in (self.B, self.h, self.w, self.C, L, Q, self.kh, self.kw, self.stride,
-                                       self.top, self.left, self.hp, self.wp, self.oh, self.ow, self.M))
+def pixel_args(geo, L, Q):
+    """The sizes the pixel kernels take, from a geometry.ConvGeometry, as int32."""
+    return tuple(i32(v) for v in (geo.B, geo.h, geo.w, geo.C, L, Q, geo.kh, geo.kw, geo.stride,
+                                  geo.top, geo.left, geo.hp, geo.wp, geo.oh, geo.ow, geo.M))
 
 
 def im2col(x, geo):
@@ -99,7 +66,7 @@ def dx_cluster_pixels(D, ids, dY, W, geo, L):
     check_index_range("x", geo.B * geo.h * geo.w * geo.C)
     dx = device().xp.empty((geo.B, geo.h, geo.w, geo.C), dtype=np.float32)
     launch("dx_cluster_pixels", grid_1d(dx.size), (256,), (
-        D, ids, i32(D.shape[1]), dY, W, dx, *geo.pixel_args(L, Q)))
+        D, ids, i32(D.shape[1]), dY, W, dx, *pixel_args(geo, L, Q)))
     return dx
 
 
@@ -142,7 +109,7 @@ def cuda_reuse_conv_forward(x, W, b, stride, pads, config, state, train=True):
     if b is not None:
         check("b", b, np.float32, (W.shape[3],))
     pixel = use_pixel_aligned(config, x.shape[3])
-    geo = ConvGeometry.of(x.shape, W.shape, stride, pads)
+    geo = ConvGeometry.of(x.shape, W.shape[0], W.shape[1], stride, pads, M=W.shape[3])
     if pixel:
         y, cache, run = _pixel_forward(x, W, b, geo, config, state, train)
     else:
@@ -207,7 +174,7 @@ def _pixel_forward(x, W, b, geo, config, state, train):
         y = device().xp.empty((geo.outputs, geo.M), dtype=np.float32)
         check_index_range("outputs x M", geo.outputs * geo.M)
         launch("reconstruct_pixels", row_grid(geo.outputs, geo.M), ROW_BLOCK, (
-            P, run["ids"], run["counts"], i32(cap), x, W, b, y, *geo.pixel_args(L, Q)))
+            P, run["ids"], run["counts"], i32(cap), x, W, b, y, *pixel_args(geo, L, Q)))
     cache = None
     if train:
         cache = CudaConvCache("pixel", x, W, geo, Wq=Wq, ids=run["ids"], counts=run["counts"], sums=run["sums"],
@@ -247,7 +214,7 @@ def cuda_reuse_conv_backward(dy, cache, input_grad=True):
     check_index_range("S", Q * cap * T * geo.M)
     launch("cluster_sums_pixels", row_grid(geo.outputs, geo.M), ROW_BLOCK, (
         dy2, c.ids, c.counts, i32(cap), c.x, ws["S"], None if c.overflow_gemm else ws["dWq"], ws.get("db"),
-        *geo.pixel_args(c.L, Q)))
+        *pixel_args(geo, c.L, Q)))
     S = ws["S"].reshape(Q, cap, T * geo.M)
     batched_gemm(c.sums, S, out=ws["dWq"], trans_a=True, beta=1.0)       # += sums_q^T (S_q / count)
     dW = device().xp.ascontiguousarray(ws["dWq"].reshape(Q, c.L, T, geo.M).transpose(2, 0, 1, 3))
