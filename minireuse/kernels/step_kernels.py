@@ -172,10 +172,16 @@ def lrn_backward(dy, x, scale, denom, r, alpha, beta):
     return dx
 
 
+def maxpool_fits(k, stride):
+    """Whether the fused max pool takes a k x k window moved by ``stride``: windows that do
+    not overlap (stride >= k), and a window's offsets fit the byte that stores them."""
+    return stride >= k and k * k <= 255
+
+
 def maxpool_forward(x, k, stride, pads, out_hw):
-    """(y, arg) of MaxPool2D.forward for windows that do not overlap (stride >= k);
-    arg (uint8) is each window's first maximum (i * k + j), 255 for NaN."""
-    if stride < k or k * k > 255:
+    """(y, arg) of MaxPool2D.forward where maxpool_fits(k, stride); arg (uint8) is each
+    window's first maximum (i * k + j), 255 for NaN."""
+    if not maxpool_fits(k, stride):
         raise ValueError(f"fused max pooling needs stride >= k and k*k <= 255, got k={k}, stride={stride}")
     x = _c(x)
     xp = backend.get_array_module(x)

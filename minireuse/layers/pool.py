@@ -50,7 +50,7 @@ class MaxPool2D(Layer):
         self._check_input(x, 4, "(batch, height, width, channels)")
         xp = backend.get_array_module(x)
         pads, oh, ow = self._geometry(x.shape[1], x.shape[2])
-        if self.stride >= self.k and self.k * self.k <= 255 and step_kernels.supports(x):
+        if step_kernels.supports(x) and step_kernels.maxpool_fits(self.k, self.stride):
             y, arg = step_kernels.maxpool_forward(x, self.k, self.stride, pads, (oh, ow))
             if train:
                 self._cache = ("fused", arg, x.shape, pads)
