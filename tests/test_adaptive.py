@@ -150,7 +150,7 @@ def test_speed_guard_needs_slow_epochs_in_a_row_beyond_the_margin():
     assert "slower than exact" in strict.events[-1]["reason"]
     with pytest.raises(ValueError, match="adaptive option speed_patience must be a positive integer, got 0"):
         AdaptiveStrategy(LADDER, speed_patience=0)
-    with pytest.raises(ValueError, match="speed_margin: got -0.1"):
+    with pytest.raises(ValueError, match="adaptive option speed_margin must be a finite number >= 0, got -0.1"):
         AdaptiveStrategy(LADDER, speed_margin=-0.1)
 
 
