@@ -136,6 +136,25 @@ def percent_list(s):
     return values
 
 
+def step_times(s):
+    """'exact=313,reuse=226[,pytorch=455]' -> {'exact': 313.0, ...}: milliseconds per step."""
+    out = {}
+    for item in s.split(","):
+        name, _, value = item.partition("=")
+        if name not in ("exact", "reuse", "pytorch") or name in out:
+            raise argparse.ArgumentTypeError(f"expected exact=MS,reuse=MS[,pytorch=MS], got {s!r}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of milliseconds for {name}, got {value!r}") from None
+        if not in_range(out[name], 0, open_low=True):
+            raise argparse.ArgumentTypeError(f"{name}: expected {describe_range(0, open_low=True)} of "
+                                             f"milliseconds, got {value!r}")
+    if not {"exact", "reuse"} <= set(out):
+        raise argparse.ArgumentTypeError(f"expected at least exact=MS,reuse=MS, got {s!r}")
+    return out
+
+
 def train_config(a):
     keys = ["model", "data", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
             "weight_decay", "schedule", "warmup_epochs", "augment", "seed", "out", "limit_train",
@@ -235,7 +254,7 @@ def cmd_parity(a):
     cfg = train_config(a)
     del cfg["seed"]
     result = parity.run(cfg, a.seeds, exact_from=a.exact_from, quiet=a.quiet, control=a.control,
-                        targets=a.targets, pytorch=a.pytorch)
+                        targets=a.targets, pytorch=a.pytorch, step_ms=a.step_ms)
     print(result["table"])
     return 0
 
@@ -279,6 +298,11 @@ def build_parser():
     p.add_argument("--pytorch", type=seed_list, nargs="?", const=True, default=None, metavar="SEEDS",
                    help="also train the recipe in PyTorch (OUT/seedS/pytorch; the .[compare] extra) on every "
                         "seed, or on the comma-separated SEEDS")
+    p.add_argument("--step-ms", type=step_times, default=None, metavar="exact=MS,reuse=MS[,pytorch=MS]",
+                   help="time to accuracy from steps instead of the runs' own seconds: each evaluation's "
+                        "step count times these milliseconds per step (reuse's in the epochs where a layer "
+                        "reused, exact's in the others), for runs that shared the machine; take them from "
+                        "one idle `bench step` run")
     p.set_defaults(func=cmd_parity, out="runs/parity")
     p = sub.add_parser("summary", help="print a model's layers, output shapes and parameter counts",
                        formatter_class=Formatter)

@@ -357,6 +357,39 @@ def test_time_to_accuracy_from_the_evaluations_of_each_run():
     assert agg[0]["reached"] == {"exact": 2, "reuse": 1} and agg[0]["seconds"] == {"exact": 40.0, "reuse": None}
 
 
+def test_step_time_curves_time_each_epoch_by_the_steps_of_its_setting():
+    """--step-ms: an epoch costs steps x the milliseconds of exact, or of reuse where a layer
+    reused at its end; a mid-epoch evaluation its share of that."""
+    def epoch(i, reused, acc, mid=None):
+        return dict(epoch=i, seconds=999.0, test_acc=acc, layers={"conv2": {"reuse": {"L": 64} if reused else None},
+                                                                  "fc3": {"reuse": None}},
+                    mid_evals=[] if mid is None else [dict(epoch=i - 0.5, step=5, seconds=1.0, test_acc=mid)])
+    history = [epoch(1, False, 0.3), epoch(2, True, 0.5, mid=0.4), epoch(3, False, 0.6)]
+    curve = parity.step_time_curve(history, 10, 100.0, 40.0)
+    assert [c[0] for c in curve] == [1, 1.5, 2, 3] and [c[2] for c in curve] == [0.3, 0.4, 0.5, 0.6]
+    assert [c[1] for c in curve] == pytest.approx([1.0, 1.2, 1.4, 2.4])
+    # without reuse_ms (exact, PyTorch) every epoch is timed alike
+    assert [t for _, t, _ in parity.step_time_curve(history, 10, 100.0)] == pytest.approx([1.0, 1.5, 2.0, 3.0])
+
+
+def test_parity_times_the_curves_by_steps_with_step_ms(first_run, fixture_dir):
+    out, _ = first_run
+    before = mtimes(out)
+    r = parity_cli(fixture_dir, out, "--step-ms", "exact=100,reuse=40")
+    assert r.returncode == 0, r.stderr
+    assert mtimes(out) == before                         # nothing trained again
+    assert "steps x exact 100, reuse 40 ms per step" in r.stdout
+    saved = json.load(open(out / "parity.json"))
+    assert saved["step_ms"] == {"exact": 100.0, "reuse": 40.0}
+    for seed in saved["per_seed"]:                       # 40 images, batch 20: 2 steps; reuse fixed from step 0
+        assert [t for _, t, _ in seed["curves"]["exact"]] == pytest.approx([0.2])
+        assert [t for _, t, _ in seed["curves"]["reuse"]] == pytest.approx([0.08])
+    r = parity_cli(fixture_dir, out, "--step-ms", "exact=100", "--pytorch", "0")
+    assert r.returncode == 2 and "expected at least exact=MS,reuse=MS" in r.stderr
+    r = parity_cli(fixture_dir, out, "--step-ms", "exact=100,reuse=40", "--pytorch", "0")
+    assert r.returncode == 2 and "--step-ms needs pytorch=MS too" in r.stderr
+
+
 def test_eval_every_targets_and_pytorch_reuse_the_runs_made_without_them(first_run, fixture_dir, monkeypatch):
     """A protocol started before --eval-every existed (no eval_every in its settings) is reused
     as it is; --pytorch adds the PyTorch run of one seed as a row of the table and the figure,

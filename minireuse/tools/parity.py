@@ -43,7 +43,9 @@ run took to reach each target: per seed its exact run's final accuracy minus 0.3
 minus 1.0 points, and the levels of ``--targets`` (percent); across seeds, the runs that
 reached it and the ratio of summed seconds against exact and against PyTorch. The
 figure OUT/time_to_accuracy.png (matplotlib, the plot extra) draws those curves, one
-panel per seed.
+panel per seed. ``--step-ms exact=MS,reuse=MS[,pytorch=MS]`` times the curves by steps
+instead (parity_results.step_time_curve: each evaluation's steps times the milliseconds
+given, reuse's in the epochs where a layer reused), for runs that shared the machine.
 
 ``--pytorch [SEEDS]`` also trains, per seed (all, or those listed), OUT/seedS/pytorch:
 the recipe in PyTorch from the same initial weights, batches, dropout masks and
@@ -67,8 +69,8 @@ from ..training.config import TrainConfig
 from ..training.outdir import CHECKPOINT, HISTORY
 from ..training.trainer import Trainer
 from .parity_results import (accuracy_curve, aggregate, aggregate_targets, format_pytorch, format_table,
-                             format_targets, pytorch_entry, reuse_stages, seed_entry, seed_targets, spread, time_to,
-                             time_to_targets)
+                             format_targets, pytorch_entry, reuse_stages, seed_entry, seed_targets, spread,
+                             step_time_curve, time_to, time_to_targets)
 
 RESULT = "parity.json"
 FIGURE = "time_to_accuracy.png"
@@ -218,6 +220,17 @@ def _log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def _steps_per_epoch(cfg, data):
+    """Training steps in an epoch of the runs (the data read when no run loaded it)."""
+    if data is not None:
+        n = len(data[0])
+    else:
+        from ..data import load_cifar10
+        n = len(load_cifar10(cfg["data"], download=False, progress=False)[0])
+        n = min(n, cfg["limit_train"]) if cfg.get("limit_train") else n
+    return -(-n // cfg["batch_size"])
+
+
 def _count_test_images(cfg):
     """Test images the runs were evaluated on, when no run had to load the data: read
     the data (no download); None if they are not there."""
@@ -229,13 +242,15 @@ def _count_test_images(cfg):
     return min(n, cfg["limit_test"]) if cfg.get("limit_test") else n
 
 
-def run(cfg, seeds, exact_from=None, quiet=False, data=None, control=False, targets=(), pytorch=None):
+def run(cfg, seeds, exact_from=None, quiet=False, data=None, control=False, targets=(), pytorch=None,
+        step_ms=None):
     """The protocol for a train config (its "reuse" the strategy, "out" the parity
     directory; any "seed" is replaced by each of ``seeds``). Returns the parity.json dict
     (its "table" the printed report). Every run directory is checked before anything is
     trained. control: also train each seed's control run; targets: accuracy levels in
     percent for the time to accuracy; pytorch: the seeds that get a PyTorch run (True:
-    all) (module docstring)."""
+    all); step_ms: {'exact', 'reuse'[, 'pytorch']: milliseconds per step} to time the curves
+    by steps instead of the runs' own seconds (module docstring)."""
     seeds = parse_seeds(",".join(str(s) for s in seeds)) if not isinstance(seeds, str) else parse_seeds(seeds)
     torch_seeds = seeds if pytorch is True else [s for s in (pytorch or ()) if s in seeds]
     unknown = sorted(set(pytorch) - set(seeds)) if pytorch not in (None, True) else []
@@ -247,6 +262,9 @@ def run(cfg, seeds, exact_from=None, quiet=False, data=None, control=False, targ
         raise ParityError("parity needs a reuse strategy: --reuse fixed, schedule or adaptive")
     _check_strategy(base)
     out = base["out"]
+    if step_ms is not None and torch_seeds and "pytorch" not in step_ms:
+        raise ParityError("--step-ms needs pytorch=MS too when --pytorch trains runs: every curve is timed the "
+                          "same way")
     torch_skipped = None
     if torch_seeds:
         from .pytorch_run import check_recipe, torch_missing
@@ -279,7 +297,7 @@ def run(cfg, seeds, exact_from=None, quiet=False, data=None, control=False, targ
             runs.append((pcfg, inspect_run(pcfg["out"], pcfg), None))
         plan.append((s, runs))
 
-    per_seed = []
+    per_seed, steps_per_epoch = [], None
     for s, runs in plan:
         got = {}
         for c, st, src in runs:
@@ -295,13 +313,18 @@ def run(cfg, seeds, exact_from=None, quiet=False, data=None, control=False, targ
         entry = seed_entry(s, eh, rh, erun, rrun, *got.get("control", ()))
         if "pytorch" in got:
             entry.update(pytorch_entry(entry["exact"], *got["pytorch"]))
-        curves = {kind: accuracy_curve(h) for kind, (h, _) in got.items()}
+        if step_ms is not None and steps_per_epoch is None:
+            steps_per_epoch = _steps_per_epoch(base, data)
+        curves = {kind: accuracy_curve(h) if step_ms is None else
+                  step_time_curve(h, steps_per_epoch, step_ms["exact" if kind == "control" else kind],
+                                  step_ms["reuse"] if kind == "reuse" else None)
+                  for kind, (h, _) in got.items()}
         entry.update(curves=curves, time_to_targets=time_to_targets(
             curves, seed_targets(entry["exact"]["final_test_acc"], targets), reuse_ran=entry["reuse_ran"]))
         per_seed.append(entry)
 
     n_test = len(data[2]) if data is not None else _count_test_images(base)
-    result = dict(strategy=strategy, seeds=seeds, epochs=base["epochs"], test_images=n_test,
+    result = dict(strategy=strategy, seeds=seeds, epochs=base["epochs"], test_images=n_test, step_ms=step_ms,
                   control=control, targets=list(targets),
                   pytorch=None if not torch_seeds else (dict(skipped=torch_skipped) if torch_skipped
                                                          else dict(seeds=torch_seeds)),

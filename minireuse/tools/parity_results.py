@@ -200,6 +200,21 @@ def accuracy_curve(history):
     return curve
 
 
+def step_time_curve(history, steps_per_epoch, ms, reuse_ms=None):
+    """accuracy_curve with the training seconds of ``steps_per_epoch`` steps of ``ms`` milliseconds
+    per epoch, ``reuse_ms`` in the epochs whose record has a layer reusing (the setting at the
+    epoch's end): the time of a run that shared the machine, from step times measured apart."""
+    curve, before = [], 0.0
+    for e in history:
+        reused = reuse_ms is not None and any(rec.get("reuse") is not None for rec in e.get("layers", {}).values())
+        per_epoch = steps_per_epoch * (reuse_ms if reused else ms) / 1e3
+        for m in e.get("mid_evals", []):
+            curve.append((m["epoch"], before + (m["epoch"] - (e["epoch"] - 1)) * per_epoch, m["test_acc"]))
+        before += per_epoch
+        curve.append((e["epoch"], before, e["test_acc"]))
+    return curve
+
+
 def time_to(curve, accuracy):
     """Training seconds at the first evaluation at or above ``accuracy``; None if never reached."""
     return next((t for _, t, a in curve if a >= accuracy - 1e-12), None)
@@ -275,7 +290,10 @@ def format_targets(result):
                                           cell(t["seconds"][r], None if r == "exact" else t["ratio_vs_exact"][r])
                                           if t["reached"][r] == k else f"reached in {t['reached'][r]} of {k}"
                                           for r in runs)))
-    return ["", "time to accuracy (training seconds to the first evaluation at or above the target, evaluation "
+    ms = result.get("step_ms")
+    timed = ("training seconds" if ms is None else "steps x " + ", ".join(f"{k} {v:g}" for k, v in ms.items())
+             + " ms per step (--step-ms; reuse's only in the epochs where a layer reused)")
+    return ["", f"time to accuracy ({timed}, to the first evaluation at or above the target, evaluation "
             "excluded; (x) = exact's seconds / the run's, > 1: faster than exact):"] + align_rows(rows)
 
 
