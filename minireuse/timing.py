@@ -86,6 +86,26 @@ class LayerTimer:
             self._pending[(name, phase)].append(time.perf_counter() - begin)
         self._open = None
 
+    def mark(self, name, phase):
+        """A position in the calls of (name, phase) since the last collect: ``since(mark)``
+        gives the calls after it."""
+        return len(self._pending.get((name, phase), ()))
+
+    def since(self, name, phase, mark):
+        """The timings (opaque: read them with ``seconds``) of the calls of (name, phase) after
+        ``mark``; valid until the next collect."""
+        return list(self._pending.get((name, phase), ())[mark:])
+
+    def seconds(self, timings):
+        """Total seconds of timings from ``since`` (waits for them on the GPU)."""
+        if not timings:
+            return 0.0
+        if not self.gpu:
+            return float(sum(timings))
+        cp = backend.require_gpu()
+        timings[-1][1].synchronize()
+        return sum(cp.cuda.get_elapsed_time(a, b) for a, b in timings) / 1e3
+
     def collect(self):
         """{(layer, phase): (total seconds, calls)} since the last collect; clears."""
         out = {}

@@ -342,15 +342,17 @@ class FakeClock:
         return fn(*args, **kw)
 
 
-def run_under_clock(tmp_path, monkeypatch, reuse_cost, loads):
+def run_under_clock(tmp_path, monkeypatch, reuse_cost, loads, step_load=None, batch_size=32, **options):
     """An adaptive run of len(loads) epochs reusing conv2's forward from the first step, only
-    the speed guard able to end it, conv2 timed by a FakeClock; returns the trainer."""
+    the speed guard able to end it, conv2 timed by a FakeClock; returns the trainer.
+    step_load(step): the load of a step, times its epoch's."""
     import minireuse.timing
     clock = FakeClock(reuse_cost, loads)
     monkeypatch.setattr(minireuse.timing, "time", clock)
-    cfg = config(tmp_path, epochs=len(loads), reuse="adaptive", reuse_layers={"conv2": dict(L=16, H=8)},
+    cfg = config(tmp_path, epochs=len(loads), batch_size=batch_size, reuse="adaptive",
+                 reuse_layers={"conv2": dict(L=16, H=8)},
                  reuse_options=dict(start_after=0.0, steady_drop=None, exact_tail=0.0, harm_bound=None,
-                                    rise_patience=100))
+                                    rise_patience=100, **options))
     t = Trainer(cfg, data=learnable_data(n_train=64, n_test=16), quiet=True)
     conv2 = t.model.layer("conv2")
     for name in ("forward", "backward"):
@@ -358,7 +360,7 @@ def run_under_clock(tmp_path, monkeypatch, reuse_cost, loads):
     run_step = t.run_step
 
     def loaded_step(xb, yb, epoch, step, steps):
-        clock.load = loads[epoch]
+        clock.load = loads[epoch] * (step_load(step) if step_load else 1.0)
         return run_step(xb, yb, epoch, step, steps)
     monkeypatch.setattr(t, "run_step", loaded_step)
     t.fit()
@@ -373,6 +375,22 @@ def test_speed_guard_ignores_a_slowdown_common_to_reuse_and_exact(tmp_path, monk
     assert all(e["layers"]["conv2"]["reuse"] is not None for e in t.history)
     last = t.history[-1]["layers"]["conv2"]
     assert last["exact_probe_ms"] == pytest.approx(4.0) and last["step_ms"] < 4.0
+
+
+def test_speed_guard_ignores_a_load_that_comes_and_goes_within_an_epoch(tmp_path, monkeypatch):
+    """Another job runs during most steps of each epoch but not during the probes (what ended
+    reuse after two epochs in a full-data run): reuse at 0.6 of exact's time is faster in every
+    probe's pair, so it goes on, though its epoch mean is far above the probes' mean."""
+    t = run_under_clock(tmp_path, monkeypatch, reuse_cost=0.6, loads=[1.0, 1.0, 1.0], batch_size=8,
+                        step_load=lambda step: 1.0 if step in (0, 4, 7) else 4.0, probe_every=4, sample_every=1000)
+    assert not any("slower than exact" in e["reason"] for e in t.strategy.events), t.strategy.events
+    assert all(e["layers"]["conv2"]["reuse"] is not None for e in t.history)
+    for e in t.history:
+        rec = e["layers"]["conv2"]
+        assert rec["step_ms"] > 1.5 * rec["exact_probe_ms"]      # the epoch means alone would end reuse
+        # probes on steps 0, 4 and 7; step 0 also samples the error (it computes the exact product
+        # besides), so it gives no pair
+        assert rec["reuse_vs_exact"] == pytest.approx(0.6) and rec["paired_probes"] == 2
 
 
 def test_speed_guard_still_ends_reuse_that_is_slower_than_exact(tmp_path, monkeypatch):

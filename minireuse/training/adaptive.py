@@ -35,8 +35,10 @@ back once per epoch; the harm and the error are sampled on one step in
    slower while one noisy epoch cannot end it. The comparison is paired: exact is
    timed in the same epoch as reuse, ``probe_steps`` exact forward+backward passes
    of the layer on the step's batch every ``probe_every`` steps and on the epoch's
-   last step (passes that change no parameter and draw no training randomness), so
-   a load that slows the machine slows both sides alike;
+   last step (passes that change no parameter and draw no training randomness), each
+   probe paired with the layer's reuse time in the step that follows it; the guard
+   reads the median of those ratios, so a load that comes and goes, even within an
+   epoch, slows both sides of a pair alike;
 6. end: every layer is exact for the final ``exact_tail`` fraction of training.
 
 All decisions are functions of the seed-determined run, so a resumed run makes
@@ -342,16 +344,23 @@ class AdaptiveStrategy(ReuseStrategy):
         moved = set()
         for layer in reusing:
             st = layer_stats.get(layer, {})
-            # exact_probe_ms: exact timed in this epoch, under the load reuse ran under
+            # reuse_vs_exact: the median over this epoch's probe steps of the layer's time in the
+            # step over its exact time on the probe just before (paired); without pairs, the
+            # epoch's mean against its probes' mean (exact_probe_ms)
             exact_ms, reuse_ms, err = st.get("exact_probe_ms"), st.get("step_ms"), st.get("rel_error")
+            ratio = st.get("reuse_vs_exact")
+            if ratio is None and exact_ms is not None and reuse_ms is not None:
+                ratio = reuse_ms / exact_ms if exact_ms > 0 else None
             slow = None
-            if self.speed_guard and exact_ms is not None and reuse_ms is not None:
-                slow = reuse_ms > exact_ms * (1 + self.speed_margin)
+            if self.speed_guard and ratio is not None:
+                slow = ratio > 1 + self.speed_margin
                 self.slow_epochs[layer] = self.slow_epochs.get(layer, 0) + 1 if slow else 0
             if slow and self.slow_epochs[layer] >= self.speed_patience:
-                self.advance(layer, f"reuse {reuse_ms:.1f} ms/step slower than exact {exact_ms:.1f} timed in "
-                                    f"the same epoch (+{100 * self.speed_margin:.0f} %) for "
-                                    f"{self.slow_epochs[layer]} epochs", to_exact=True)
+                how = (f"on the same steps (median of {st['paired_probes']} probes)" if "reuse_vs_exact" in st
+                       else f"({reuse_ms:.1f} against {exact_ms:.1f} ms/step in the same epoch)")
+                self.advance(layer, f"reuse {ratio:.2f}x exact's time {how}: slower than exact "
+                                    f"(+{100 * self.speed_margin:.0f} %) for {self.slow_epochs[layer]} epochs",
+                             to_exact=True)
                 moved.add(layer)
             elif self.error_bound is not None and err is not None and err > self.error_bound:
                 self.advance(layer, f"sampled error {err:.3f} > bound {self.error_bound:.3f}")

@@ -2,7 +2,9 @@
 
 Before a step: the strategy's progress, the ladder order measured on the batch when
 reuse starts, on a probe step the timing of the reusing layers computed exactly (the
-speed guard's paired reference, read with the epoch's own layer times), and on a
+speed guard's reference: each probe is paired with the same layer's reuse time in the
+step that follows it, on the same batch a moment later, so that a load that comes and
+goes within an epoch slows both sides of a pair alike), and on a
 sampled step the exact forward's loss on the same batch and dropout masks (the harm
 probe) with error measurement switched on. After it: measurement off, and the
 (reuse loss, exact loss) pair kept for the epoch's harm. These probes run before the
@@ -51,6 +53,8 @@ class StrategySteps:
         self._exact_loss = None
         self._harms = []            # (reuse loss, exact loss) device scalars of this epoch's sampled steps
         self.probe_timer = LayerTimer(list(strategy.ladders))
+        self._open_pairs = None     # on a probe step: layer -> (marks in the step's timer, the probe's timings)
+        self._pairs = {}            # layer -> [(reuse timings, exact timings, passes)] of this epoch's probes
 
     def before_step(self, xb, yb, epoch, step, steps):
         """Set this step's reuse settings; time the exact layers on a probe step; on a sampled
@@ -63,12 +67,22 @@ class StrategySteps:
                                             for name in wanted}))
             st.apply()
         probed = st.probe_now(step, steps)
+        exact = {}
         if probed:
+            marks = {(n, ph): self.probe_timer.mark(n, ph) for n in probed for ph in ("forward", "backward")}
             self.time_exact_layers(xb, probed, st.probe_steps)
+            exact = {n: [self.probe_timer.since(n, ph, marks[(n, ph)]) for ph in ("forward", "backward")]
+                     for n in probed}
         self._exact_loss = None
         self._measuring = st.measure_error_now(step)
-        if not self._measuring:
-            return
+        if self._measuring:
+            self._start_measuring(xb, yb, epoch, step)
+        # marked last: the step's own layer times follow (not the harm probe's exact forward)
+        self._open_pairs = {n: ({ph: self.timer.mark(n, ph) for ph in ("forward", "backward")}, exact[n])
+                            for n in probed} or None
+
+    def _start_measuring(self, xb, yb, epoch, step):
+        st = self.strategy
         # a layer that reuses in its backward only computes the exact forward itself
         reused_forward = any(l.reuse is not None and l.reuse.forward != "exact" for l in self.model.reuse_layers())
         if reused_forward:
@@ -80,6 +94,13 @@ class StrategySteps:
 
     def after_step(self, loss=None):
         """loss: the step's training loss (a device scalar), None for a replayed step."""
+        for name, (marks, exact) in (self._open_pairs or {}).items():
+            reuse = [self.timer.since(name, ph, marks[ph]) for ph in ("forward", "backward")]
+            # no pair from a replayed step (not timed per layer) or a step that also measured
+            # the error (it computed the exact product besides)
+            if all(reuse) and all(exact) and not self._measuring:
+                self._pairs.setdefault(name, []).append((reuse, exact, self.strategy.probe_steps))
+        self._open_pairs = None
         if self._exact_loss is not None and loss is not None:
             self._harms.append((loss, self._exact_loss))
         self._exact_loss = None
@@ -92,11 +113,23 @@ class StrategySteps:
 
     def begin_epoch(self):
         self._harms = []
+        self._pairs = {}
         self.probe_timer.collect()      # a resumed epoch's probes start with its steps
 
     def add_exact_times(self, layer_records):
         """Put this epoch's probed exact ms per step (forward + backward) into the epoch's
-        per-layer records as ``exact_probe_ms``, with ``exact_probes`` passes timed."""
+        per-layer records as ``exact_probe_ms``, with ``exact_probes`` passes timed, and the
+        median over the probe steps of (the layer's time in the step) / (its exact time on the
+        probe just before) as ``reuse_vs_exact`` (``paired_probes`` pairs): the speed guard's
+        measure, which a load common to both sides of a pair leaves alone."""
+        for name, pairs in self._pairs.items():
+            if name in layer_records and pairs:
+                ratios = [sum(self.timer.seconds(t) for t in reuse) * passes
+                          / max(sum(self.probe_timer.seconds(t) for t in exact), 1e-12)
+                          for reuse, exact, passes in pairs]
+                layer_records[name]["reuse_vs_exact"] = float(np.median(ratios))
+                layer_records[name]["paired_probes"] = len(ratios)
+        self._pairs = {}
         times = self.probe_timer.collect()
         for name, rec in layer_records.items():
             f, n = times.get((name, "forward"), (0.0, 0))
