@@ -184,7 +184,8 @@ def test_probes_of_the_speed_guard_change_nothing_trained(tmp_path):
                                               probe_every=1, speed_margin=1e6)), data=data, quiet=True)
         t.fit()
         runs.append(t)
-    assert runs[0].history[-1]["layers"]["conv2"]["exact_probes"] == 2
+    rec = runs[0].history[-1]["layers"]["conv2"]
+    assert rec["paired_probes"] == 2 and rec["exact_probes"] == 4      # 2 steps, exact twice per probe
     a, b = params(runs[0].model), params(runs[1].model)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -380,7 +381,7 @@ def test_speed_guard_ignores_a_slowdown_common_to_reuse_and_exact(tmp_path, monk
 def test_speed_guard_ignores_a_load_that_comes_and_goes_within_an_epoch(tmp_path, monkeypatch):
     """Another job runs during most steps of each epoch but not during the probes (what ended
     reuse after two epochs in a full-data run): reuse at 0.6 of exact's time is faster in every
-    probe's pair, so it goes on, though its epoch mean is far above the probes' mean."""
+    probe's A/B, so it goes on, though its epoch mean is far above the probes' mean."""
     t = run_under_clock(tmp_path, monkeypatch, reuse_cost=0.6, loads=[1.0, 1.0, 1.0], batch_size=8,
                         step_load=lambda step: 1.0 if step in (0, 4, 7) else 4.0, probe_every=4, sample_every=1000)
     assert not any("slower than exact" in e["reason"] for e in t.strategy.events), t.strategy.events
@@ -388,9 +389,8 @@ def test_speed_guard_ignores_a_load_that_comes_and_goes_within_an_epoch(tmp_path
     for e in t.history:
         rec = e["layers"]["conv2"]
         assert rec["step_ms"] > 1.5 * rec["exact_probe_ms"]      # the epoch means alone would end reuse
-        # probes on steps 0, 4 and 7; step 0 also samples the error (it computes the exact product
-        # besides), so it gives no pair
-        assert rec["reuse_vs_exact"] == pytest.approx(0.6) and rec["paired_probes"] == 2
+        # probes on steps 0, 4 and 7, each timing exact and reuse in turns under its step's load
+        assert rec["reuse_vs_exact"] == pytest.approx(0.6) and rec["paired_probes"] == 3
 
 
 def test_speed_guard_still_ends_reuse_that_is_slower_than_exact(tmp_path, monkeypatch):

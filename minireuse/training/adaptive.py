@@ -35,10 +35,11 @@ back once per epoch; the harm and the error are sampled on one step in
    slower while one noisy epoch cannot end it. The comparison is paired: exact is
    timed in the same epoch as reuse, ``probe_steps`` exact forward+backward passes
    of the layer on the step's batch every ``probe_every`` steps and on the epoch's
-   last step (passes that change no parameter and draw no training randomness), each
-   probe paired with the layer's reuse time in the step that follows it; the guard
-   reads the median of those ratios, so a load that comes and goes, even within an
-   epoch, slows both sides of a pair alike;
+   last step, each probe timing the layer exact and with its reuse setting in turns
+   (exact, reuse, reuse, exact; passes that change no parameter and draw no training
+   randomness); the guard reads the median over the epoch's probes of reuse's time
+   over exact's, so a load that comes and goes, even within an epoch, meets both
+   sides of a probe alike;
 6. end: every layer is exact for the final ``exact_tail`` fraction of training.
 
 All decisions are functions of the seed-determined run, so a resumed run makes
@@ -344,9 +345,9 @@ class AdaptiveStrategy(ReuseStrategy):
         moved = set()
         for layer in reusing:
             st = layer_stats.get(layer, {})
-            # reuse_vs_exact: the median over this epoch's probe steps of the layer's time in the
-            # step over its exact time on the probe just before (paired); without pairs, the
-            # epoch's mean against its probes' mean (exact_probe_ms)
+            # reuse_vs_exact: the median over this epoch's probes of the layer's reuse time over its
+            # exact time, timed in turns on the probe's batch; without probes' pairs (records of
+            # older runs), the epoch's mean step time against its exact probes' mean
             exact_ms, reuse_ms, err = st.get("exact_probe_ms"), st.get("step_ms"), st.get("rel_error")
             ratio = st.get("reuse_vs_exact")
             if ratio is None and exact_ms is not None and reuse_ms is not None:

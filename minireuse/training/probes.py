@@ -1,10 +1,9 @@
 """What a deep-reuse strategy does around each training step, apart from the training loop.
 
 Before a step: the strategy's progress, the ladder order measured on the batch when
-reuse starts, on a probe step the timing of the reusing layers computed exactly (the
-speed guard's reference: each probe is paired with the same layer's reuse time in the
-step that follows it, on the same batch a moment later, so that a load that comes and
-goes within an epoch slows both sides of a pair alike), and on a
+reuse starts, on a probe step the timing of each reusing layer on the step's batch,
+exact and with reuse in turns (exact, reuse, reuse, exact: the speed guard's A/B, whose
+two sides meet the same load, caches and memory, however the load comes and goes), and on a
 sampled step the exact forward's loss on the same batch and dropout masks (the harm
 probe) with error measurement switched on. After it: measurement off, and the
 (reuse loss, exact loss) pair kept for the epoch's harm. These probes run before the
@@ -53,8 +52,9 @@ class StrategySteps:
         self._exact_loss = None
         self._harms = []            # (reuse loss, exact loss) device scalars of this epoch's sampled steps
         self.probe_timer = LayerTimer(list(strategy.ladders))
-        self._open_pairs = None     # on a probe step: layer -> (marks in the step's timer, the probe's timings)
-        self._pairs = {}            # layer -> [(reuse timings, exact timings, passes)] of this epoch's probes
+        self.reuse_probe_timer = LayerTimer(list(strategy.ladders))
+        self._probe_states = {}     # layer -> the ReuseState its probe passes use (the layer's own is left alone)
+        self._pairs = {}            # layer -> [(exact timings, reuse timings)] of this epoch's probes
 
     def before_step(self, xb, yb, epoch, step, steps):
         """Set this step's reuse settings; time the exact layers on a probe step; on a sampled
@@ -67,19 +67,12 @@ class StrategySteps:
                                             for name in wanted}))
             st.apply()
         probed = st.probe_now(step, steps)
-        exact = {}
         if probed:
-            marks = {(n, ph): self.probe_timer.mark(n, ph) for n in probed for ph in ("forward", "backward")}
             self.time_exact_layers(xb, probed, st.probe_steps)
-            exact = {n: [self.probe_timer.since(n, ph, marks[(n, ph)]) for ph in ("forward", "backward")]
-                     for n in probed}
         self._exact_loss = None
         self._measuring = st.measure_error_now(step)
         if self._measuring:
             self._start_measuring(xb, yb, epoch, step)
-        # marked last: the step's own layer times follow (not the harm probe's exact forward)
-        self._open_pairs = {n: ({ph: self.timer.mark(n, ph) for ph in ("forward", "backward")}, exact[n])
-                            for n in probed} or None
 
     def _start_measuring(self, xb, yb, epoch, step):
         st = self.strategy
@@ -94,13 +87,6 @@ class StrategySteps:
 
     def after_step(self, loss=None):
         """loss: the step's training loss (a device scalar), None for a replayed step."""
-        for name, (marks, exact) in (self._open_pairs or {}).items():
-            reuse = [self.timer.since(name, ph, marks[ph]) for ph in ("forward", "backward")]
-            # no pair from a replayed step (not timed per layer) or a step that also measured
-            # the error (it computed the exact product besides)
-            if all(reuse) and all(exact) and not self._measuring:
-                self._pairs.setdefault(name, []).append((reuse, exact, self.strategy.probe_steps))
-        self._open_pairs = None
         if self._exact_loss is not None and loss is not None:
             self._harms.append((loss, self._exact_loss))
         self._exact_loss = None
@@ -115,21 +101,22 @@ class StrategySteps:
         self._harms = []
         self._pairs = {}
         self.probe_timer.collect()      # a resumed epoch's probes start with its steps
+        self.reuse_probe_timer.collect()
 
     def add_exact_times(self, layer_records):
         """Put this epoch's probed exact ms per step (forward + backward) into the epoch's
         per-layer records as ``exact_probe_ms``, with ``exact_probes`` passes timed, and the
-        median over the probe steps of (the layer's time in the step) / (its exact time on the
-        probe just before) as ``reuse_vs_exact`` (``paired_probes`` pairs): the speed guard's
-        measure, which a load common to both sides of a pair leaves alone."""
+        median over the probes of (reuse passes' time) / (exact passes' time) as
+        ``reuse_vs_exact`` (``paired_probes`` probes): the speed guard's measure, an A/B on
+        the same batch whose two sides meet the same load."""
         for name, pairs in self._pairs.items():
             if name in layer_records and pairs:
-                ratios = [sum(self.timer.seconds(t) for t in reuse) * passes
-                          / max(sum(self.probe_timer.seconds(t) for t in exact), 1e-12)
-                          for reuse, exact, passes in pairs]
+                ratios = [sum(self.reuse_probe_timer.seconds(t) for t in reuse)
+                          / max(sum(self.probe_timer.seconds(t) for t in exact), 1e-12) for exact, reuse in pairs]
                 layer_records[name]["reuse_vs_exact"] = float(np.median(ratios))
                 layer_records[name]["paired_probes"] = len(ratios)
         self._pairs = {}
+        self.reuse_probe_timer.collect()
         times = self.probe_timer.collect()
         for name, rec in layer_records.items():
             f, n = times.get((name, "forward"), (0.0, 0))
@@ -154,28 +141,52 @@ class StrategySteps:
             return self.loss_fn.forward(self.model.forward(xb, train=True, timer=self.timer), yb)
 
     def time_exact_layers(self, xb, names, repeats=1):
-        """Time the exact forward+backward of the layers ``names`` on the inputs the exact model
-        gives them for this batch, ``repeats`` passes each, into ``probe_timer``. Nothing the
-        step uses changes: the reuse settings and gradients are put back, no randomness is
-        drawn (the layers before run in evaluation mode), no parameter moves."""
+        """Time the forward+backward of each layer of ``names`` on the input the exact model
+        gives it for this batch, exact and with its reuse setting in turns (exact, reuse, reuse,
+        exact, ``repeats`` times): exact passes into ``probe_timer``, reuse passes into
+        ``reuse_probe_timer``, the probe's pair kept for ``add_exact_times``. Nothing the step
+        uses changes: the reuse settings and gradients are put back, the reuse passes run on a
+        ReuseState of the probe's own (the layer's statistics stay the step's), no randomness
+        is drawn (the layers before run in evaluation mode), no parameter moves."""
         saved = [(l, dict(l.grads)) for l in self.model.reuse_layers()]
+        settings = {name: self.model.layer(name).reuse for name in names}
         with self.model.reuse_settings(None):
-            self._time_exact_passes(xb, names, repeats)
+            self._time_passes(xb, settings, repeats)
         for l, grads in saved:
             l.grads.update(grads)
 
-    def _time_exact_passes(self, xb, names, repeats):
-        last = max(i for i, l in enumerate(self.model.layers) if l.name in names)
+    def _time_passes(self, xb, settings, repeats):
+        last = max(i for i, l in enumerate(self.model.layers) if l.name in settings)
         x = xb
         for layer in self.model.layers[:last + 1]:
-            if layer.name not in names:
+            if layer.name not in settings:
                 x = layer.forward(x, train=False)
                 continue
+            timers = {"exact": self.probe_timer, "reuse": self.reuse_probe_timer}
+            marks = {(k, ph): t.mark(layer.name, ph) for k, t in timers.items() for ph in ("forward", "backward")}
             for _ in range(repeats):
-                self.probe_timer.start(layer.name, "forward")
-                y = layer.forward(x, train=True)
-                self.probe_timer.stop(layer.name)
-                self.probe_timer.start(layer.name, "backward")
-                layer.backward(y)          # its output as dY: real data, any values serve for timing
-                self.probe_timer.stop(layer.name)
+                for kind in ("exact", "reuse", "reuse", "exact"):
+                    y = self._timed_pass(layer, x, timers[kind], settings[layer.name] if kind == "reuse" else None)
+            self._pairs.setdefault(layer.name, []).append(tuple(
+                [t.since(layer.name, ph, marks[(k, ph)]) for ph in ("forward", "backward")]
+                for k, t in timers.items()))
             x = y
+
+    def _timed_pass(self, layer, x, timer, setting):
+        """One forward+backward of ``layer`` on x, exact (setting None) or with ``setting`` on the
+        probe's ReuseState; its output as dY (real data: any values serve for timing)."""
+        own = layer.reuse_state
+        if setting is not None:
+            layer.set_reuse(setting)
+            layer.reuse_state = self._probe_states.setdefault(layer.name, ReuseState())
+        try:
+            timer.start(layer.name, "forward")
+            y = layer.forward(x, train=True)
+            timer.stop(layer.name)
+            timer.start(layer.name, "backward")
+            layer.backward(y)
+            timer.stop(layer.name)
+        finally:
+            layer.set_reuse(None)
+            layer.reuse_state = own
+        return y
