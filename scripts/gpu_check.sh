@@ -10,7 +10,8 @@
 # stages, each under its own time limit (at most 7.5 minutes in all), each writing its
 # results into OUT_DIR/<UTC time>-<device>/ as it finishes, with summary.md rewritten after
 # every stage (device, CuPy/CUDA versions, commit), so a run cut short still reports:
-#   tests      the whole suite; a GPU case skipped for lack of a GPU fails it
+#   tests      the suite's GPU cases (MINIREUSE_GPU_ONLY: the CPU cases are the CPU suite's and
+#              would not fit the stage); one skipped for lack of a GPU fails it
 #              (MINIREUSE_REQUIRE_GPU, tests/conftest.py)
 #   kernels    per-kernel times of conv2, with cuBLAS and cuDNN (PyTorch) from the same run
 #   bench      the layer bench of conv2 and fc3
@@ -58,7 +59,7 @@ run_stage() {   # name, time limit in seconds, command...
     echo "=== $name: $status ($((SECONDS - start)) s)"
 }
 
-MINIREUSE_REQUIRE_GPU=1 run_stage tests 210 "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
+MINIREUSE_GPU_ONLY=1 MINIREUSE_REQUIRE_GPU=1 run_stage tests 210 "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
     --junitxml="$RUN/tests.xml" tests
 run_stage kernels 50 "$PYTHON" scripts/kernel_times.py --data "$DATA" --repeats 10 \
     --json "$RUN/kernel_times.json" --markdown "$RUN/kernel_times.md"

@@ -2,7 +2,10 @@
 
 Every skip for want of a GPU says "no usable GPU". With MINIREUSE_REQUIRE_GPU set (the GPU
 check, scripts/gpu_check.sh) such a skip is a failure: a GPU run must not pass by
-skipping its GPU cases.
+skipping its GPU cases. With MINIREUSE_GPU_ONLY set, only the GPU cases are collected (the
+check's test stage: the CPU cases are the CPU suite's, and the whole suite would not fit the
+stage's minutes on a GPU loan). A GPU case is a test parametrised with "gpu" or one whose skip
+condition says NO_GPU.
 """
 import os
 
@@ -18,6 +21,22 @@ def _devices():
     gpu = pytest.param("gpu", marks=pytest.mark.skipif(
         not backend.gpu_available(), reason=f"{NO_GPU}/cupy on this machine"))
     return ["cpu", gpu]
+
+
+def is_gpu_case(item):
+    """Whether a collected test runs on a GPU where there is one (and skips saying NO_GPU where not)."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "gpu" in callspec.params.values():
+        return True
+    return any(NO_GPU in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("MINIREUSE_GPU_ONLY"):
+        return
+    keep = [item for item in items if is_gpu_case(item)]
+    config.hook.pytest_deselected(items=[item for item in items if not is_gpu_case(item)])
+    items[:] = keep
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -87,3 +87,29 @@ def test_the_summary_reports_the_stages_that_finished(tmp_path):
     assert text.startswith("# GPU check: NVIDIA H100 80GB HBM3") and "commit abc1234" in text
     assert "cupy 14.2.0" in text and "| kernels | timed out after 50 s | 60 |" in text
     assert "7 passed, 1 failed, 2 skipped, 100 s" in text and "(no table: see kernels.log)" in text
+
+
+def test_gpu_only_collects_the_gpu_cases_and_nothing_else(tmp_path):
+    """The check's test stage (MINIREUSE_GPU_ONLY) keeps a test parametrised with "gpu" and one
+    whose skip says "no usable GPU", and leaves the CPU cases to the CPU suite."""
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
+        "from conftest import NO_GPU\n"
+        "def test_on_each(device): pass\n"
+        "@pytest.mark.skipif(True, reason=f'{NO_GPU}: needs one')\n"
+        "def test_gpu_alone(): pass\n"
+        "@pytest.mark.skipif(False, reason='checks the error raised where no GPU is usable')\n"
+        "def test_without_a_gpu(): pass\n"
+        "@pytest.mark.parametrize('n', [1, 2])\n"
+        "def test_cpu_only(n): pass\n")
+
+    def collected(**extra):
+        r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                            "test_sample.py"], cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
+                           env=clean_env(PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", **extra))
+        assert r.returncode == 0, r.stdout + r.stderr
+        return sorted(line.split("::")[1] for line in r.stdout.splitlines() if "::" in line)
+
+    assert collected(MINIREUSE_GPU_ONLY="1") == ["test_gpu_alone", "test_on_each[gpu]"]
+    assert len(collected()) == 6
