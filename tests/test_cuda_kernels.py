@@ -816,9 +816,12 @@ def test_evaluation_forward(xp):
 
 @pytest.mark.parametrize("forward", ["reuse", "exact"])
 @pytest.mark.parametrize("pixel_aligned", [True, False])
-def test_measure_error_matches_the_reference(xp, forward, pixel_aligned):
-    """rel_error of the forward (0 for forward 'exact') and dw_cos of the backward, as the reference records them."""
-    config = ReuseConfig(L=4, H=8, seed=4, measure_error=True, forward=forward, pixel_aligned=pixel_aligned)
+@pytest.mark.parametrize("dx_mode", ["exact", "cluster"])
+def test_measure_error_matches_the_reference(xp, forward, pixel_aligned, dx_mode):
+    """rel_error of the forward (0 for forward 'exact'), dw_cos and dw_gain of the backward, and
+    dx_cos and dx_gain of a clustered dx, as the reference records them."""
+    config = ReuseConfig(L=4, H=8, seed=4, measure_error=True, forward=forward, pixel_aligned=pixel_aligned,
+                         dx_mode=dx_mode)
     data, stride, pads, on_device = _conv_case(xp, config)
     ref_state, state = ReuseState(), ReuseState()
     _, want_cache = conv2d_forward(*data[:3], stride, pads, config, ref_state)
@@ -831,6 +834,10 @@ def test_measure_error_matches_the_reference(xp, forward, pixel_aligned):
     dw_cos = float(host(state.last["dw_cos"]))
     assert 0.5 < dw_cos < 1 - 1e-6
     assert dw_cos == pytest.approx(float(ref_state.last["dw_cos"]), rel=1e-5)
+    measures = ("dw_gain", "dx_cos", "dx_gain") if dx_mode == "cluster" else ("dw_gain",)
+    for key in measures:
+        assert float(host(state.last[key])) == pytest.approx(float(ref_state.last[key]), rel=1e-4), key
+    assert ("dx_cos" in state.last) == ("dx_cos" in ref_state.last) == (dx_mode == "cluster")
 
 
 @pytest.mark.parametrize("dx_mode", ["exact", "cluster"])

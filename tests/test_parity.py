@@ -268,7 +268,7 @@ def test_stages_group_epochs_by_setting_and_average_their_statistics():
     s1 = dict(L=64, H=32, family="offset", dx_mode="cluster", measure_error=False)
     s2 = dict(L=32, H=32, family="origin", shared_planes=False)
     hist = [dict(epoch=1, layers={"conv2": dict(reuse=s1, r_c=0.2, rel_error=0.1)}),
-            dict(epoch=2, layers={"conv2": dict(reuse=s1, r_c=0.4, rel_error=None, dw_cos=0.9)}),
+            dict(epoch=2, layers={"conv2": dict(reuse=s1, r_c=0.4, rel_error=None, dw_cos=0.9, dx_gain=0.3)}),
             dict(epoch=3, layers={"conv2": dict(reuse=s2, r_c=0.5, rel_error=0.3)}),
             dict(epoch=4, layers={"conv2": dict(reuse=None)})]
     st = parity.reuse_stages(hist, "conv2")
@@ -276,6 +276,7 @@ def test_stages_group_epochs_by_setting_and_average_their_statistics():
         ("L64H32 offset dx=cluster", 2, [1, 2]), ("L32H32 origin shared=false", 1, [3]), ("exact", 1, [4])]
     assert st[0]["mean_r_c"] == pytest.approx(0.3) and st[0]["mean_rel_error"] == pytest.approx(0.1)
     assert st[0]["mean_dw_cos"] == pytest.approx(0.9) and st[1]["mean_dw_cos"] is None
+    assert st[0]["mean_dx_gain"] == pytest.approx(0.3) and st[0]["mean_dx_cos"] is None
     assert st[2]["mean_r_c"] is None and st[2]["setting"] is None
 
 

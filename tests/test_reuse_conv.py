@@ -306,6 +306,42 @@ def test_conv_dw_cos_is_one_with_singleton_clusters_and_below_one_otherwise(xp, 
     assert 0 < cos[2] < 0.999
 
 
+def agreement(approx, exact):
+    a, e = backend.asnumpy(approx).ravel(), backend.asnumpy(exact).ravel()
+    return a @ e / (np.linalg.norm(a) * np.linalg.norm(e)), a @ e / (e @ e)
+
+
+@pytest.mark.parametrize("pixel_aligned", [True, False])
+@pytest.mark.parametrize("forward", ["reuse", "exact"])
+def test_conv_records_how_its_dx_and_dw_compare_with_the_exact_ones(xp, pixel_aligned, forward):
+    """dx_cos, dx_gain (dx clustered) and dw_gain are the cosine and <reuse, exact> / |exact|^2
+    of the gradients the backward returned against the exact conv's; 1 with singleton clusters."""
+    x, W, b = conv_operands(xp, h=5, w=5, c_in=8, c_out=3)
+    pads = (0, 0, 0, 0)
+    dy = xp.asarray(np.random.default_rng(11).standard_normal((2, 3, 3, 3)))
+    exact_dx = col2im(dy.reshape(-1, 3) @ W.reshape(-1, 3).T, x.shape, 3, 3, 1, pads)
+    exact_dw = (im2col(x, 3, 3, 1, pads)[0].T @ dy.reshape(-1, 3)).reshape(W.shape)
+    for H in (64, 2):
+        config = ReuseConfig(L=4, H=H, family="centred", forward=forward, pixel_aligned=pixel_aligned,
+                             dx_mode="cluster", measure_error=True)
+        state = ReuseState()
+        _, cache = conv2d_forward(x, W, b, 1, pads, config, state)
+        dx, dW, _ = conv2d_backward(dy, cache)
+        rec = state.pop_stats()
+        if H == 64:
+            assert [rec[k] for k in ("dx_cos", "dx_gain", "dw_cos", "dw_gain")] == pytest.approx([1.0] * 4, abs=1e-12)
+            continue
+        assert (rec["dx_cos"], rec["dx_gain"]) == pytest.approx(agreement(dx, exact_dx), rel=1e-12)
+        assert (rec["dw_cos"], rec["dw_gain"]) == pytest.approx(agreement(dW, exact_dw), rel=1e-12)
+        assert rec["dx_cos"] < 0.999 and rec["dx_gain"] != pytest.approx(1.0, abs=1e-3)
+    config = ReuseConfig(L=4, H=2, family="centred", forward=forward, pixel_aligned=pixel_aligned,
+                         dx_mode="exact", measure_error=True)
+    state = ReuseState()
+    conv2d_backward(dy, conv2d_forward(x, W, b, 1, pads, config, state)[1])
+    rec = state.pop_stats()
+    assert rec["dx_cos"] is None and rec["dx_gain"] is None and rec["dw_gain"] is not None
+
+
 def test_pixel_path_centres_on_the_real_pixels_not_the_padding(xp):
     x, W, b = conv_operands(xp, c_in=8)
     x = x + 2.0                                              # far from the zero padding

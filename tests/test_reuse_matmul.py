@@ -214,13 +214,30 @@ def test_dw_cos_is_one_with_singleton_clusters_and_below_one_otherwise(xp, forwa
     assert 0 < cos[2] < 0.999
 
 
+@pytest.mark.parametrize("forward", ["reuse", "exact"])
+def test_dense_records_how_its_dx_and_dw_compare_with_the_exact_ones(xp, forward):
+    X, W, b = operands(xp, n=20, k=16, m=5)
+    dy = xp.asarray(np.random.default_rng(7).standard_normal((20, 5)))
+    state = ReuseState()
+    config = ReuseConfig(L=8, H=2, family="centred", forward=forward, dx_mode="cluster", measure_error=True,
+                         impl="reference")
+    dX, dW, _ = dense_backward(dy, dense_forward(X, W, b, config, state)[1])
+    rec = state.pop_stats()
+    for name, got, exact in (("dx", dX, dy @ W.T), ("dw", dW, X.T @ dy)):
+        a, e = backend.asnumpy(got).ravel(), backend.asnumpy(exact).ravel()
+        assert rec[f"{name}_cos"] == pytest.approx(a @ e / (np.linalg.norm(a) * np.linalg.norm(e)), rel=1e-12)
+        assert rec[f"{name}_gain"] == pytest.approx(a @ e / (e @ e), rel=1e-12)
+    assert rec["dx_cos"] < 0.999
+
+
 def test_no_input_is_kept_and_no_dw_cos_without_measure_error(xp):
     X, W, b = operands(xp)
     state = ReuseState()
     y, cache = dense_forward(X, W, b, ReuseConfig(L=4, H=3), state)
     assert cache[1].X is None and cache[1].stats is None
     dense_backward(xp.ones_like(y), cache)
-    assert "dw_cos" not in state.last and state.pop_stats()["dw_cos"] is None
+    rec = state.pop_stats()
+    assert "dw_cos" not in state.last and rec["dw_cos"] is None and rec["dx_cos"] is None and rec["dx_gain"] is None
 
 
 @pytest.mark.parametrize("H", [40, 64])

@@ -21,6 +21,17 @@ def cosine(a, b):
     return (a * b).sum() / (xp.linalg.norm(a) * xp.linalg.norm(b))
 
 
+def record_gradient(stats, name, approx, exact):
+    """Store how a reuse gradient compares with the exact one in a stats entry:
+    ``{name}_cos``, the cosine, and ``{name}_gain`` = <approx, exact> / <exact, exact>,
+    the share of the exact gradient it carries (1: none lost; 0.5: as if its learning
+    rate were halved along the exact direction). 0-d device arrays."""
+    a, e = approx.reshape(-1), exact.reshape(-1)
+    dot = (a * e).sum()
+    stats[f"{name}_cos"] = cosine(a, e)
+    stats[f"{name}_gain"] = dot / (e * e).sum()
+
+
 @dataclasses.dataclass
 class DwCorrection:
     """dw_sample's unbiased correction of the centroid dW: scale * residual^T @ dY[rows]."""

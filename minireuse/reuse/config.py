@@ -43,8 +43,10 @@ class ReuseConfig:
     shared_planes: one set of H planes for every group (False: one per group);
     pixel_aligned: conv only; 'auto' uses it when L divides c_in and planes are shared;
     measure_error: also compute the exact product and record the relative error (0
-    with forward 'exact'), and in the reference backward the cosine between the
-    reuse dW and the exact dW ('dw_cos');
+    with forward 'exact'), and in the backward how the reuse gradients compare with
+    the exact ones: dW's cosine and gain ('dw_cos', 'dw_gain'), and dX's where it is
+    clustered ('dx_cos', 'dx_gain'; gain = <reuse, exact> / <exact, exact>, the share
+    of the exact gradient that reaches the update);
     impl: 'auto' (CUDA kernels for cupy arrays when they load), 'reference', 'cuda';
     forward: 'reuse' (the clustered product) or 'exact' (the exact product, with the
     inputs still hashed and clustered so that the backward reuses the clusters);
@@ -136,8 +138,8 @@ class ReuseState:
     """Per-layer state: cached hash parameters, the fast path's state, call statistics.
 
     Every forward implementation (reference or CUDA) calls ``record`` once per call;
-    with measure_error the reference backward adds 'dw_cos' to the entry its
-    forward recorded. Training calls and evaluation calls (``train=False``) are kept
+    with measure_error the backward adds 'dw_cos', 'dw_gain' (and 'dx_cos', 'dx_gain'
+    with dx_mode 'cluster') to the entry its forward recorded. Training calls and evaluation calls (``train=False``) are kept
     apart: ``stats`` / ``pop_stats()`` and ``eval_stats`` / ``pop_stats(train=False)``. r_c is clusters per hashed vector: im2col neuron vectors on
     the general path, pixel slices on the pixel-aligned path.
     Statistics stay on the device as they are recorded (no host synchronisation in
@@ -226,8 +228,8 @@ class ReuseState:
         (host floats), then forget them.
 
         Returns {} when nothing was recorded, else calls, r_c, clusters_per_group
-        (mean n_g), rel_error and dw_cos (means over the calls that measured them,
-        or None), pixel_aligned (fraction of calls) and impl (the last one).
+        (mean n_g), rel_error, dw_cos, dw_gain, dx_cos and dx_gain (means over the
+        calls that measured them, or None), pixel_aligned (fraction of calls) and impl (the last one).
         """
         if train:
             entries, self.stats = self.stats, []
@@ -241,6 +243,9 @@ class ReuseState:
             clusters_per_group=float(np.mean([backend.asnumpy(e["n_clusters"]).mean() for e in entries])),
             rel_error=_mean_measured(entries, "rel_error"),
             dw_cos=_mean_measured(entries, "dw_cos"),
+            dw_gain=_mean_measured(entries, "dw_gain"),
+            dx_cos=_mean_measured(entries, "dx_cos"),
+            dx_gain=_mean_measured(entries, "dx_gain"),
             pixel_aligned=float(np.mean([e["pixel_aligned"] for e in entries])),
             impl=entries[-1]["impl"],
         )

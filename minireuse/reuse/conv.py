@@ -46,7 +46,7 @@ from ..conv_geometry import col2im, im2col, pad_nhwc
 from ..cpu import conv as cpu_conv
 from ..geometry import ConvGeometry
 from .clustering import assign_clusters, assignment_matrix, centroids, group_keys, product, transposed_product
-from .common import DwCorrection, cosine, dw_sample_draw, pixel_index, pixel_residuals, relative_error
+from .common import DwCorrection, dw_sample_draw, pixel_index, pixel_residuals, record_gradient, relative_error
 from .matmul import (hash_groups, impl_label, reuse_matmul_backward, reuse_matmul_forward,
                      reuse_matmul_forward_assigned)
 
@@ -96,6 +96,10 @@ def general_conv_backward(dy, cache, input_grad=True):
     kh, kw, _, m = w_shape
     dX, dW, db = reuse_matmul_backward(dy.reshape(-1, m), mcache, input_grad)
     dx = col2im(dX, x_shape, kh, kw, stride, pads) if input_grad else None
+    if dx is not None and mcache.X is not None and mcache.dx_mode != "exact":
+        # the product's dx_cos compares columns; the layer's dx is what the layer below receives
+        exact_dx = col2im(dy.reshape(-1, m) @ mcache.W.T, x_shape, kh, kw, stride, pads)
+        record_gradient(mcache.stats, "dx", dx, exact_dx)
     return dx, dW.reshape(w_shape), db
 
 
@@ -211,8 +215,9 @@ def pixel_conv_backward(dy, cache, input_grad=True):
     """(dx, dW, db) of the pixel-aligned reuse conv with the forward's assignment (dx None
     when not input_grad).
 
-    When the forward measured the error (cache.x kept), also stores dw_cos =
-    cosine(dW, the exact conv dW = im2col(x)^T @ dY) in the forward's stats entry.
+    When the forward measured the error (cache.x kept), also stores dw_cos and dw_gain
+    against the exact conv dW = im2col(x)^T @ dY (and dx_cos, dx_gain against the exact
+    dx when dx is clustered) in the forward's stats entry (common.record_gradient).
     """
     xp = backend.get_array_module(dy)
     b_, h, w, c_in = cache.x_shape
@@ -228,7 +233,7 @@ def pixel_conv_backward(dy, cache, input_grad=True):
         dW += cache.correction.dW(dy2).reshape(cache.W.shape)
     if cache.x is not None:
         cols, _ = im2col(cache.x, kh, kw, cache.stride, cache.pads)
-        cache.stats["dw_cos"] = cosine(dW.reshape(-1, m), cols.T @ dy2)
+        record_gradient(cache.stats, "dw", dW.reshape(-1, m), cols.T @ dy2)
     db = dy2.sum(axis=0) if cache.has_bias else None
     if not input_grad:
         return None, dW, db
@@ -241,4 +246,7 @@ def pixel_conv_backward(dy, cache, input_grad=True):
     dpix = xp.take(per_member.reshape(q * cmax, L), group_keys(cache.pixel_ids, cmax), axis=0)
     hp, wp = h + sum(cache.pads[:2]), w + sum(cache.pads[2:])
     dx = dpix.reshape(b_, hp, wp, c_in)[:, top:top + h, left:left + w, :]
+    if cache.x is not None:
+        exact_dx = col2im(dy2 @ cache.W.reshape(-1, m).T, cache.x_shape, kh, kw, cache.stride, cache.pads)
+        record_gradient(cache.stats, "dx", dx, exact_dx)
     return dx, dW, db

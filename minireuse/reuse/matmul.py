@@ -24,7 +24,9 @@ expectation (at p = 1 exactly) for the price of an (N/s)-row GEMM.
 forward 'exact' reuses in the backward only: steps 1-3 and the centroids run as
 above (the backward needs them), but y is the exact X @ W + b and the centroid
 GEMM and the reconstruct are skipped. With measure_error the backward also
-records the cosine between its dW and the exact X^T @ dY ('dw_cos').
+records how its dW compares with the exact X^T @ dY ('dw_cos', 'dw_gain') and,
+with dx_mode 'cluster', its dX with the exact dY @ W^T ('dx_cos', 'dx_gain';
+common.record_gradient).
 
 The same functions serve dense layers and the general conv path (im2col rows,
 see conv.py). dispatch.py decides when the CUDA fast path (minireuse.reuse.cuda)
@@ -37,7 +39,7 @@ import numpy as np
 from .. import backend
 from . import lsh
 from .clustering import assign_clusters, assignment_matrix, centroids, cluster_sums, group_keys, reconstruct
-from .common import DwCorrection, cosine, dw_sample_draw, relative_error, row_residuals
+from .common import DwCorrection, dw_sample_draw, record_gradient, relative_error, row_residuals
 
 
 def reuse_matmul_simple(X, W, L=16, H=12, seed=0):
@@ -103,7 +105,7 @@ class MatmulCache:
     has_bias: bool
     dx_mode: str
     X: object = None     # measure_error only: the input, for the exact dW of dw_cos
-    stats: dict = None   # measure_error only: the stats entry that receives dw_cos
+    stats: dict = None   # measure_error only: the stats entry that receives dw_cos, dx_cos, ...
     correction: object = None   # dw_sample: DwCorrection of the sampled rows
 
 
@@ -168,8 +170,9 @@ def reuse_matmul_backward(dy, cache, input_grad=True):
     """(dX, dW, db) of the reuse product with the forward's assignment; db None without bias,
     dX None when not input_grad.
 
-    When the forward measured the error (cache.X kept), also stores
-    dw_cos = cosine(dW, X^T @ dY) in the forward's stats entry.
+    When the forward measured the error (cache.X kept), also stores dw_cos and dw_gain
+    against the exact X^T @ dY (and dx_cos, dx_gain against dY @ W^T when dX is
+    clustered) in the forward's stats entry.
     """
     xp = backend.get_array_module(dy)
     k, m = cache.W.shape
@@ -179,7 +182,7 @@ def reuse_matmul_backward(dy, cache, input_grad=True):
     if cache.correction is not None:
         dW += cache.correction.dW(dy)
     if cache.X is not None:
-        cache.stats["dw_cos"] = cosine(dW, cache.X.T @ dy)
+        record_gradient(cache.stats, "dw", dW, cache.X.T @ dy)
     db = dy.sum(axis=0) if cache.has_bias else None
     if not input_grad:
         return None, dW, db
@@ -192,4 +195,6 @@ def reuse_matmul_backward(dy, cache, input_grad=True):
         keys = group_keys(cache.ids, cmax)
         dXg = xp.take(per_cluster.reshape(g * cmax, L), keys, axis=0)   # (N, G, L)
         dX = dXg.reshape(dy.shape[0], g * L)[:, :k]
+        if cache.X is not None:
+            record_gradient(cache.stats, "dx", dX, dy @ cache.W.T)
     return dX, dW, db

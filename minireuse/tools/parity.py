@@ -32,8 +32,8 @@ It prints a table and writes OUT/parity.json (atomically): per seed the final an
 best test accuracy of both runs and their difference (reuse - exact, in points), the
 training time of both and, for every layer that used reuse, its forward+backward
 seconds in both runs and their ratio, and the reuse run's stages (epochs grouped by
-the layer's setting) with their mean r_c, sampled relative error (and dw_cos when
-recorded); across seeds the mean, sample standard deviation, min and max of the
+the layer's setting) with their mean r_c, sampled relative error (and the cosines and
+gains of dW and of a clustered dX to the exact ones, when recorded); across seeds the mean, sample standard deviation, min and max of the
 differences, the mean accuracies, and the time ratios of the summed seconds.
 
 Time to accuracy: every run's test accuracy at each evaluation (every epoch's end,

@@ -18,10 +18,14 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+GRADIENT_MEASURES = ("dw_cos", "dw_gain", "dx_cos", "dx_gain")   # reuse.config.ReuseConfig.measure_error
+
+
 def reuse_stages(history, layer):
     """The epochs of a run grouped by ``layer``'s reuse setting (in order of first use):
-    label, setting, epochs, epoch_numbers, mean_r_c, mean_rel_error, mean_dw_cos
-    (means over the epochs that recorded the statistic; None when none did)."""
+    label, setting, epochs, epoch_numbers, mean_r_c, mean_rel_error and mean_<g> for each
+    gradient measure g of GRADIENT_MEASURES (means over the epochs that recorded the
+    statistic; None when none did)."""
     groups = {}
     for e in history:
         rec = e.get("layers", {}).get(layer)
@@ -37,7 +41,7 @@ def reuse_stages(history, layer):
         recs = g.pop("recs")
         out.append(dict(g, epochs=len(recs), mean_r_c=_mean([r.get("r_c") for r in recs]),
                         mean_rel_error=_mean([r.get("rel_error") for r in recs]),
-                        mean_dw_cos=_mean([r.get("dw_cos") for r in recs])))
+                        **{f"mean_{g}": _mean([r.get(g) for r in recs]) for g in GRADIENT_MEASURES}))
     return out
 
 
@@ -169,16 +173,17 @@ def format_table(result):
         lines += ["", "control (exact gradients through the reuse code: the noise floor of a difference):"]
         lines += align_rows(crows)
     stage_rows = []
-    with_cos = any(s["mean_dw_cos"] is not None for p in per_seed for st in p["stages"].values() for s in st)
+    shown = [g for g in GRADIENT_MEASURES
+             if any(s.get(f"mean_{g}") is not None for p in per_seed for st in p["stages"].values() for s in st)]
     for p in per_seed:
         for n, stages in p["stages"].items():
             for s in stages:
                 stage_rows.append((str(p["seed"]), n, s["label"], str(s["epochs"]), num(s["mean_r_c"], 4),
-                                   num(s["mean_rel_error"], 3), *((num(s["mean_dw_cos"], 3),) if with_cos else ())))
+                                   num(s["mean_rel_error"], 3), *(num(s.get(f"mean_{g}"), 3) for g in shown)))
     if stage_rows:
         lines += ["", "reuse stages (epochs of the reuse run grouped by the layer's setting):"]
         lines += align_rows([("seed", "layer", "stage", "epochs", "mean r_c", "mean sampled error",
-                          *(("mean dw_cos",) if with_cos else ()))] + stage_rows)
+                              *(f"mean {g}" for g in shown))] + stage_rows)
     idle = [str(p["seed"]) for p in per_seed if not p.get("reuse_ran", True)]
     if idle:
         lines += ["", f"reuse never ran in seed{'s' if len(idle) > 1 else ''} {', '.join(idle)}: every layer of "

@@ -26,8 +26,8 @@ from ...kernels import step_kernels
 from ...conv_geometry import pad_nhwc
 from ...geometry import ConvGeometry
 from .. import conv as reference
-from ..common import DwCorrection, cosine, dw_sample_draw, pixel_index, pixel_residuals, relative_error, \
-    use_pixel_aligned
+from ..common import DwCorrection, dw_sample_draw, pixel_index, pixel_residuals, record_gradient, \
+    relative_error, use_pixel_aligned
 from .clustering import cluster, cluster_means, dx_cluster_rows
 from .lsh import Rows, family_hash_params
 from .matmul import batched_gemm, cluster_D, matmul_backward_params, matmul_forward, record, take
@@ -97,7 +97,7 @@ class CudaConvCache:
     dx_mode: str = "exact"
     overflow_gemm: bool = False  # pixel: overflow members' dW by one GEMM
     correction: object = None    # pixel, dw_sample: DwCorrection of the sampled output pixels
-    stats: dict = None           # pixel, measure_error: the stats entry that receives dw_cos
+    stats: dict = None           # pixel, measure_error: the stats entry that receives dw_cos, dx_cos, ...
     used: bool = False
 
 
@@ -201,10 +201,11 @@ def cuda_reuse_conv_backward(dy, cache, input_grad=True):
         if not input_grad:
             return None, dW.reshape(c.W.shape), db
         if mc.dx_mode == "exact":
-            dcols = dy2 @ mc.W.T
-        else:
-            dcols = dx_cluster_rows(cluster_D(S, mc.Wg), mc.ids, dy2, mc.W, mc.L)
-        return col2im(dcols, geo), dW.reshape(c.W.shape), db
+            return col2im(dy2 @ mc.W.T, geo), dW.reshape(c.W.shape), db
+        dx = col2im(dx_cluster_rows(cluster_D(S, mc.Wg), mc.ids, dy2, mc.W, mc.L), geo)
+        if mc.stats is not None:
+            record_gradient(mc.stats, "dx", dx, col2im(dy2 @ mc.W.T, geo))
+        return dx, dW.reshape(c.W.shape), db
     Q, cap = c.counts.shape
     T = geo.kh * geo.kw
     ws = Arena().add("S", (Q, cap, T, geo.M), np.float32).add("dWq", (Q, c.L, T * geo.M), np.float32)
@@ -224,7 +225,7 @@ def cuda_reuse_conv_backward(dy, cache, input_grad=True):
     if c.correction is not None:
         dW += c.correction.dW(dy2).reshape(c.W.shape)
     if c.stats is not None:
-        c.stats["dw_cos"] = cosine(dW.reshape(-1, geo.M), im2col(c.x, geo).T @ dy2)
+        record_gradient(c.stats, "dw", dW.reshape(-1, geo.M), im2col(c.x, geo).T @ dy2)
     if not input_grad:
         return None, dW, ws.get("db")
     if c.dx_mode == "exact":
@@ -232,4 +233,6 @@ def cuda_reuse_conv_backward(dy, cache, input_grad=True):
     else:
         D = batched_gemm(S, c.Wq, trans_b=True)                            # (Q, cap, L)
         dx = dx_cluster_pixels(D, c.ids, dy2, c.W, geo, c.L)
+        if c.stats is not None:
+            record_gradient(c.stats, "dx", dx, col2im(dy2 @ c.W.reshape(-1, geo.M).T, geo))
     return dx, dW, ws.get("db")

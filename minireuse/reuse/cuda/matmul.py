@@ -14,7 +14,8 @@ device first (lsh.centred_thresholds), family 'pca' its planes and thresholds
 (lsh.pca_hash_params); forward 'exact' replaces the centroid GEMM
 and the reconstruct by X @ W + b, the clustering staying for the backward;
 dw_sample adds the sampled residuals' dW (common.DwCorrection, as the reference) and
-measure_error the cosine to the exact dW (dw_cos).
+measure_error how dW (and a clustered dX) compare with the exact ones (dw_cos,
+dw_gain, dx_cos, dx_gain: common.record_gradient).
 
 Nothing is copied to the host inside a call (after a call site's first,
 calibrating call), so a forward + backward can be captured in a CUDA graph
@@ -25,7 +26,7 @@ import dataclasses
 import numpy as np
 
 from .. import lsh as reference_lsh
-from ..common import DwCorrection, cosine, dw_sample_draw, relative_error, row_residuals
+from ..common import DwCorrection, dw_sample_draw, record_gradient, relative_error, row_residuals
 from .clustering import cluster, cluster_means, dx_cluster_rows, launch_cluster_sums_rows, reconstruct_rows
 from .lsh import Rows, family_hash_params
 from .capacity import Arena, cuda_state
@@ -80,7 +81,7 @@ class CudaMatmulCache:
     dx_mode: str
     overflow_gemm: bool = False   # overflow members' dW by one GEMM (the last statistics overflowed)
     correction: object = None     # dw_sample: DwCorrection of the sampled rows
-    stats: dict = None            # measure_error: the stats entry that receives dw_cos
+    stats: dict = None            # measure_error: the stats entry that receives dw_cos, dx_cos, ...
     used: bool = False
 
 
@@ -160,7 +161,7 @@ def matmul_backward_params(dy, c):
     if c.correction is not None:
         dW += c.correction.dW(dy)
     if c.stats is not None:
-        c.stats["dw_cos"] = cosine(dW, c.X.T @ dy)
+        record_gradient(c.stats, "dw", dW, c.X.T @ dy)
     return dW, ws.get("db"), ws["S"]
 
 
@@ -214,4 +215,6 @@ def cuda_reuse_matmul_backward(dy, cache, input_grad=True):
         dX = dy @ c.W.T
     else:
         dX = dx_cluster_rows(cluster_D(S, c.Wg), c.ids, dy, c.W, c.L)
+        if c.stats is not None:
+            record_gradient(c.stats, "dx", dX, dy @ c.W.T)
     return dX, dW, db
