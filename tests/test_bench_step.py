@@ -110,3 +110,36 @@ def test_rows_take_turns_on_the_cpu_and_run_one_after_another_on_the_gpu():
     bench_step.time_rows([Recorder("a", log), Recorder("b", log)], steps=2, warmup=1)
     assert log == [("a", 0, False), ("b", 0, False), ("a", 1, True), ("a", 2, True), ("b", 1, True),
                    ("b", 2, True)]
+
+
+def test_weights_start_every_row_from_a_trained_model(tmp_path, monkeypatch):
+    """--weights: each minireuse row's model (and PyTorch's, when it imports) holds the file's
+    weights when timing starts; a file that is not CifarNet's stops the run before any timing."""
+    from minireuse.models.cifarnet import cifarnet
+    model = cifarnet(seed=7)
+    path = tmp_path / "model.npz"
+    model.save(str(path))
+    started = []
+    real = bench_step.time_rows
+
+    def spy(rows, *a, **k):
+        for row in rows:
+            if isinstance(row, bench_step.MinireuseRow):
+                started.append(row.t.model.layer("conv2").params["W"].copy())
+            else:
+                started.append(row.model[4].weight.detach().numpy().transpose(2, 3, 1, 0).copy())
+        return real(rows, *a, **k)
+    monkeypatch.setattr(bench_step, "time_rows", spy)
+    torch = "auto" if importlib.util.find_spec("torch") else "off"
+    args = parse("--device", "cpu", "--data", str(tmp_path / "none"), "--batch", "8", "--batches", "2",
+                 "--steps", "1", "--warmup", "0", "--torch", torch, "--weights", str(path), "--quiet",
+                 "--json", str(tmp_path / "step.json"))
+    assert bench_step.run(args) == 0
+    assert len(started) == (5 if torch == "auto" else 4)
+    for w in started:
+        assert w == pytest.approx(model.layer("conv2").params["W"], abs=1e-7)
+    assert json.loads((tmp_path / "step.json").read_text())["weights"] == str(path)
+    (tmp_path / "other.npz").write_bytes(b"not an npz")
+    with pytest.raises(Exception, match="other.npz"):
+        bench_step.run(parse("--device", "cpu", "--data", str(tmp_path / "none"), "--torch", "off",
+                             "--weights", str(tmp_path / "other.npz"), "--quiet"))

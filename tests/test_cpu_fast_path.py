@@ -19,7 +19,7 @@ from minireuse.models.sequential import Sequential
 from minireuse.layers import Dense, Flatten
 from minireuse.optim import SGD
 
-from gradcheck import check_layer_backward
+from gradcheck import check_layer_backward, numerical_directional
 
 
 @pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
@@ -139,6 +139,105 @@ def test_conv2d_layer_matches_the_array_code(threads, rng, stride, padding, firs
     assert fast[2].keys() == ref[2].keys() == ({"W", "b"} if bias else {"W"})
     for k in ref[2]:
         close(fast[2][k], ref[2][k])
+
+
+def sparse_dy(rng, shape, dtype, density=0.08):
+    """A dY as a conv sees it behind ReLU, LRN and max pooling: mostly zeros, and some pixels
+    with none at all."""
+    dy = rng.standard_normal(shape) * (rng.random(shape) < density)
+    dy[:, ::3] = 0
+    return dy.astype(dtype)
+
+
+@pytest.fixture
+def kernels():
+    pytest.importorskip("numba", reason="the kernels need numba (the fast extra; the test extra has it)")
+    cpu.use_compiled(True)
+    return cpu.compiled_kernels()
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES)
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
+def test_sparse_backward_kernels_equal_the_products_of_the_array_code(threads, kernels, rng, geo, dtype, tol):
+    b, h, w, c, kh, kw, stride, pads = geo
+    m = 5
+    x = rng.standard_normal((b, h, w, c)).astype(dtype)
+    W = rng.standard_normal((kh, kw, c, m)).astype(dtype)
+    cols, (oh, ow) = im2col(x, kh, kw, stride, pads)
+    dy = sparse_dy(rng, (b, oh, ow, m), dtype)
+    dy2 = dy.reshape(-1, m)
+    assert 0 < np.count_nonzero(dy) <= cpu_conv.SPARSE_DENSITY * dy.size
+    want_dw = cols.T @ dy2
+    want_dx = col2im(dy2 @ W.reshape(-1, m).T, x.shape, kh, kw, stride, pads)
+    got_dw = kernels.sparse_weight_grads(cols, dy2, threads)
+    got_dx = kernels.sparse_input_grad(dy, W, x.shape, stride, pads, threads)
+    assert got_dw.shape == want_dw.shape and got_dx.shape == want_dx.shape
+    np.testing.assert_allclose(got_dw, want_dw, rtol=tol, atol=tol * np.abs(want_dw).max())
+    np.testing.assert_allclose(got_dx, want_dx, rtol=tol, atol=tol * np.abs(want_dx).max())
+
+
+def counting(monkeypatch, kernels):
+    """Counts the calls of the sparse kernels."""
+    calls = []
+    for name in ("sparse_weight_grads", "sparse_input_grad"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("stride,padding", [(1, "same"), (2, "same"), (1, "valid")])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_mostly_zero_dy_takes_the_sparse_backward_with_the_array_codes_gradients(
+        threads, kernels, rng, monkeypatch, stride, padding, bias):
+    layer = Conv2D(4, 6, (5, 3), stride=stride, padding=padding, bias=bias, dtype=np.float32, rng=rng)
+    x = rng.standard_normal((5, 9, 8, 4)).astype(np.float32)
+    dy = sparse_dy(rng, layer.output_shape(x.shape), np.float32)
+    calls = counting(monkeypatch, kernels)
+    ref, fast = both_paths(lambda: conv_step(layer, x, dy))
+    assert calls == ["sparse_weight_grads", "sparse_input_grad"]
+
+    def close(a, b):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * np.abs(b).max())
+    close(fast[0], ref[0])
+    close(fast[1], ref[1])
+    assert fast[2].keys() == ref[2].keys()
+    for k in ref[2]:
+        close(fast[2][k], ref[2][k])
+
+
+def test_a_dense_dy_or_an_input_with_inf_takes_the_gemms(kernels, rng, monkeypatch):
+    """Above SPARSE_DENSITY the GEMMs are faster; with an inf in x the GEMM's 0 x inf = NaN
+    must stay what the array code gives, so the zeros are not skipped."""
+    layer = Conv2D(4, 6, 3, dtype=np.float32, rng=rng)
+    x = rng.standard_normal((3, 6, 6, 4)).astype(np.float32)
+    calls = counting(monkeypatch, kernels)
+    dense = rng.standard_normal(layer.output_shape(x.shape)).astype(np.float32)
+    conv_step(layer, x, dense)
+    x[0, 2, 3, 1] = np.inf
+    sparse = sparse_dy(rng, layer.output_shape(x.shape), np.float32)
+    sparse[0, 2, 3] = 0                     # the outputs that read the inf get no gradient
+    with np.errstate(invalid="ignore"):
+        ref, fast = both_paths(lambda: conv_step(layer, x, sparse))
+    assert calls == []
+    assert np.isnan(ref[2]["W"]).any()
+    np.testing.assert_array_equal(np.isnan(fast[2]["W"]), np.isnan(ref[2]["W"]))
+
+
+def test_the_sparse_backward_passes_the_gradient_check(kernels, rng, monkeypatch):
+    layer = Conv2D(3, 4, 3, stride=2, dtype=np.float64, rng=rng)
+    x = rng.standard_normal((2, 7, 6, 3))
+    g = sparse_dy(rng, layer.output_shape(x.shape), np.float64, density=0.1)
+    calls = counting(monkeypatch, kernels)
+    with cpu.fast_path(True):
+        layer.forward(x, True)
+        dx = layer.backward(g)
+        grads = {k: v.copy() for k, v in layer.grads.items()}
+        loss = lambda: (layer.forward(x, False) * g).sum()
+        for arr, grad in [(x, dx), (layer.params["W"], grads["W"]), (layer.params["b"], grads["b"])]:
+            v = rng.standard_normal(arr.shape)
+            num = numerical_directional(loss, arr, v)
+            assert abs(num - float((grad * v).sum())) <= 1e-7 * max(1.0, abs(num))
+    assert calls == ["sparse_weight_grads", "sparse_input_grad"]
 
 
 @pytest.mark.parametrize("r,c,beta", [(4, 64, 0.75), (2, 7, 0.5), (5, 3, 0.6), (0, 4, 0.75)])

@@ -206,3 +206,63 @@ def lrn_backward(dy, x, scale, d, r, alpha, beta, threads):
     if _heard(bad):
         return None
     return dx.reshape(dy.shape)
+
+
+@njit(parallel=True, cache=True)
+def _sparse_weight_grads(cols, dy, blocks, partial):
+    n, m = dy.shape
+    width = cols.shape[1]
+    for blk in prange(blocks):
+        acc = partial[blk]                          # (M, width): dW^T of the block's rows
+        for row in range(n * blk // blocks, n * (blk + 1) // blocks):
+            g, c = dy[row], cols[row]
+            for j in range(m):
+                v = g[j]
+                if v != 0:                          # a NaN is not 0: it spreads as in the GEMM
+                    a = acc[j]
+                    for k in range(width):
+                        a[k] += v * c[k]
+
+
+def sparse_weight_grads(cols, dy2, threads):
+    """cols^T @ dY (width, M) adding only the nonzero entries of dY: one row of the columns times
+    each nonzero of that row of dY, into a (M, width) sum per block of rows (a few per thread)."""
+    blocks = _row_blocks(dy2.shape[0], threads)
+    partial = np.zeros((blocks, dy2.shape[1], cols.shape[1]), dtype=cols.dtype)
+    _sparse_weight_grads(cols, np.ascontiguousarray(dy2), blocks, partial)
+    return np.ascontiguousarray(partial.sum(axis=0).T)
+
+
+@njit(parallel=True, cache=True)
+def _sparse_input_grad(dy, Wt, stride, top, left, dx):
+    b, oh, ow, m = dy.shape
+    kh, kw, _, c = Wt.shape
+    h, w = dx.shape[1], dx.shape[2]
+    for n in prange(b):                             # one image's dx per iteration: no two threads add to one
+        for oy in range(oh):
+            for ox in range(ow):
+                g = dy[n, oy, ox]
+                for j in range(m):
+                    v = g[j]
+                    if v != 0:
+                        for i in range(kh):
+                            iy = oy * stride + i - top
+                            if iy < 0 or iy >= h:
+                                continue
+                            for jj in range(kw):
+                                ix = ox * stride + jj - left
+                                if ix < 0 or ix >= w:
+                                    continue
+                                out, wrow = dx[n, iy, ix], Wt[i, jj, j]
+                                for k in range(c):
+                                    out[k] += v * wrow[k]
+
+
+def sparse_input_grad(dy, W, x_shape, stride, pads, threads):
+    """dX of a conv, col2im(dY @ W^T), adding only the nonzero entries of dY: each one times
+    its filter's (kh, kw, C) weights into the input pixels its output read."""
+    Wt = np.ascontiguousarray(W.transpose(0, 1, 3, 2))     # (kh, kw, M, C): one output channel's weights in a row
+    dx = np.zeros(x_shape, dtype=dy.dtype)
+    _use(threads)
+    _sparse_input_grad(np.ascontiguousarray(dy), Wt, stride, pads[0], pads[2], dx)
+    return dx

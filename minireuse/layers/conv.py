@@ -70,17 +70,19 @@ class Conv2D(ReusableLayer):
             return y
         if cpu.supports(x, W):      # the CPU fast path: widened columns carry the bias
             y, cols = cpu_conv.forward(x, W, b, self.stride, pads)
-            kind = "cpu"
-        else:
-            cols, (oh, ow) = im2col(x, self.kh, self.kw, self.stride, pads)
-            y = (cols @ W.reshape(-1, self.c_out)).reshape(x.shape[0], oh, ow, self.c_out)
-            if b is not None:
-                y += b
-            kind = "exact"
+            if not train:
+                cpu_conv.release(cols)      # kept for the next im2col
+                return y
+            # whether the backward may skip dY's zeros (cpu_conv.sparse_backward)
+            x_finite = cpu.compiled_kernels() is not None and cpu_conv.input_finite(x)
+            self._cache = ("cpu", (cols, x.shape, pads, x_finite))
+            return y
+        cols, (oh, ow) = im2col(x, self.kh, self.kw, self.stride, pads)
+        y = (cols @ W.reshape(-1, self.c_out)).reshape(x.shape[0], oh, ow, self.c_out)
+        if b is not None:
+            y += b
         if train:
-            self._cache = (kind, (cols, x.shape, pads))
-        else:
-            cpu_conv.release(cols)          # the CPU fast path keeps the memory for the next im2col
+            self._cache = ("exact", (cols, x.shape, pads))
         return y
 
     def backward(self, dy):
@@ -89,11 +91,13 @@ class Conv2D(ReusableLayer):
         if kind == "reuse":
             dx, dW, db = deep_reuse.conv2d_backward(dy, cache, self.needs_input_grad)
         elif kind == "cpu":             # the CPU fast path: dX as a conv of dY, no col2im
-            cols, x_shape, pads = cache
-            dW, db = cpu_conv.weight_grads(cols, dy.reshape(-1, self.c_out), self.kh * self.kw * self.c_in)
-            dW = dW.reshape(self.params["W"].shape)
+            cols, x_shape, pads, x_finite = cache
+            W = self.params["W"]
+            sparse = cpu_conv.sparse_backward(dy, W, x_finite)
+            dW, db = cpu_conv.weight_grads(cols, dy.reshape(-1, self.c_out), self.kh * self.kw * self.c_in, sparse)
+            dW = dW.reshape(W.shape)
             cpu_conv.release(cols)          # dY's columns (and the next step's) reuse its memory
-            dx = (cpu_conv.input_grad(dy, self.params["W"], x_shape, self.stride, pads)
+            dx = (cpu_conv.input_grad(dy, W, x_shape, self.stride, pads, sparse)
                   if self.needs_input_grad else None)
         else:
             cols, x_shape, pads = cache

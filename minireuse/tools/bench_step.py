@@ -2,7 +2,7 @@
 
     python -m minireuse bench step [--model cifarnet] [--data DIR] [--batch 128] [--steps N] [--warmup N]
         [--device auto|cpu|gpu] [--reuse-config FILE] [--graph auto|on|off] [--torch auto|off]
-        [--threads N] [--batches K] [--seed S] [--json FILE] [--quiet]
+        [--threads N] [--batches K] [--seed S] [--weights FILE] [--json FILE] [--quiet]
 
 A step is what training runs per batch (Trainer.run_step): dropout seeds, learning
 rate, forward, loss, backward, optimizer update and the loss/accuracy sums; the
@@ -30,6 +30,12 @@ epoch and as ratios against PyTorch and against minireuse exact eager, all from 
 same run. On the CPU the rows take turns of 5 steps each, so that a machine whose
 speed drifts (a shared or virtual one) slows every row alike and the ratios stay
 fair; minireuse (its fast path and BLAS) and PyTorch use the same --threads threads.
+
+--weights FILE starts every row, PyTorch's included, from a trained CifarNet (a run's
+model.npz or checkpoint.npz) instead of the initialisation of --seed. A step's time
+depends on where training is: behind ReLU, LRN and pooling a conv's dY is about half
+zeros at initialisation and 95 % zeros after a few epochs, which the CPU fast path's
+backward skips (cpu/conv.py, sparse_backward).
 """
 import importlib.util
 import json
@@ -74,6 +80,9 @@ def add_arguments(parser):
                         help="CPU threads for minireuse (its fast path and BLAS) and for PyTorch "
                              "(default: every core)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", metavar="FILE", default=None,
+                        help="start every row from these CifarNet weights (a run's model.npz or checkpoint.npz) "
+                             "instead of the initialisation of --seed")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -104,10 +113,13 @@ def summary(times):
 class MinireuseRow:
     """A minireuse row: a Trainer whose run_step (Trainer.run_step) is timed, step by step."""
 
-    def __init__(self, batches, cfg, gpu):
+    def __init__(self, batches, cfg, gpu, weights=None):
+        from ..training.checkpoint import load_weights
         from ..training.trainer import Trainer
         self.t = Trainer(cfg, data=(None, None, None, None), quiet=True)
         self.t.begin_run()
+        if weights is not None:
+            load_weights(self.t.model, weights)
         self.batches, self.gpu = batches, gpu
         self.per_epoch = math.ceil(EPOCH_IMAGES / len(batches[0][1]))
         self.clock = Clock(gpu, self.t.step.graphs.stream if self.t.step.graphs is not None else None)
@@ -207,7 +219,7 @@ def torch_cifarnet(torch):
 class TorchRow:
     """The PyTorch row: the same network (torch_cifarnet), optimizer and batches, timed step by step."""
 
-    def __init__(self, batches, gpu, threads):
+    def __init__(self, batches, gpu, threads, weights=None):
         import torch
         if gpu and not torch.cuda.is_available():
             raise RuntimeError(f"torch {torch.__version__} sees no CUDA device")
@@ -221,6 +233,9 @@ class TorchRow:
             self.implementation = f"pytorch {torch.__version__} eager, {torch.get_num_threads()} CPU threads, NCHW"
         torch.manual_seed(0)
         self.model, groups = torch_cifarnet(torch)
+        if weights is not None:
+            from .pytorch_run import copy_weights
+            copy_weights(torch, trained_cifarnet(weights), self.model)
         self.model.to(dev)
         self.opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=True)
         self.data = [(torch.from_numpy(backend.asnumpy(xb)).permute(0, 3, 1, 2).contiguous().to(dev),
@@ -266,13 +281,22 @@ def skipped_row(name, reason):
     return dict(name=name, ms=None, skipped=True, reason=reason, note=f"skipped: {reason}")
 
 
-def pytorch_row(batches, gpu, threads):
+def trained_cifarnet(path):
+    """minireuse's CifarNet with the weights of a model.npz or checkpoint.npz."""
+    from ..models.cifarnet import cifarnet
+    from ..training.checkpoint import load_weights
+    model = cifarnet()
+    load_weights(model, path)
+    return model
+
+
+def pytorch_row(batches, gpu, threads, weights=None):
     """(TorchRow, None) when torch imports (and sees the device), else (None, the skipped row)."""
     name = "pytorch eager"
     if importlib.util.find_spec("torch") is None:
         return None, skipped_row(name, f"PyTorch is not installed; for this row: {TORCH_INSTALL_HINT}")
     try:
-        return TorchRow(batches, gpu, threads), None
+        return TorchRow(batches, gpu, threads, weights), None
     except ImportError as e:
         return None, skipped_row(name, f"torch is installed but does not import ({e}); "
                                        f"reinstall it: {TORCH_INSTALL_HINT}")
@@ -324,6 +348,7 @@ def format_table(report):
     lines += [f"{r['name']}: skipped: {r['reason']}" for r in rows if r.get("skipped")]
     notes = [f"device: {report['device']}   commit: {report['commit']}",
              f"data: {report['data']}",
+             f"weights: {report.get('weights') or 'the initialisation of the seed'}",
              f"batch {report['batch']}, median of {report['steps']} steps after {report['warmup']} warm-up steps; "
              f"s/epoch = ms/step x {report['steps_per_epoch']} steps of {EPOCH_IMAGES:,} images; "
              "'vs' columns: how many times faster than that row (>1 = faster)"]
@@ -348,6 +373,8 @@ def run_step_bench(args):
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     if args.threads is not None:
         cpu.set_threads(args.threads)
+    if args.weights is not None:        # read before any timing: a wrong file stops here
+        trained_cifarnet(args.weights)
     reuse_plans = reuse_rows(args.reuse_config)
 
     def say(msg):
@@ -367,11 +394,11 @@ def run_step_bench(args):
     for name, layers, options in reuse_plans:
         reuse = dict(base, reuse="fixed", reuse_layers=layers, reuse_options=options)
         plans += [(name, reuse), (f"{name} + graph", dict(reuse, graph="auto"))]
-    timers = {name: MinireuseRow(batches, cfg, gpu) for name, cfg in plans
+    timers = {name: MinireuseRow(batches, cfg, gpu, args.weights) for name, cfg in plans
               if cfg["graph"] == "off" or graph_rows}
     skipped = None
     if args.torch != "off":
-        torch_timer, skipped = pytorch_row(batches, gpu, args.threads)
+        torch_timer, skipped = pytorch_row(batches, gpu, args.threads, args.weights)
         if torch_timer is not None:
             timers["pytorch eager"] = torch_timer
     say(f"timing {len(timers)} rows, " + (f"{STEPS_PER_TURN} steps of each in turn ..." if not gpu
@@ -387,7 +414,8 @@ def run_step_bench(args):
         if r.get("ms") is not None:
             r["epoch_s"] = r["ms"] * per_epoch / 1e3
     skipped = {r["name"]: r["reason"] for r in rows if r.get("skipped")}
-    return dict(device=backend.describe_device(), commit=git_commit(), data=source, batch=args.batch,
+    return dict(device=backend.describe_device(), commit=git_commit(), data=source, weights=args.weights,
+                batch=args.batch,
                 steps=steps, warmup=warmup, steps_per_epoch=per_epoch, rows=rows, skipped=skipped)
 
 

@@ -100,6 +100,12 @@ def build_network(torch, model):
 
     index = next(i for i, m in enumerate(net) if isinstance(m, torch.nn.Dropout))
     net[index] = MinireuseDropout()
+    return net, net[index], copy_weights(torch, model, net)
+
+
+def copy_weights(torch, model, net):
+    """Copy minireuse CifarNet ``model``'s weights into torch_cifarnet's ``net``; returns
+    {minireuse layer: the PyTorch module holding its weights}."""
     weights = torch_weights(model)
     mods = [m for m in net if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     layers = [l for l in model.layers if isinstance(l, (Conv2D, Dense))]
@@ -108,7 +114,7 @@ def build_network(torch, model):
             W, b = weights[layer.name]
             m.weight.copy_(torch.from_numpy(np.ascontiguousarray(W)))
             m.bias.copy_(torch.from_numpy(b))
-    return net, net[index], dict(zip(layers, mods))
+    return dict(zip(layers, mods))
 
 
 class TorchRun:
