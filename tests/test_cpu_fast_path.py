@@ -189,8 +189,9 @@ def counting(monkeypatch, kernels):
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_mostly_zero_dy_takes_the_sparse_backward_with_the_array_codes_gradients(
         threads, kernels, rng, monkeypatch, stride, padding, bias):
-    layer = Conv2D(4, 6, (5, 3), stride=stride, padding=padding, bias=bias, dtype=np.float32, rng=rng)
-    x = rng.standard_normal((5, 9, 8, 4)).astype(np.float32)
+    layer = Conv2D(20, 6, (5, 3), stride=stride, padding=padding, bias=bias, dtype=np.float32, rng=rng)
+    assert 5 * 3 * 20 >= cpu_conv.SPARSE_MIN_K
+    x = rng.standard_normal((5, 9, 8, 20)).astype(np.float32)
     dy = sparse_dy(rng, layer.output_shape(x.shape), np.float32)
     calls = counting(monkeypatch, kernels)
     ref, fast = both_paths(lambda: conv_step(layer, x, dy))
@@ -205,14 +206,18 @@ def test_a_mostly_zero_dy_takes_the_sparse_backward_with_the_array_codes_gradien
         close(fast[2][k], ref[2][k])
 
 
-def test_a_dense_dy_or_an_input_with_inf_takes_the_gemms(kernels, rng, monkeypatch):
-    """Above SPARSE_DENSITY the GEMMs are faster; with an inf in x the GEMM's 0 x inf = NaN
-    must stay what the array code gives, so the zeros are not skipped."""
-    layer = Conv2D(4, 6, 3, dtype=np.float32, rng=rng)
-    x = rng.standard_normal((3, 6, 6, 4)).astype(np.float32)
+def test_a_dense_dy_a_short_k_or_an_input_with_inf_takes_the_gemms(kernels, rng, monkeypatch):
+    """Above SPARSE_DENSITY, or below SPARSE_MIN_K, the GEMMs are faster; with an inf in x
+    the GEMM's 0 x inf = NaN must stay what the array code gives, so no zero is skipped."""
+    layer = Conv2D(32, 6, 3, dtype=np.float32, rng=rng)
+    x = rng.standard_normal((3, 6, 6, 32)).astype(np.float32)
     calls = counting(monkeypatch, kernels)
     dense = rng.standard_normal(layer.output_shape(x.shape)).astype(np.float32)
     conv_step(layer, x, dense)
+    short = Conv2D(3, 6, 5, dtype=np.float32, rng=rng)      # K = 75, as CifarNet's conv1
+    x_short = rng.standard_normal((3, 6, 6, 3)).astype(np.float32)
+    conv_step(short, x_short, sparse_dy(rng, short.output_shape(x_short.shape), np.float32))
+    assert calls == []
     x[0, 2, 3, 1] = np.inf
     sparse = sparse_dy(rng, layer.output_shape(x.shape), np.float32)
     sparse[0, 2, 3] = 0                     # the outputs that read the inf get no gradient
@@ -224,8 +229,8 @@ def test_a_dense_dy_or_an_input_with_inf_takes_the_gemms(kernels, rng, monkeypat
 
 
 def test_the_sparse_backward_passes_the_gradient_check(kernels, rng, monkeypatch):
-    layer = Conv2D(3, 4, 3, stride=2, dtype=np.float64, rng=rng)
-    x = rng.standard_normal((2, 7, 6, 3))
+    layer = Conv2D(32, 4, 3, stride=2, dtype=np.float64, rng=rng)
+    x = rng.standard_normal((2, 7, 6, 32))
     g = sparse_dy(rng, layer.output_shape(x.shape), np.float64, density=0.1)
     calls = counting(monkeypatch, kernels)
     with cpu.fast_path(True):

@@ -195,6 +195,11 @@ def flipped_pads(x_shape, kh, kw, stride, pads):
 # CifarNet's conv2 95 % (3.3 nonzero channels of 64 per pixel), conv1 89-93 % in the
 # middle and at the end of a full-data run; 54 % and 84 % at initialisation.
 SPARSE_DENSITY = 0.15
+# ... and the least K = kh*kw*c_in for it: each nonzero adds a row of K columns to dW, and
+# short rows do not pay for the scan of dY. Measured on trained CifarNet weights, 2-core
+# AMD EPYC: conv2 (K = 1600, 5 % nonzero) dW 32 against 55 ms, dX 24 against 80 ms;
+# conv1 (K = 75, 11 % nonzero) dW 30 against 19 ms.
+SPARSE_MIN_K = 256
 
 
 def input_finite(x):
@@ -204,10 +209,12 @@ def input_finite(x):
 
 
 def sparse_backward(dy, W, x_finite):
-    """Whether the backward should add only dY's nonzero entries: the compiled kernels load, at
-    most SPARSE_DENSITY of dY is nonzero, and the input (``x_finite``) and W are finite, so
-    the terms skipped are exact zeros (a GEMM's 0 x inf would be NaN)."""
-    return (compiled_kernels() is not None and x_finite
+    """Whether the backward should add only dY's nonzero entries: the compiled kernels load,
+    K = kh*kw*c_in is at least SPARSE_MIN_K, at most SPARSE_DENSITY of dY is nonzero, and
+    the input (``x_finite``) and W are finite, so the terms skipped are exact zeros (a
+    GEMM's 0 x inf would be NaN)."""
+    kh, kw, c_in, _ = W.shape
+    return (compiled_kernels() is not None and x_finite and kh * kw * c_in >= SPARSE_MIN_K
             and np.count_nonzero(dy) <= SPARSE_DENSITY * dy.size and bool(np.isfinite(W.sum())))
 
 
