@@ -398,3 +398,41 @@ def test_speed_guard_still_ends_reuse_that_is_slower_than_exact(tmp_path, monkey
     slow = [e for e in t.strategy.events if "slower than exact" in e["reason"]]
     assert [e["epoch"] for e in slow] == [2] and "for 2 epochs" in slow[0]["reason"]
     assert t.history[-1]["layers"]["conv2"]["reuse"] is None
+
+
+def test_probes_time_the_backward_on_the_dy_of_the_previous_probes_step(tmp_path, monkeypatch):
+    """The speed guard's passes take as dY what the layer received in training at the previous
+    probe (as sparse as training makes it), not the layer's own output; the first probe, with
+    none seen yet, takes the output."""
+    import numpy as np
+    from minireuse.layers import Conv2D
+    from minireuse.training import probes
+    received = []                   # (in a probe pass?, dY) of every conv2 backward
+    in_probe = []
+    real_backward, real_pass = Conv2D.backward, probes.StrategySteps._timed_pass
+
+    def backward(layer, dy):
+        if layer.name == "conv2":
+            received.append((bool(in_probe), dy))
+        return real_backward(layer, dy)
+
+    def timed_pass(self, *a, **k):
+        in_probe.append(1)
+        try:
+            return real_pass(self, *a, **k)
+        finally:
+            in_probe.pop()
+    monkeypatch.setattr(Conv2D, "backward", backward)
+    monkeypatch.setattr(probes.StrategySteps, "_timed_pass", timed_pass)
+    t = Trainer(config(tmp_path, epochs=1, out=str(tmp_path / "run"), reuse="adaptive",
+                       reuse_layers={"conv2": dict(L=16, H=8)},
+                       reuse_options=dict(start_after=0.0, steady_drop=None, probe_every=1, speed_margin=1e6)),
+                data=learnable_data(n_train=64, n_test=16), quiet=True)
+    t.fit()
+    # per step: 4 probe passes, then the training step's backward
+    steps = [received[i:i + 5] for i in range(0, len(received), 5)]
+    assert len(steps) == 2 and all([p for p, _ in s] == [True] * 4 + [False] for s in steps)
+    first_probe, second_probe = steps[0][:4], steps[1][:4]
+    assert all(not np.array_equal(dy, steps[0][4][1]) for _, dy in first_probe)
+    assert all(dy is steps[0][4][1] for _, dy in second_probe)
+    assert "backward" not in vars(t.model.layer("conv2"))      # the noting ends with the step

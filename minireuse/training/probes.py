@@ -3,7 +3,9 @@
 Before a step: the strategy's progress, the ladder order measured on the batch when
 reuse starts, on a probe step the timing of each reusing layer on the step's batch,
 exact and with reuse in turns (exact, reuse, reuse, exact: the speed guard's A/B, whose
-two sides meet the same load, caches and memory, however the load comes and goes), and on a
+two sides meet the same load, caches and memory, however the load comes and goes; the
+passes' dY is the one the layer received in the training step of the previous probe,
+as sparse as training makes it), and on a
 sampled step the exact forward's loss on the same batch and dropout masks (the harm
 probe) with error measurement switched on. After it: measurement off, and the
 (reuse loss, exact loss) pair kept for the epoch's harm. These probes run before the
@@ -55,6 +57,8 @@ class StrategySteps:
         self.reuse_probe_timer = LayerTimer(list(strategy.ladders))
         self._probe_states = {}     # layer -> the ReuseState its probe passes use (the layer's own is left alone)
         self._pairs = {}            # layer -> [(exact timings, reuse timings)] of this epoch's probes
+        self._dy_seen = {}          # layer name -> the dY its backward received in the last probe's step
+        self._listening = []        # layers whose backward this step's training notes the dY of
 
     def before_step(self, xb, yb, epoch, step, steps):
         """Set this step's reuse settings; time the exact layers on a probe step; on a sampled
@@ -69,6 +73,7 @@ class StrategySteps:
         probed = st.probe_now(step, steps)
         if probed:
             self.time_exact_layers(xb, probed, st.probe_steps)
+            self._note_dy(probed)
         self._exact_loss = None
         self._measuring = st.measure_error_now(step)
         if self._measuring:
@@ -85,8 +90,33 @@ class StrategySteps:
             if layer.reuse is not None:
                 layer.set_reuse(layer.reuse.replace(measure_error=True))
 
+    def _note_dy(self, names):
+        """Keep the dY that each layer of ``names`` receives in this step's backward, for the
+        next probe's passes: a conv's dY behind ReLU, LRN and pooling is mostly zeros once
+        training is under way, which the exact CPU backward skips (cpu/conv.py), so a dense
+        stand-in (the layer's output) would time exact's backward too slow. (A step replayed
+        from a CUDA graph runs no Python: the probe then falls back to the output.)"""
+        for name in names:
+            layer = self.model.layer(name)
+            real = layer.backward
+
+            def backward(dy, real=real, name=name):
+                self._dy_seen[name] = dy
+                return real(dy)
+            self._listening.append((layer, vars(layer).get("backward")))
+            layer.backward = backward
+
+    def _stop_noting(self):
+        for layer, own in reversed(self._listening):
+            if own is None:
+                del layer.backward      # the class's method again
+            else:
+                layer.backward = own    # what the layer had (a wrapper of its own)
+        self._listening = []
+
     def after_step(self, loss=None):
         """loss: the step's training loss (a device scalar), None for a replayed step."""
+        self._stop_noting()
         if self._exact_loss is not None and loss is not None:
             self._harms.append((loss, self._exact_loss))
         self._exact_loss = None
@@ -174,7 +204,8 @@ class StrategySteps:
 
     def _timed_pass(self, layer, x, timer, setting):
         """One forward+backward of ``layer`` on x, exact (setting None) or with ``setting`` on the
-        probe's ReuseState; its output as dY (real data: any values serve for timing)."""
+        probe's ReuseState; as dY the one the layer received in the last probe's step (_note_dy;
+        its values need not fit this batch: only their zeros matter to the time), else its output."""
         own = layer.reuse_state
         if setting is not None:
             layer.set_reuse(setting)
@@ -183,8 +214,9 @@ class StrategySteps:
             timer.start(layer.name, "forward")
             y = layer.forward(x, train=True)
             timer.stop(layer.name)
+            dy = self._dy_seen.get(layer.name)
             timer.start(layer.name, "backward")
-            layer.backward(y)
+            layer.backward(dy if dy is not None and dy.shape == y.shape else y)
             timer.stop(layer.name)
         finally:
             layer.set_reuse(None)
