@@ -201,21 +201,6 @@ def time_data_pipeline(iterator, steps, warmup, gpu):
 
 # ---------------------------------------------------------------- PyTorch
 
-def torch_cifarnet(torch):
-    """CifarNet in PyTorch (NCHW): the layers and sizes of minireuse.models.cifarnet."""
-    nn = torch.nn
-    # TF's LRN alpha is not divided by the window; PyTorch's is: alpha * size
-    lrn = dict(size=9, alpha=0.001 / 9.0 * 9, beta=0.75, k=1.0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2, 2), nn.LocalResponseNorm(**lrn),
-        nn.Conv2d(64, 64, 5, padding=2), nn.ReLU(), nn.LocalResponseNorm(**lrn), nn.MaxPool2d(2, 2),
-        nn.Flatten(), nn.Linear(64 * 8 * 8, 384), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(384, 192), nn.ReLU(), nn.Linear(192, 10))
-    decay = [model[9].weight, model[12].weight]
-    rest = [p for p in model.parameters() if all(p is not d for d in decay)]
-    return model, [dict(params=decay, weight_decay=0.004), dict(params=rest, weight_decay=0.0)]
-
-
 class TorchRow:
     """The PyTorch row: the same network (torch_cifarnet), optimizer and batches, timed step by step."""
 
@@ -231,10 +216,10 @@ class TorchRow:
         else:
             torch.set_num_threads(threads or cpu.threads())
             self.implementation = f"pytorch {torch.__version__} eager, {torch.get_num_threads()} CPU threads, NCHW"
+        from .pytorch_run import copy_weights, torch_cifarnet
         torch.manual_seed(0)
         self.model, groups = torch_cifarnet(torch)
         if weights is not None:
-            from .pytorch_run import copy_weights
             copy_weights(torch, trained_cifarnet(weights), self.model)
         self.model.to(dev)
         self.opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=True)

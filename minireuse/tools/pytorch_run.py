@@ -81,10 +81,24 @@ def torch_weights(model):
     return out
 
 
+def torch_cifarnet(torch):
+    """CifarNet in PyTorch (NCHW): the layers and sizes of minireuse.models.cifarnet."""
+    nn = torch.nn
+    # TF's LRN alpha is not divided by the window; PyTorch's is: alpha * size
+    lrn = dict(size=9, alpha=0.001 / 9.0 * 9, beta=0.75, k=1.0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2, 2), nn.LocalResponseNorm(**lrn),
+        nn.Conv2d(64, 64, 5, padding=2), nn.ReLU(), nn.LocalResponseNorm(**lrn), nn.MaxPool2d(2, 2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 384), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(384, 192), nn.ReLU(), nn.Linear(192, 10))
+    decay = [model[9].weight, model[12].weight]
+    rest = [p for p in model.parameters() if all(p is not d for d in decay)]
+    return model, [dict(params=decay, weight_decay=0.004), dict(params=rest, weight_decay=0.0)]
+
+
 def build_network(torch, model):
     """(PyTorch CifarNet with ``model``'s weights, its dropout module): the dropout multiplies
     by ``model``'s own mask for the key set on it (``.key = (seed, epoch, step)``)."""
-    from .bench_step import torch_cifarnet
     net, _ = torch_cifarnet(torch)
     drop = next(l for l in model.layers if isinstance(l, Dropout))
 
