@@ -453,3 +453,25 @@ def test_minireuse_numba_0_keeps_the_kernels_off():
     env = dict(os.environ, MINIREUSE_NUMBA="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "numpy,", "fast", "path,"] + out.split()[4:] and "numba" not in out
+
+
+@pytest.mark.parametrize("forward", ["reuse", "exact"])
+def test_a_reuse_conv_with_exact_dx_takes_the_fast_paths_dx(kernels, rng, monkeypatch, forward):
+    """dx_mode 'exact' needs nothing of the clusters: the layer takes the fast path's (here
+    sparse) dX, equal to the reference reuse path's, with the reuse path's dW unchanged."""
+    from minireuse.reuse import ReuseConfig
+    setting = ReuseConfig(L=16, H=6, dx_mode="exact", forward=forward)
+    layer = Conv2D(32, 6, 3, dtype=np.float32, rng=rng, reuse=setting)
+    x = np.abs(rng.standard_normal((4, 7, 6, 32))).astype(np.float32)
+    dy = sparse_dy(rng, layer.output_shape(x.shape), np.float32)
+    calls = counting(monkeypatch, kernels)
+
+    def step():
+        layer.reuse_state = type(layer.reuse_state)()       # the same clusters both times
+        return conv_step(layer, x, dy)
+    ref, fast = both_paths(step)
+    assert calls == ["sparse_input_grad"]
+    np.testing.assert_array_equal(fast[0], ref[0])
+    np.testing.assert_allclose(fast[1], ref[1], rtol=1e-5, atol=2e-6 * np.abs(ref[1]).max())
+    for k in ref[2]:
+        np.testing.assert_array_equal(fast[2][k], ref[2][k])

@@ -212,7 +212,7 @@ def sparse_backward(dy, W, x_finite):
     """Whether the backward should add only dY's nonzero entries: the compiled kernels load,
     K = kh*kw*c_in is at least SPARSE_MIN_K, at most SPARSE_DENSITY of dY is nonzero, and
     the input (``x_finite``) and W are finite, so the terms skipped are exact zeros (a
-    GEMM's 0 x inf would be NaN)."""
+    GEMM's 0 x inf would be NaN). dX alone does not read the input: x_finite True."""
     kh, kw, c_in, _ = W.shape
     return (compiled_kernels() is not None and x_finite and kh * kw * c_in >= SPARSE_MIN_K
             and np.count_nonzero(dy) <= SPARSE_DENSITY * dy.size and bool(np.isfinite(W.sum())))

@@ -66,7 +66,7 @@ class Conv2D(ReusableLayer):
         if self.reuse_active():
             y, cache = deep_reuse.conv2d_forward(x, W, b, self.stride, pads, self.reuse,
                                                 self.reuse_state, train=train)
-            self._cache = ("reuse", cache)
+            self._cache = ("reuse", (cache, x.shape, pads, self.reuse.dx_mode))
             return y
         if cpu.supports(x, W):      # the CPU fast path: widened columns carry the bias
             y, cols = cpu_conv.forward(x, W, b, self.stride, pads)
@@ -89,7 +89,13 @@ class Conv2D(ReusableLayer):
         kind, cache = self._cache
         self._cache = None
         if kind == "reuse":
-            dx, dW, db = deep_reuse.conv2d_backward(dy, cache, self.needs_input_grad)
+            cache, x_shape, pads, dx_mode = cache
+            W = self.params["W"]
+            # an exact dX needs nothing of the clusters: the CPU fast path's (sparse) one serves
+            fast_dx = self.needs_input_grad and dx_mode == "exact" and cpu.supports(dy, W)
+            dx, dW, db = deep_reuse.conv2d_backward(dy, cache, self.needs_input_grad and not fast_dx)
+            if fast_dx:
+                dx = cpu_conv.input_grad(dy, W, x_shape, self.stride, pads, cpu_conv.sparse_backward(dy, W, True))
         elif kind == "cpu":             # the CPU fast path: dX as a conv of dY, no col2im
             cols, x_shape, pads, x_finite = cache
             W = self.params["W"]
