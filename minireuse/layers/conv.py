@@ -74,7 +74,8 @@ class Conv2D(ReusableLayer):
                 cpu_conv.release(cols)      # kept for the next im2col
                 return y
             # whether the backward may skip dY's zeros (cpu_conv.sparse_backward)
-            x_finite = cpu.compiled_kernels() is not None and cpu_conv.input_finite(x)
+            x_finite = (cpu.compiled_kernels() is not None and self.kh * self.kw * self.c_in >= cpu_conv.SPARSE_MIN_K
+                        and cpu_conv.input_finite(x))
             self._cache = ("cpu", (cols, x.shape, pads, x_finite))
             return y
         cols, (oh, ow) = im2col(x, self.kh, self.kw, self.stride, pads)

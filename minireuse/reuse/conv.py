@@ -86,6 +86,11 @@ def general_conv_forward_assigned(x, W, b, stride, pads, ids, n_clusters, L, dx_
     return y.reshape(x.shape[0], oh, ow, m), (x.shape, W.shape, stride, pads, mcache)
 
 
+def exact_conv_dx(dy2, W2, x_shape, kh, kw, stride, pads):
+    """The exact conv's dx, col2im(dY @ W^T), from dY (N, M) and W as (K, M)."""
+    return col2im(dy2 @ W2.T, x_shape, kh, kw, stride, pads)
+
+
 def general_conv_backward(dy, cache, input_grad=True):
     """(dx, dW, db) of the general path: the reuse product's backward, then col2im (dx None
     when not input_grad).
@@ -98,8 +103,7 @@ def general_conv_backward(dy, cache, input_grad=True):
     dx = col2im(dX, x_shape, kh, kw, stride, pads) if input_grad else None
     if dx is not None and mcache.X is not None and mcache.dx_mode != "exact":
         # the product's dx_cos compares columns; the layer's dx is what the layer below receives
-        exact_dx = col2im(dy.reshape(-1, m) @ mcache.W.T, x_shape, kh, kw, stride, pads)
-        record_gradient(mcache.stats, "dx", dx, exact_dx)
+        record_gradient(mcache.stats, "dx", dx, exact_conv_dx(dy.reshape(-1, m), mcache.W, x_shape, kh, kw, stride, pads))
     return dx, dW.reshape(w_shape), db
 
 
@@ -238,7 +242,7 @@ def pixel_conv_backward(dy, cache, input_grad=True):
     if not input_grad:
         return None, dW, db
     if cache.dx_mode == "exact":
-        dx = col2im(dy2 @ cache.W.reshape(-1, m).T, cache.x_shape, kh, kw, cache.stride, cache.pads)
+        dx = exact_conv_dx(dy2, cache.W.reshape(-1, m), cache.x_shape, kh, kw, cache.stride, cache.pads)
         return dx, dW, db
     # dL/dC_q = S_q @ W_q^T sums over every offset; each member pixel gets 1/|c| of it
     per_member = (S @ offset_weights(cache.W, L).transpose(0, 2, 1)) \
@@ -247,6 +251,6 @@ def pixel_conv_backward(dy, cache, input_grad=True):
     hp, wp = h + sum(cache.pads[:2]), w + sum(cache.pads[2:])
     dx = dpix.reshape(b_, hp, wp, c_in)[:, top:top + h, left:left + w, :]
     if cache.x is not None:
-        exact_dx = col2im(dy2 @ cache.W.reshape(-1, m).T, cache.x_shape, kh, kw, cache.stride, cache.pads)
-        record_gradient(cache.stats, "dx", dx, exact_dx)
+        record_gradient(cache.stats, "dx", dx,
+                        exact_conv_dx(dy2, cache.W.reshape(-1, m), cache.x_shape, kh, kw, cache.stride, cache.pads))
     return dx, dW, db
