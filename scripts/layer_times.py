@@ -1,7 +1,7 @@
 """Per-layer CPU times of a CifarNet training step: forward and backward of every layer.
 
     PYTHONPATH=. python scripts/layer_times.py [--data DIR] [--steps 10] [--batch 128]
-        [--rows exact,default,fastest] [--threads N] [--array-code]
+        [--rows exact,default,fastest] [--threads N] [--array-code] [--weights FILE]
 
 The rows are bench step's: exact, `make cifar`'s default setting while it reuses
 (conv2 L64 H32, backward only) and the fastest (conv2 pca L64 H16, reuse forward).
@@ -9,7 +9,10 @@ The rows take turns step by step, so that a drift of the machine slows every row
 alike; each time is the median over the steps after the first. The images are
 CIFAR-10's first training images (a random fixture where DIR has no CIFAR-10; the
 report says which). --array-code times the layers' array code (the oracle) instead
-of the CPU fast path. Only ratios from one run compare: the machine may drift.
+of the CPU fast path. --weights starts every row from the weights of a model.npz or
+checkpoint.npz (a trained network's dY is mostly zeros, which the exact backward skips:
+docs/cpu.md); without it, from CifarNet's initialisation of seed 0. Only ratios from one
+run compare: the machine may drift.
 """
 import argparse
 import sys
@@ -40,6 +43,7 @@ def parse(argv):
     p.add_argument("--rows", default="exact,default,fastest")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--array-code", action="store_true")
+    p.add_argument("--weights", default=None, help="model.npz or checkpoint.npz to start from")
     args = p.parse_args(argv)
     args.rows = args.rows.split(",")
     unknown = [r for r in args.rows if r not in ROWS]
@@ -49,6 +53,8 @@ def parse(argv):
         p.error(f"--steps: expected at least 2 (the first step is not counted), got {args.steps}")
     if args.batch < 1:
         p.error(f"--batch: expected at least 1, got {args.batch}")
+    if args.weights is not None and not Path(args.weights).is_file():
+        p.error(f"--weights: expected a model.npz or checkpoint.npz file, got {args.weights!r} (no such file)")
     return args
 
 
@@ -60,6 +66,10 @@ def main(argv=None):
     x = ((images.astype(np.float32) / 255.0 - np.asarray(CIFAR10_MEAN, np.float32))
          / np.asarray(CIFAR10_STD, np.float32)).astype(np.float32)
     models = {row: MODELS["cifarnet"](seed=0, reuse=ROWS[row]) for row in args.rows}
+    if args.weights is not None:
+        from minireuse.training.checkpoint import load_weights
+        for model in models.values():
+            load_weights(model, args.weights)
     names = [layer.name for layer in models[args.rows[0]].layers]
     times = {row: {(n, d): [] for n in names for d in ("fwd", "bwd")} | {"step": []} for row in args.rows}
     loss = SoftmaxCrossEntropy()
@@ -82,7 +92,8 @@ def main(argv=None):
 
     def ms(values):
         return 1e3 * float(np.median(values[1:]))
-    print(f"{cpu.describe()}, batch {args.batch}, median of {args.steps - 1} steps after the first; {source}")
+    start = f"the weights of {args.weights}" if args.weights else "CifarNet's initialisation (seed 0)"
+    print(f"{cpu.describe()}, batch {args.batch}, median of {args.steps - 1} steps after the first; {source}; {start}")
     print(f"{'layer':10s}" + "".join(f"{row + ' fwd / bwd ms':>24s}" for row in args.rows))
     print(f"{'step':10s}" + "".join(f"{ms(times[row]['step']):24.1f}" for row in args.rows))
     for n in names:

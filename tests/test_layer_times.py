@@ -40,3 +40,43 @@ def test_bad_arguments_say_what_was_expected(argv, message, capsys):
     with pytest.raises(SystemExit):
         load_script().main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_weights_start_every_row_from_a_saved_model(tmp_path, capsys, monkeypatch):
+    """--weights loads the file into every row's model before the first step."""
+    import numpy as np
+
+    from minireuse.models import MODELS
+    script = load_script()
+    saved = MODELS["cifarnet"](seed=7)
+    path = tmp_path / "model.npz"
+    saved.save(str(path))
+    seen = []
+    real = script.MODELS["cifarnet"]
+
+    def spy(**kw):
+        model = real(**kw)
+        seen.append(model)
+        return model
+    monkeypatch.setitem(script.MODELS, "cifarnet", spy)
+    try:
+        script.main(["--data", str(tmp_path), "--batch", "2", "--steps", "2", "--rows", "exact,default",
+                     "--threads", "1", "--weights", str(path)])
+    finally:
+        cpu.set_threads(None)
+    assert f"the weights of {path}" in capsys.readouterr().out
+    assert len(seen) == 2
+    # the script runs forward and backward only (no optimizer step): the weights stay the saved ones
+    def params(model):
+        return {key: layer.params[name] for key, layer, name in model.named_parameters()}
+    want = params(saved)
+    for model in seen:
+        got = params(model)
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert not np.array_equal(want["conv1.W"], params(real(seed=0))["conv1.W"])
+
+
+def test_a_missing_weights_file_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load_script().main(["--weights", str(tmp_path / "none.npz")])
+    assert "--weights: expected a model.npz or checkpoint.npz file" in capsys.readouterr().err
