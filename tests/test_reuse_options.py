@@ -125,3 +125,31 @@ def test_bench_runs_on_the_activations_of_given_weights(tmp_path, capsys, monkey
     with pytest.raises(Exception, match="no-such.npz"):
         bench.run(bench_args("--layers", "conv2", "--device", "cpu", "--data", str(tmp_path / "no-cifar"),
                              "--quiet", "--weights", str(tmp_path / "no-such.npz")))
+
+
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_evaluation_of_a_backward_only_layer_takes_the_exact_path(kind, monkeypatch):
+    """forward 'exact' reuses in the backward only: a forward without a backward (evaluation)
+    gives the exact output without hashing or clustering anything; a training forward does cluster."""
+    from minireuse import reuse as deep_reuse
+    from minireuse.layers import Conv2D, Dense
+    rng = np.random.default_rng(3)
+    if kind == "conv":
+        layer = Conv2D(6, 8, 3, rng=np.random.default_rng(1), name="c")
+        x = rng.standard_normal((2, 5, 7, 6)).astype(np.float32)
+    else:
+        layer = Dense(6, 5, rng=np.random.default_rng(1), name="d")
+        x = rng.standard_normal((9, 6)).astype(np.float32)
+    want = layer.forward(x, train=False)
+    calls = []
+    for name in ("conv2d_forward", "dense_forward"):
+        real = getattr(deep_reuse, name)
+        monkeypatch.setattr(deep_reuse, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    layer.set_reuse(dict(L=2, H=4, forward="exact"))
+    np.testing.assert_array_equal(layer.forward(x, train=False), want)
+    assert calls == [] and layer.reuse_state.pop_stats(train=False) in ({}, None)
+    np.testing.assert_allclose(layer.forward(x, train=True), want, rtol=1e-5, atol=1e-5)
+    assert calls == [1]
+    layer.set_reuse(dict(L=2, H=4))                 # reuse in the forward: evaluation reuses too
+    layer.forward(x, train=False)
+    assert calls == [1, 1]

@@ -71,3 +71,9 @@ class ReusableLayer(Layer):
 
     def reuse_active(self):
         return self.reuse is not None and self.reuse.enabled
+
+    def reuse_runs(self, train):
+        """Whether a forward takes the reuse path: a setting that reuses in the backward
+        only (forward 'exact') has nothing to reuse in a forward without a backward
+        (evaluation), which then takes the exact path instead of clustering for nothing."""
+        return self.reuse_active() and (train or self.reuse.forward != "exact")

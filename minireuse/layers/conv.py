@@ -63,7 +63,7 @@ class Conv2D(ReusableLayer):
             raise ValueError(f"{self.name}: expected {self.c_in} input channels (NHWC), got shape {x.shape}")
         pads, _ = self.pads(x.shape[1], x.shape[2])
         W, b = self.params["W"], self.params.get("b")
-        if self.reuse_active():
+        if self.reuse_runs(train):
             y, cache = deep_reuse.conv2d_forward(x, W, b, self.stride, pads, self.reuse,
                                                 self.reuse_state, train=train)
             self._cache = ("reuse", (cache, x.shape, pads, self.reuse.dx_mode))

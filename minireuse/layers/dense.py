@@ -35,7 +35,7 @@ class Dense(ReusableLayer):
         if x.shape[1] != self.n_in:
             raise ValueError(f"{self.name}: expected input (batch, {self.n_in}), got shape {x.shape}")
         W, b = self.params["W"], self.params.get("b")
-        if self.reuse_active():
+        if self.reuse_runs(train):
             y, cache = deep_reuse.dense_forward(x, W, b, self.reuse, self.reuse_state, train=train)
             self._cache = ("reuse", cache)
             return y
