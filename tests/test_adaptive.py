@@ -286,14 +286,14 @@ def test_strategy_probes_draw_no_training_randomness(tmp_path):
 
 
 def test_default_ladder_trains_with_reuse_in_conv2s_backward(tmp_path):
-    """The ladder `make cifar` uses, end to end: conv2 hashed and clustered, its output exact."""
+    """The ladder `make cifar` uses, end to end: conv2 hashed and clustered for dW, its output and dX exact."""
     cfg = config(tmp_path, epochs=1, reuse="adaptive",
                  reuse_options=dict(start_after=0.0, steady_drop=None, speed_guard=False, exact_tail=0.0,
                                     sample_every=2))
     t = Trainer(cfg, data=learnable_data(), quiet=True)
     epoch = t.fit()[0]
     rec = epoch["layers"]["conv2"]
-    assert rec["reuse"]["forward"] == "exact" and rec["reuse"]["dx_mode"] == "cluster"
+    assert rec["reuse"]["forward"] == "exact" and rec["reuse"]["dx_mode"] == "exact"
     assert epoch["reuse_harm"] is None              # the forward is exact: no exact forward to compare
     assert 0 < rec["r_c"] < 1 and rec["pixel_aligned"] == 1.0
     assert rec["rel_error"] == 0.0 and 0 < rec["dw_cos"] < 1
