@@ -305,6 +305,43 @@ def rc_over_training(rerun=False):
     save(fig, "rc_over_training")
 
 
+# full training: the histories of the full-data runs (docs/results.md, "Full training"), kept under
+# docs/figures/runs/full15/seedS/KIND/history.json; their seconds are steps times the mean step times
+# of two idle `bench step --weights` runs at commit c28c581 (FULL_STEP_MS: the runs shared the machine)
+FULL_RUNS = RUNS / "full15"
+FULL_KINDS = {"exact": "exact", "reuse": "default (conv2 backward only, exact dX)",
+              "fast": "fastest (conv2 pca H16, forward too)"}
+FULL_STEP_MS = {"exact": 269.6, "reuse": 342.6, "fast": 209.8}
+
+
+def full_training_panels():
+    """[(title, {label: curve}, [(target label, accuracy)])] per stored seed, as parity draws them."""
+    from minireuse.tools.parity_results import seed_targets, step_time_curve
+    panels = []
+    for seed_dir in sorted(FULL_RUNS.glob("seed*")):
+        curves = {}
+        for kind, label in FULL_KINDS.items():
+            path = seed_dir / kind / "history.json"
+            if path.exists():
+                history = json.loads(path.read_text())["epochs"]
+                curves[label] = step_time_curve(history, 391, FULL_STEP_MS["exact"],
+                                                None if kind == "exact" else FULL_STEP_MS[kind])
+        if "exact" in curves:
+            final = curves["exact"][-1][2]
+            targets = seed_targets(final, [70, 75])
+            panels.append((f"{seed_dir.name.replace('seed', 'seed ')}, 15 epochs", curves, targets))
+    return panels
+
+
+def full_training():
+    """Test accuracy against training seconds of the full-data runs, one panel per seed."""
+    from minireuse.tools.plot import accuracy_time_figure
+    fig = accuracy_time_figure(full_training_panels())
+    fig.suptitle("all 50,000 images, 15 epochs; seconds = steps x idle step times (docs/results.md)", fontsize=9)
+    fig.tight_layout()
+    save(fig, "full_training")
+
+
 def mapping(name, title, shape, block, note, run=1):
     """A grid of outputs coloured by the block that computes them; the numbers are thread ids."""
     plt = pyplot()
@@ -365,7 +402,7 @@ def kernel_mappings():
 
 FIGURES = {"hash_cells": hash_cells, "conv_as_matmul": conv_as_matmul, "assignment": assignment,
            "error_vs_clusters": error_vs_clusters, "accuracy_vs_speed": accuracy_vs_speed, "controller": controller,
-           "rc_over_training": rc_over_training,
+           "rc_over_training": rc_over_training, "full_training": full_training,
            "map_rows": kernel_mappings, "map_run_columns": kernel_mappings, "map_elements": kernel_mappings,
            "map_columns_run": kernel_mappings, "map_batched_gemm": batched_gemm}
 
