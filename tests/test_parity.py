@@ -424,3 +424,17 @@ def test_eval_every_targets_and_pytorch_reuse_the_runs_made_without_them(first_r
                      pytorch=True)
     assert res["pytorch"] == {"skipped": "PyTorch does not import (test)"}
     assert "pytorch: skipped: PyTorch does not import (test)" in res["table"]
+
+
+def test_step_ms_times_the_reuse_runs_exact_epochs_at_exacts_milliseconds():
+    """The reuse run's warm-up and exact tail cost exact's step time, not reuse's."""
+    def epoch(i, reused):
+        return dict(epoch=i, seconds=999.0, test_acc=0.1 * i, mid_evals=[],
+                    layers={"conv2": {"reuse": {"L": 64} if reused else None}})
+    history = [epoch(1, False), epoch(2, True), epoch(3, True), epoch(4, False)]
+    step_ms = {"exact": 100.0, "reuse": 40.0, "pytorch": 300.0}
+    times = {kind: [t for _, t, _ in parity.run_step_curve(kind, history, 10, step_ms)]
+             for kind in ("exact", "reuse", "control", "pytorch")}
+    assert times["reuse"] == pytest.approx([1.0, 1.4, 1.8, 2.8])
+    assert times["exact"] == times["control"] == pytest.approx([1.0, 2.0, 3.0, 4.0])
+    assert times["pytorch"] == pytest.approx([3.0, 6.0, 9.0, 12.0])

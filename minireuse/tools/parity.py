@@ -195,6 +195,16 @@ def control_layers(layers):
     return out
 
 
+def run_step_curve(kind, history, steps_per_epoch, step_ms):
+    """The time-by-steps curve of one run of a seed: the reuse run's epochs at reuse's
+    milliseconds where a layer reused and at exact's in the others (its warm-up, its exact
+    tail, the epochs the speed guard sent back to exact); exact and control at exact's;
+    PyTorch at its own."""
+    if kind == "pytorch":
+        return step_time_curve(history, steps_per_epoch, step_ms["pytorch"])
+    return step_time_curve(history, steps_per_epoch, step_ms["exact"], step_ms["reuse"] if kind == "reuse" else None)
+
+
 def save_figure(result, out):
     """OUT/time_to_accuracy.png; returns a line naming it, or why there is none."""
     from . import plot
@@ -315,9 +325,7 @@ def run(cfg, seeds, exact_from=None, quiet=False, data=None, control=False, targ
             entry.update(pytorch_entry(entry["exact"], *got["pytorch"]))
         if step_ms is not None and steps_per_epoch is None:
             steps_per_epoch = _steps_per_epoch(base, data)
-        curves = {kind: accuracy_curve(h) if step_ms is None else
-                  step_time_curve(h, steps_per_epoch, step_ms["exact" if kind == "control" else kind],
-                                  step_ms["reuse"] if kind == "reuse" else None)
+        curves = {kind: accuracy_curve(h) if step_ms is None else run_step_curve(kind, h, steps_per_epoch, step_ms)
                   for kind, (h, _) in got.items()}
         entry.update(curves=curves, time_to_targets=time_to_targets(
             curves, seed_targets(entry["exact"]["final_test_acc"], targets), reuse_ran=entry["reuse_ran"]))
