@@ -68,3 +68,19 @@ def test_sync_finds_definitions(tmp_path):
     assert sync.c_definition(c, "k") == "// why\nextern \"C\" __global__ void\nk(int* x)\n{\n    if (x) { f(x); }\n}"
     assert sync.py_definition("import x\n\ndef f(a):\n    return a\n", "f") == "def f(a):\n    return a"
     assert sync.occupancy(166, 0, 128) == (0.1875, "registers")
+
+
+def test_the_full_training_figure_draws_every_stored_run_of_a_seed_with_an_exact_run():
+    figures = load("docs/figures/make_figures.py", "make_figures")
+    panels = {title: (curves, targets) for title, curves, targets in figures.full_training_panels()}
+    stored = {p.parent.parent.name: p.parent.name for p in figures.FULL_RUNS.glob("seed*/*/history.json")}
+    assert panels and all(title.split(",")[0].replace(" ", "") in stored for title in panels)
+    for title, (curves, targets) in panels.items():
+        seed = figures.FULL_RUNS / title.split(",")[0].replace(" ", "")
+        kinds = sorted(p.name for p in seed.iterdir() if (p / "history.json").exists())
+        assert sorted(k for k, label in figures.FULL_KINDS.items() if label in curves) == kinds
+        exact = curves[figures.FULL_KINDS["exact"]]
+        assert len(exact) == 30 and exact[-1][0] == 15                 # every half epoch of 15
+        assert targets[0][1] == exact[-1][2] - 0.003                    # exact's final - 0.3 points
+        times = [t for _, t, _ in exact]
+        assert times == sorted(times) and times[-1] == pytest.approx(15 * 391 * figures.FULL_STEP_MS["exact"] / 1e3)
