@@ -73,7 +73,7 @@ def test_sync_finds_definitions(tmp_path):
 def test_the_full_training_figure_draws_every_stored_run_of_a_seed_with_an_exact_run():
     figures = load("docs/figures/make_figures.py", "make_figures")
     panels = {title: (curves, targets) for title, curves, targets in figures.full_training_panels()}
-    stored = {p.parent.parent.name: p.parent.name for p in figures.FULL_RUNS.glob("seed*/*/history.json")}
+    stored = {p.parent.parent.name for p in figures.FULL_RUNS.glob("seed*/*/history.json")}
     assert panels and all(title.split(",")[0].replace(" ", "") in stored for title in panels)
     for title, (curves, targets) in panels.items():
         seed = figures.FULL_RUNS / title.split(",")[0].replace(" ", "")
@@ -83,4 +83,4 @@ def test_the_full_training_figure_draws_every_stored_run_of_a_seed_with_an_exact
         assert len(exact) == 30 and exact[-1][0] == 15                 # every half epoch of 15
         assert targets[0][1] == exact[-1][2] - 0.003                    # exact's final - 0.3 points
         times = [t for _, t, _ in exact]
-        assert times == sorted(times) and times[-1] == pytest.approx(15 * 391 * figures.FULL_STEP_MS["exact"] / 1e3)
+        assert times == sorted(times) and times[-1] == pytest.approx(15 * figures.FULL_STEPS_PER_EPOCH * figures.FULL_STEP_MS["exact"] / 1e3)

@@ -309,6 +309,7 @@ def rc_over_training(rerun=False):
 # docs/figures/runs/full15/seedS/KIND/history.json; their seconds are steps times the mean step times
 # of two idle `bench step --weights` runs at commit c28c581 (FULL_STEP_MS: the runs shared the machine)
 FULL_RUNS = RUNS / "full15"
+FULL_STEPS_PER_EPOCH = 391          # 50,000 images in batches of 128
 FULL_KINDS = {"exact": "exact", "reuse": "default (conv2 backward only, exact dX)",
               "fast": "fastest (conv2 pca H16, forward too)", "fast_exact_dx": "pca H16 forward, exact dX"}
 # fast_exact_dx: 1.17x exact in a third idle run (--reuse-config), applied to exact's mean here
@@ -325,7 +326,7 @@ def full_training_panels():
             path = seed_dir / kind / "history.json"
             if path.exists():
                 history = json.loads(path.read_text())["epochs"]
-                curves[label] = step_time_curve(history, 391, FULL_STEP_MS["exact"],
+                curves[label] = step_time_curve(history, FULL_STEPS_PER_EPOCH, FULL_STEP_MS["exact"],
                                                 None if kind == "exact" else FULL_STEP_MS[kind])
         if "exact" in curves:
             final = curves["exact"][-1][2]
