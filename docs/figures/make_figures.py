@@ -311,9 +311,11 @@ def rc_over_training(rerun=False):
 FULL_RUNS = RUNS / "full15"
 FULL_STEPS_PER_EPOCH = 391          # 50,000 images in batches of 128
 FULL_KINDS = {"exact": "exact", "reuse": "default (conv2 backward only, exact dX)",
-              "fast": "fastest (conv2 pca H16, forward too)", "fast_exact_dx": "pca H16 forward, exact dX"}
-# fast_exact_dx: 1.17x exact in a third idle run (--reuse-config), applied to exact's mean here
-FULL_STEP_MS = {"exact": 269.6, "reuse": 342.6, "fast": 209.8, "fast_exact_dx": 230.8}
+              "fast": "fastest (conv2 pca H16, forward too)", "fast_exact_dx": "pca H16 forward, exact dX",
+              "forward_h32": "conv2 offset H32, forward too"}
+# fast_exact_dx: 1.17x exact in a third idle run (--reuse-config), applied to exact's mean here;
+# forward_h32 (--reuse fixed's setting): 0.87x exact in an idle run at 0816fe2, applied the same way
+FULL_STEP_MS = {"exact": 269.6, "reuse": 342.6, "fast": 209.8, "fast_exact_dx": 230.8, "forward_h32": 310.8}
 
 
 def full_training_panels():
