@@ -87,6 +87,24 @@ def test_threads_must_be_positive(tmp_path):
         bench_step.run_step_bench(parse("--device", "cpu", "--threads", "0", "--torch", "off"))
 
 
+def test_a_training_runs_settings_file_times_without_its_strategy_options(tmp_path):
+    # the full-data runs' files carry adaptive options (speed_guard) that the fixed rows of
+    # the bench do not take; the row must time the file's layers and drop the options
+    path = tmp_path / "run_settings.json"
+    path.write_text(json.dumps({"layers": {"conv2": [{"L": 16, "H": 8, "dx_mode": "exact", "forward": "exact"}]},
+                                "options": {"speed_guard": False, "exact_tail": 0.1}}))
+    [(name, layers, options)] = bench_step.reuse_rows(str(path))
+    assert layers == {"conv2": [{"L": 16, "H": 8, "dx_mode": "exact", "forward": "exact"}]}
+    assert options == {}
+    assert "backward only" in name
+    out = tmp_path / "step.json"
+    assert bench_step.run(parse("--device", "cpu", "--data", str(tmp_path / "none"), "--batch", "8",
+                                "--steps", "1", "--warmup", "0", "--batches", "1", "--torch", "off",
+                                "--reuse-config", str(path), "--json", str(out), "--quiet")) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["minireuse exact", name, "data pipeline"] and rows[1]["ms"] > 0
+
+
 def write_setting(tmp_path):
     path = tmp_path / "setting.json"
     path.write_text(json.dumps({"layers": {"conv2": {"L": 16, "H": 8}}}))

@@ -24,7 +24,9 @@ loads, else a fixed random fixture, and the report says which), cycled. Rows:
     data pipeline              BatchIterator's gather + crop/flip + normalise, per batch
 
 With --reuse-config FILE, one reuse row with that setting replaces the default and
-fast rows. Each time is the median of --steps steps after --warmup steps (CUDA
+fast rows (a layer's ladder times its first setting; the file's "options", the rules
+that start or end reuse across epochs, have no epochs to act on in a step and are
+ignored, so a training run's settings file can be timed as it is). Each time is the median of --steps steps after --warmup steps (CUDA
 events on the GPU, perf_counter on the CPU), also given as seconds per 50,000-image
 epoch and as ratios against PyTorch and against minireuse exact eager, all from the
 same run. On the CPU the rows take turns of 5 steps each, so that a machine whose
@@ -304,8 +306,8 @@ def reuse_rows(reuse_config):
     """[(row name, layers, options)]: the file's setting, or the default and the fast settings."""
     from ..training.adaptive import DEFAULT_FIXED, DEFAULT_LADDERS, load_settings
     if reuse_config:
-        layers, options = load_settings(reuse_config)
-        return [(f"minireuse reuse ({reuse_label(layers)})", layers, options)]
+        layers, _options = load_settings(reuse_config)     # options act across epochs, not in a step
+        return [(f"minireuse reuse ({reuse_label(layers)})", layers, {})]
     default = {name: ladder[0] for name, ladder in DEFAULT_LADDERS.items()}
     return [(f"minireuse default reuse ({reuse_label(default)})", default, {}),
             (f"minireuse fast reuse ({reuse_label(DEFAULT_FIXED)})", DEFAULT_FIXED, {}),
