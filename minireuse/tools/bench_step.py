@@ -26,12 +26,13 @@ loads, else a fixed random fixture, and the report says which), cycled. Rows:
 With --reuse-config FILE, one reuse row with that setting replaces the default and
 fast rows (a layer's ladder times its first setting; the file's "options", the rules
 that start or end reuse across epochs, have no epochs to act on in a step and are
-ignored, so a training run's settings file can be timed as it is). Each time is the median of --steps steps after --warmup steps (CUDA
-events on the GPU, perf_counter on the CPU), also given as seconds per 50,000-image
-epoch and as ratios against PyTorch and against minireuse exact eager, all from the
-same run. On the CPU the rows take turns of 5 steps each, so that a machine whose
-speed drifts (a shared or virtual one) slows every row alike and the ratios stay
-fair; minireuse (its fast path and BLAS) and PyTorch use the same --threads threads.
+ignored, so a training run's settings file can be timed as it is). Each time is the
+median of --steps steps after --warmup steps (CUDA events on the GPU, perf_counter on
+the CPU), also given as seconds per 50,000-image epoch and as ratios against PyTorch
+and against minireuse exact eager, all from the same run. On the CPU the rows take
+turns of 5 steps each, so that a machine whose speed drifts (a shared or virtual one)
+slows every row alike and the ratios stay fair; minireuse (its fast path and BLAS)
+and PyTorch use the same --threads threads.
 
 --weights FILE starts every row, PyTorch's included, from a trained CifarNet (a run's
 model.npz or checkpoint.npz) instead of the initialisation of --seed. A step's time
@@ -303,15 +304,16 @@ def reuse_label(layers):
 
 
 def reuse_rows(reuse_config):
-    """[(row name, layers, options)]: the file's setting, or the default and the fast settings."""
+    """[(row name, layers)]: the file's setting, or the default and the fast settings. No row
+    takes strategy options: they act across epochs, and a row times single steps."""
     from ..training.adaptive import DEFAULT_FIXED, DEFAULT_LADDERS, load_settings
     if reuse_config:
-        layers, _options = load_settings(reuse_config)     # options act across epochs, not in a step
-        return [(f"minireuse reuse ({reuse_label(layers)})", layers, {})]
+        layers, _ = load_settings(reuse_config)
+        return [(f"minireuse reuse ({reuse_label(layers)})", layers)]
     default = {name: ladder[0] for name, ladder in DEFAULT_LADDERS.items()}
-    return [(f"minireuse default reuse ({reuse_label(default)})", default, {}),
-            (f"minireuse fast reuse ({reuse_label(DEFAULT_FIXED)})", DEFAULT_FIXED, {}),
-            (f"minireuse fast reuse ({reuse_label(PCA_FAST)})", PCA_FAST, {})]
+    return [(f"minireuse default reuse ({reuse_label(default)})", default),
+            (f"minireuse fast reuse ({reuse_label(DEFAULT_FIXED)})", DEFAULT_FIXED),
+            (f"minireuse fast reuse ({reuse_label(PCA_FAST)})", PCA_FAST)]
 
 
 def format_table(report):
@@ -378,8 +380,8 @@ def run_step_bench(args):
     # scratch one, so the bench never touches (or waits for) a real run's directory
     base = dict(device=device, seed=args.seed, graph="off", out=tempfile.mkdtemp(prefix="minireuse-bench-"))
     plans = [("minireuse exact", dict(base)), ("minireuse exact + graph", dict(base, graph="auto"))]
-    for name, layers, options in reuse_plans:
-        reuse = dict(base, reuse="fixed", reuse_layers=layers, reuse_options=options)
+    for name, layers in reuse_plans:
+        reuse = dict(base, reuse="fixed", reuse_layers=layers)
         plans += [(name, reuse), (f"{name} + graph", dict(reuse, graph="auto"))]
     timers = {name: MinireuseRow(batches, cfg, gpu, args.weights) for name, cfg in plans
               if cfg["graph"] == "off" or graph_rows}
